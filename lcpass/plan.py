@@ -1,0 +1,374 @@
+"""The plan: plain data saying which attention method each site (layer) and head uses.
+
+    Plan(sites={site_name: SitePlan(heads=(HeadSpec(method, params), ...))}, fingerprint=...)
+
+A `SitePlan` with ONE head spec applies it to every head of the site (the compact form); otherwise it has
+one spec per query head. Sites the plan does not mention keep their original attention. The optional
+`ModelFingerprint` records the model's sites (name, heads, KV heads, head_dim) so a plan made for one
+model is refused on another. Plans round-trip through JSON and are checked against a model's sites with
+`validate`, which also checks every head's parameters with the method registry.
+
+Example:
+    >>> sites = [SiteInfo(f"model.layers.{i}.self_attn", 8, 2, 64) for i in range(4)]
+    >>> plan = Plan.uniform(sites, "streaming", window=256).dense_layers(first=1)
+    >>> plan.resolve("model.layers.0.self_attn")[0].method
+    'dense'
+    >>> Plan.from_json(plan.to_json()) == plan
+    True
+    >>> plan.validate(sites)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcpass.methods import get_method, resolve_params, site_mask_mod
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What the detector knows about one attention site (any object with these attributes works)."""
+
+    name: str
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @staticmethod
+    def of(obj: Any) -> "SiteInfo":
+        """Copy the four attributes from any site-like object."""
+        try:
+            return SiteInfo(str(obj.name), int(obj.n_heads), int(obj.n_kv_heads), int(obj.head_dim))
+        except AttributeError as e:
+            raise TypeError(
+                f"{obj!r} is not a site description: it needs name, n_heads, n_kv_heads, head_dim ({e})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head's method and its parameters (only the ones given; defaults live in the registry)."""
+
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash((self.method, tuple(sorted(self.params.items()))))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"method": self.method, "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """The heads of one site: one spec (all heads the same) or one spec per query head."""
+
+    heads: tuple[HeadSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not self.heads:
+            raise ValueError("SitePlan needs at least one head spec; use one spec for 'all heads the same'")
+        object.__setattr__(self, "heads", tuple(self.heads))
+
+    @staticmethod
+    def same(method: str, **params: Any) -> "SitePlan":
+        """Every head uses `method` with `params`."""
+        return SitePlan((HeadSpec(method, dict(params)),))
+
+    @property
+    def uniform(self) -> bool:
+        """True when the compact one-spec form is used."""
+        return len(self.heads) == 1
+
+    def resolve(self, n_heads: int) -> list[HeadSpec]:
+        """One spec per head."""
+        if self.uniform:
+            return [self.heads[0]] * n_heads
+        if len(self.heads) != n_heads:
+            raise ValueError(f"site plan has {len(self.heads)} head specs, the site has {n_heads} heads")
+        return list(self.heads)
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """The attention sites of the model a plan was made for, in model order."""
+
+    sites: tuple[SiteInfo, ...]
+    model: str = ""
+
+    @staticmethod
+    def from_sites(sites: Iterable[Any], model: str = "") -> "ModelFingerprint":
+        """Fingerprint of a site list (`SiteInfo` or any object with its attributes)."""
+        return ModelFingerprint(tuple(SiteInfo.of(s) for s in sites), model)
+
+    def first_mismatch(self, sites: Sequence[SiteInfo]) -> str | None:
+        """A sentence describing the first difference from `sites`, or None when they match."""
+        for i, (mine, theirs) in enumerate(zip(self.sites, sites)):
+            if mine.name != theirs.name:
+                return f"site #{i} is {mine.name!r} in the plan but {theirs.name!r} in the model"
+            for attr in ("n_heads", "n_kv_heads", "head_dim"):
+                a, b = getattr(mine, attr), getattr(theirs, attr)
+                if a != b:
+                    return f"site {mine.name!r}: {attr} is {a} in the plan but {b} in the model"
+        if len(self.sites) != len(sites):
+            return f"the plan's model has {len(self.sites)} attention sites, this model has {len(sites)}"
+        return None
+
+
+def _site_list(sites_or_model: Any) -> list[SiteInfo]:
+    if hasattr(sites_or_model, "sites") and not isinstance(sites_or_model, ModelFingerprint):
+        sites_or_model = sites_or_model.sites
+    elif isinstance(sites_or_model, ModelFingerprint):
+        sites_or_model = sites_or_model.sites
+    if isinstance(sites_or_model, Mapping):
+        sites_or_model = list(sites_or_model.values())
+    if isinstance(sites_or_model, (str, bytes)) or not isinstance(sites_or_model, Iterable):
+        raise TypeError(
+            f"{type(sites_or_model).__name__} is not a site list; pass the detector's sites (objects "
+            f"with name, n_heads, n_kv_heads, head_dim) or anything with a .sites list"
+        )
+    out = [SiteInfo.of(s) for s in sites_or_model]
+    names = [s.name for s in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"site names must be unique; repeated: {dup}")
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Site name -> `SitePlan`, plus the fingerprint of the model it was made for (or None)."""
+
+    sites: Mapping[str, SitePlan]
+    fingerprint: ModelFingerprint | None = None
+
+    # -- presets --------------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, sites_or_model: Any, method: str, **params: Any) -> "Plan":
+        """Every head of every site uses `method(**params)` (params checked now)."""
+        resolve_params(get_method(method), params)
+        sites = _site_list(sites_or_model)
+        return cls({s.name: SitePlan.same(method, **params) for s in sites}, ModelFingerprint.from_sites(sites))
+
+    @classmethod
+    def duo(
+        cls,
+        sites_or_model: Any,
+        retrieval: Mapping[str, Sequence[int]],
+        sink: int = 64,
+        recent: int = 256,
+    ) -> "Plan":
+        """DuoAttention: heads listed in `retrieval[site]` are retrieval heads, all others streaming.
+
+        Example:
+            >>> p = Plan.duo([SiteInfo("l0", 4, 4, 8)], {"l0": [1]}, sink=4, recent=64)
+            >>> [h.params["retrieval"] for h in p.resolve("l0")]
+            [False, True, False, False]
+        """
+        sites = _site_list(sites_or_model)
+        by_name = {s.name: s for s in sites}
+        for name, heads in retrieval.items():
+            if name not in by_name:
+                raise ValueError(f"Plan.duo: retrieval site {name!r} is not in the model; sites: {_names(by_name)}")
+            bad = [h for h in heads if not (isinstance(h, int) and 0 <= h < by_name[name].n_heads)]
+            if bad:
+                raise ValueError(
+                    f"Plan.duo: site {name!r} has {by_name[name].n_heads} heads; retrieval heads {bad} are "
+                    f"out of range 0..{by_name[name].n_heads - 1}"
+                )
+        resolve_params(get_method("duo"), {"sink": sink, "recent": recent})
+        plan: dict[str, SitePlan] = {}
+        for s in sites:
+            chosen = set(retrieval.get(s.name, ()))
+            specs = [HeadSpec("duo", {"sink": sink, "recent": recent, "retrieval": h in chosen}) for h in range(s.n_heads)]
+            plan[s.name] = SitePlan(tuple(specs)) if chosen else SitePlan((specs[0],))
+        return cls(plan, ModelFingerprint.from_sites(sites))
+
+    # -- modifiers (return new plans) -----------------------------------------------------------
+    def _order(self) -> list[str]:
+        if self.fingerprint is not None:
+            return [s.name for s in self.fingerprint.sites]
+        return list(self.sites)
+
+    def dense_layers(self, first: int = 0, last: int = 0) -> "Plan":
+        """Keep the first `first` and last `last` sites (model order) dense.
+
+        Example:
+            >>> sites = [SiteInfo(f"l{i}", 2, 2, 8) for i in range(4)]
+            >>> p = Plan.uniform(sites, "causal").dense_layers(first=1, last=1)
+            >>> [p.resolve(f"l{i}")[0].method for i in range(4)]
+            ['dense', 'causal', 'causal', 'dense']
+        """
+        for name, value in (("first", first), ("last", last)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"dense_layers: {name}={value!r} must be an int >= 0")
+        order = self._order()
+        chosen = set(order[:first]) | (set(order[len(order) - last :]) if last else set())
+        sites = dict(self.sites)
+        for name in order:
+            if name in chosen:
+                sites[name] = SitePlan.same("dense")
+        return Plan(sites, self.fingerprint)
+
+    def with_site(self, name: str, site: SitePlan | HeadSpec | Sequence[HeadSpec]) -> "Plan":
+        """A copy with `name` planned as `site` (a SitePlan, one HeadSpec, or one spec per head)."""
+        if isinstance(site, HeadSpec):
+            site = SitePlan((site,))
+        elif not isinstance(site, SitePlan):
+            site = SitePlan(tuple(site))
+        return Plan({**self.sites, name: site}, self.fingerprint)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def resolve(self, site_name: str, n_heads: int | None = None) -> list[HeadSpec]:
+        """Per-head specs of `site_name` (head count from `n_heads` or the fingerprint).
+
+        A site the plan does not mention keeps its attention: every head gets ``HeadSpec("dense")``.
+        """
+        if n_heads is None and self.fingerprint is not None:
+            n_heads = next((s.n_heads for s in self.fingerprint.sites if s.name == site_name), None)
+        site = self.sites.get(site_name)
+        if site is None:
+            site = SitePlan.same("dense")
+        if n_heads is None:
+            if site.uniform:
+                return [site.heads[0]]
+            return list(site.heads)
+        try:
+            return site.resolve(n_heads)
+        except ValueError as e:
+            raise ValueError(f"plan site {site_name!r}: {e}") from None
+
+    def validate(self, sites_or_model: Any) -> None:
+        """Check the plan against a model's sites; ValueError naming the site and the mismatch.
+
+        Refuses: a fingerprint of another model (first difference named), a planned site the model
+        lacks, a per-head list of the wrong length, unknown methods or bad parameters, and methods
+        that cannot run on the site (e.g. s2 with fewer heads than vert_stride).
+        """
+        sites = _site_list(sites_or_model)
+        by_name = {s.name: s for s in sites}
+        if self.fingerprint is not None:
+            why = self.fingerprint.first_mismatch(sites)
+            if why is not None:
+                made_for = f" {self.fingerprint.model!r}" if self.fingerprint.model else " another model"
+                raise ValueError(f"plan was made for{made_for}: {why}; make a new plan for this model")
+        for name, site in self.sites.items():
+            info = by_name.get(name)
+            if info is None:
+                raise ValueError(f"plan site {name!r} is not in the model; the model's sites: {_names(by_name)}")
+            if not site.uniform and len(site.heads) != info.n_heads:
+                raise ValueError(
+                    f"plan site {name!r} lists {len(site.heads)} head specs but the site has {info.n_heads} "
+                    f"heads; give one spec (all heads) or {info.n_heads}"
+                )
+            for h, spec in enumerate(site.heads):
+                where = f"plan site {name!r}" + ("" if site.uniform else f" head {h}")
+                try:
+                    resolve_params(get_method(spec.method), spec.params)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+            try:
+                site_mask_mod(site.heads, info.n_heads, 1, 1)
+            except ValueError as e:
+                raise ValueError(f"plan site {name!r}: {e}") from None
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (see `from_dict`)."""
+        fp = None
+        if self.fingerprint is not None:
+            fp = {
+                "model": self.fingerprint.model,
+                "sites": [
+                    {"name": s.name, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim}
+                    for s in self.fingerprint.sites
+                ],
+            }
+        sites: dict[str, Any] = {}
+        for name, site in self.sites.items():
+            if site.uniform:
+                sites[name] = {"all": site.heads[0].to_dict()}
+            else:
+                sites[name] = {"heads": [h.to_dict() for h in site.heads]}
+        return {"lcpass_plan": FORMAT_VERSION, "fingerprint": fp, "sites": sites}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        """Inverse of `to_dict`; ValueError naming the offending entry."""
+        if not isinstance(data, Mapping) or "sites" not in data:
+            raise ValueError("not an lcpass plan: expected an object with 'lcpass_plan' and 'sites'")
+        version = data.get("lcpass_plan")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"plan format version {version!r} is not supported; this lcpass reads {FORMAT_VERSION}")
+        if not isinstance(data["sites"], Mapping):
+            raise ValueError("plan 'sites' must be an object mapping site names to site plans")
+        sites: dict[str, SitePlan] = {}
+        for name, entry in data["sites"].items():
+            where = f"sites[{name!r}]"
+            if isinstance(entry, Mapping) and "all" in entry:
+                sites[name] = SitePlan((_head_from(entry["all"], f"{where}.all"),))
+            elif isinstance(entry, Mapping) and isinstance(entry.get("heads"), list) and entry["heads"]:
+                sites[name] = SitePlan(tuple(_head_from(h, f"{where}.heads[{i}]") for i, h in enumerate(entry["heads"])))
+            else:
+                raise ValueError(f"plan {where} must be {{'all': spec}} or {{'heads': [spec, ...]}}, got {entry!r}")
+        fp = data.get("fingerprint")
+        fingerprint = None
+        if fp is not None:
+            try:
+                fingerprint = ModelFingerprint(
+                    tuple(SiteInfo(str(s["name"]), int(s["n_heads"]), int(s["n_kv_heads"]), int(s["head_dim"])) for s in fp["sites"]),
+                    str(fp.get("model", "")),
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"plan fingerprint is malformed ({type(e).__name__}: {e})") from None
+        return cls(sites, fingerprint)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The plan as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        """Parse JSON text written by `to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON to `path`."""
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read a plan file; FileNotFoundError / ValueError naming the file when missing or corrupt."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"plan file '{p}' does not exist; write one with Plan.save or check the path")
+        try:
+            return cls.from_json(p.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"plan file '{p}' is not a valid lcpass plan: {e}") from None
+
+
+def _head_from(obj: Any, where: str) -> HeadSpec:
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("method"), str):
+        raise ValueError(f"plan {where} must be {{'method': name, 'params': {{...}}}}, got {obj!r}")
+    params = obj.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"plan {where}.params must be an object, got {params!r}")
+    return HeadSpec(obj["method"], dict(params))
+
+
+def _names(by_name: Mapping[str, Any], limit: int = 6) -> str:
+    names = list(by_name)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"
