@@ -1,0 +1,171 @@
+"""Capture: nn.Module + example inputs -> ``torch.fx.GraphModule``.
+
+Three routes, one result (:class:`Captured`):
+
+* ``"export"`` (primary) — ``torch.export.export(strict=False)``, optionally with a dynamic sequence
+  dimension and optionally lowered to core ATen (``decompose=True``). Works on every transformers v5
+  model tried.
+* ``"dynamo"`` — the graph(s) ``torch.compile`` hands a backend (parameters arrive as placeholders).
+* ``"fx"`` — ``torch.fx.symbolic_trace``, for plain torch code only (it fails on transformers models).
+
+Example::
+
+    >>> cap = capture(model, kwargs={"input_ids": ids})            # torch.export
+    >>> cap.gm(**{"input_ids": ids})                               # runs like the model
+    >>> caps = capture_dynamo(model, kwargs={"input_ids": ids})    # one Captured per graph
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+__all__ = ["CaptureError", "Captured", "capture", "capture_dynamo", "ROUTES"]
+
+ROUTES = ("export", "dynamo", "fx")
+
+
+class CaptureError(RuntimeError):
+    """A model that could not be captured; the message names the route and the first failing frame."""
+
+
+@dataclass
+class Captured:
+    """A captured graph and what later stages need to run and read it."""
+
+    gm: GraphModule
+    flat_inputs: list[Any]  # example values in placeholder order
+    route: str
+    param_placeholders: frozenset[str] = frozenset()
+    exported: Optional[torch.export.ExportedProgram] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _failing_frame(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    own = [f for f in frames if not f.filename.startswith(torch_dir)]
+    f = (own or frames or [None])[-1]
+    if f is None:
+        return "unknown frame"
+    return f"{os.path.relpath(f.filename) if not f.filename.startswith('/') else f.filename}:{f.lineno} in {f.name}"
+
+
+def _fail(route: str, model: torch.nn.Module, exc: BaseException) -> CaptureError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CaptureError(
+        f"capture via {route} failed for {type(model).__name__}: {type(exc).__name__}: {msg} "
+        f"(first failing frame: {_failing_frame(exc)}); try another route "
+        f"({', '.join(r for r in ROUTES if r != route)})"
+    )
+
+
+def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers models return a cache object torch.export cannot flatten: ask for none."""
+    kwargs = dict(kwargs)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs and hasattr(model, "config"):
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _dynamic_shapes(args: Sequence[Any], kwargs: dict[str, Any], seq_dim: int):
+    seq = torch.export.Dim("seq", min=2, max=1 << 20)
+
+    def spec(x):
+        if isinstance(x, torch.Tensor) and x.dim() > seq_dim:
+            return {seq_dim: seq}
+        return None
+
+    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+
+
+def capture(
+    model: torch.nn.Module,
+    args: Sequence[Any] = (),
+    kwargs: Optional[dict[str, Any]] = None,
+    *,
+    route: str = "export",
+    dynamic_seq: bool = False,
+    seq_dim: int = 1,
+    decompose: bool = False,
+) -> Captured:
+    """Capture ``model(*args, **kwargs)`` as a GraphModule through ``route``.
+
+    Args:
+        route: ``"export"`` (default), ``"dynamo"`` (first graph; see :func:`capture_dynamo` for all)
+            or ``"fx"``.
+        dynamic_seq: export with a symbolic sequence dimension (``seq_dim`` of every tensor input).
+        decompose: lower the exported program to core ATen (``run_decompositions()``).
+    """
+    kwargs = dict(kwargs or {})
+    if route not in ROUTES:
+        raise ValueError(f"capture route {route!r} is not one of {ROUTES}")
+    if route == "dynamo":
+        graphs = capture_dynamo(model, args, kwargs)
+        return graphs[0]
+    if route == "fx":
+        return _capture_fx(model, args, kwargs)
+    kwargs = _hf_defaults(model, kwargs)
+    try:
+        shapes = _dynamic_shapes(args, kwargs, seq_dim) if dynamic_seq else None
+        with torch.no_grad():
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=shapes)
+        if decompose:
+            ep = ep.run_decompositions()
+        gm = ep.module()
+    except Exception as exc:  # noqa: BLE001 - reported with the route and frame
+        raise _fail("export", model, exc) from exc
+    flat = torch.utils._pytree.tree_leaves((tuple(args), kwargs))
+    return Captured(gm, list(flat), "export", frozenset(), ep, {"kwargs": kwargs})
+
+
+def capture_dynamo(
+    model: torch.nn.Module, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None
+) -> list[Captured]:
+    """Every graph dynamo hands a backend for one call of the model (more than one on graph breaks)."""
+    kwargs = dict(kwargs or {})
+    graphs: list[Captured] = []
+
+    def grab(gm: GraphModule, example_inputs: list[Any]):
+        params = frozenset(
+            n.name for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)
+            if isinstance(x, torch.nn.Parameter) or "_parameters_" in n.name or "_buffers_" in n.name
+        )
+        graphs.append(Captured(gm, list(example_inputs), "dynamo", params))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=grab, dynamic=False)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail("dynamo", model, exc) from exc
+    finally:
+        torch._dynamo.reset()
+    if not graphs:
+        raise CaptureError(f"capture via dynamo produced no graph for {type(model).__name__}")
+    return graphs
+
+
+def _capture_fx(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> Captured:
+    try:
+        gm = torch.fx.symbolic_trace(model)
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        flat = [bound.arguments.get(n.target, None) for n in gm.graph.nodes if n.op == "placeholder"]
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*flat)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail("fx", model, exc) from exc
+    return Captured(gm, flat, "fx", frozenset())

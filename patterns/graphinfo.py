@@ -1,0 +1,113 @@
+"""Small facts about fx nodes that every IR level spells differently: shapes, dtypes, constants,
+layer names.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+__all__ = ["value_of", "shape_of", "rank_of", "dtype_of", "constant_number", "layer_name", "same_size"]
+
+
+def value_of(node: Any) -> Any:
+    """The example/fake value recorded on a node (``val``, ``example_value`` or ``tensor_meta``)."""
+    if not isinstance(node, Node):
+        return node
+    for key in ("val", "example_value"):
+        if key in node.meta:
+            return node.meta[key]
+    return node.meta.get("tensor_meta")
+
+
+def shape_of(node: Any) -> Optional[tuple]:
+    """The node's shape (ints or SymInts), or None when unknown."""
+    v = value_of(node)
+    shape = getattr(v, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def rank_of(node: Any) -> Optional[int]:
+    s = shape_of(node)
+    return None if s is None else len(s)
+
+
+def dtype_of(node: Any) -> Optional[torch.dtype]:
+    v = value_of(node)
+    return getattr(v, "dtype", None)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """True when two sizes are provably equal (ints or SymInts)."""
+    try:
+        return bool(a == b)
+    except Exception:  # an unbacked or data-dependent symbol
+        return False
+
+
+def constant_number(value: Any, gm: Optional[GraphModule] = None) -> Optional[float]:
+    """A Python number for a literal, a 0-d constant tensor, or a node holding one; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor) and value.numel() == 1:
+        return float(value.item())
+    if isinstance(value, Node):
+        if value.op == "get_attr" and gm is not None:
+            try:
+                t = gm
+                for part in str(value.target).split("."):
+                    t = getattr(t, part)
+                if isinstance(t, torch.Tensor) and t.numel() == 1:
+                    return float(t.item())
+            except AttributeError:
+                return None
+        if value.op == "call_function" and value.target in (
+            torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.clone.default
+        ):
+            return constant_number(value.args[0], gm)
+        if value.op == "call_function" and value.target in (
+            torch.ops.aten.full.default, torch.ops.aten.scalar_tensor.default, torch.ops.aten.full_like.default
+        ):
+            fill = value.args[0] if value.target is torch.ops.aten.scalar_tensor.default else value.args[1]
+            return constant_number(fill, gm)
+        v = value_of(value)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def is_neg_inf_like(x: Optional[float]) -> bool:
+    """A fill value that masks a score out: -inf or a huge negative number (dtype min, -1e9 ...)."""
+    return x is not None and (x == -math.inf or x <= -1e4)
+
+
+_BRACKET = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def normalise_path(path: str) -> str:
+    """``L['self'].model.layers[0].self_attn`` / ``model._modules['layers']`` -> ``model.layers.0.self_attn``."""
+    p = path
+    for prefix in ("L['self'].", "L[\"self\"].", "self."):
+        if p.startswith(prefix):
+            p = p[len(prefix):]
+    if p in ("L['self']", "self"):
+        return ""
+    p = p.replace("._modules", "")
+    p = _BRACKET.sub(lambda m: "." + m.group(1), p)
+    p = p.replace("..", ".").strip(".")
+    return p
+
+
+def layer_name(node: Node) -> str:
+    """The innermost module path of a node, from ``nn_module_stack``; '' at the top level."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    path = last[0] if isinstance(last, tuple) else str(last)
+    return normalise_path(path)

@@ -1,0 +1,206 @@
+"""What a matched mask means: none, causal, sliding(W), padding, bias, or custom.
+
+Two questions decide it:
+
+1. **What does it depend on?** Walking the mask's ancestors (not through shape reads such as
+   ``sym_size``): a *user input* (an ``attention_mask``) makes it ``padding``; a *parameter* (T5's
+   relative-position embedding) makes it ``bias``; neither means it is a function of positions only.
+2. **What is its value on the example inputs?** A positional mask whose value equals causal, causal +
+   sliding window W, or all-True is replaced by ``is_causal`` / ``window`` and the tensor is dropped;
+   anything else is kept exactly. The window size is read from the value when the example is longer
+   than the window, and from the mask's ``kv > q - W`` comparison constant otherwise.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from .graphinfo import constant_number
+from .matcher import Match
+from .op import positional_keep
+
+aten = torch.ops.aten
+
+__all__ = ["MaskInfo", "analyse_masks"]
+
+NEG_LIMIT = -1e4  # a fill at or below this masks a score out
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """The meaning of one site's mask."""
+
+    kind: str  # "none" | "causal" | "sliding" | "padding" | "bias" | "custom"
+    is_causal: bool
+    window: int  # -1 for none
+    keep_tensor: bool  # whether the mask tensor must stay in the canonical op
+
+    @property
+    def label(self) -> str:
+        if self.kind == "sliding":
+            return f"sliding({self.window})"
+        if self.kind in ("padding", "bias") and self.is_causal:
+            extra = f"+sliding({self.window})" if self.window >= 0 else "+causal"
+            return self.kind + extra
+        return self.kind
+
+
+_SHAPE_READS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int}
+_COMPARE = {
+    "gt": (aten.gt.Tensor, aten.gt.Scalar, operator.gt, torch.gt),
+    "ge": (aten.ge.Tensor, aten.ge.Scalar, operator.ge, torch.ge),
+    "lt": (aten.lt.Tensor, aten.lt.Scalar, operator.lt, torch.lt),
+    "le": (aten.le.Tensor, aten.le.Scalar, operator.le, torch.le),
+}
+_SUB = (aten.sub.Tensor, aten.sub.Scalar, operator.sub, torch.sub)
+
+
+def _is_shape_read(n: Node) -> bool:
+    if n.op == "call_function" and n.target in _SHAPE_READS:
+        return True
+    if n.op == "call_method" and n.target in ("size", "dim", "numel"):
+        return True
+    return n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "dtype", "device")
+
+
+def _ancestors(roots: Iterable[Node], through_shapes: bool) -> set[Node]:
+    seen: set[Node] = set()
+    stack = [r for r in roots if isinstance(r, Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if not through_shapes and _is_shape_read(n):
+            continue
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+class _PartialRun(Interpreter):
+    """Run only the nodes in ``needed`` (and the placeholders)."""
+
+    def __init__(self, gm: GraphModule, needed: set[Node]):
+        super().__init__(gm, garbage_collect_values=False)
+        self.needed = needed
+
+    def run_node(self, n: Node) -> Any:
+        if n.op == "placeholder" or n in self.needed:
+            return super().run_node(n)
+        return None
+
+
+def _evaluate(gm: GraphModule, nodes: Sequence[Node], flat_inputs: Sequence[Any]) -> dict[Node, Any]:
+    needed = _ancestors(nodes, through_shapes=True)
+    run = _PartialRun(gm, needed)
+    with torch.no_grad():
+        run.run(*flat_inputs)
+    return {n: run.env.get(n) for n in nodes}
+
+
+def _window_constants(mask_nodes: Iterable[Node]) -> set[int]:
+    """W for every ``kv > q - W`` (or ``>=``: W+1) comparison among the mask's ancestors."""
+    found: set[int] = set()
+    for n in _ancestors(mask_nodes, through_shapes=False):
+        if n.op != "call_function":
+            continue
+        for name, targets in _COMPARE.items():
+            if n.target not in targets:
+                continue
+            for a in n.args[:2]:
+                if isinstance(a, Node) and a.op == "call_function" and a.target in _SUB:
+                    c = constant_number(a.args[1]) if len(a.args) > 1 else None
+                    if c is not None and c >= 1 and float(c).is_integer():
+                        found.add(int(c) + (1 if name in ("ge", "le") else 0))
+    return found
+
+
+def _combined(m: Match, values: dict[Node, Any]) -> Optional[torch.Tensor]:
+    """The mask as one float tensor: 0 = attend, -inf = masked, anything else = bias."""
+    total: Optional[torch.Tensor] = None
+    for node, coef in m.bias:
+        t = values[node]
+        if not isinstance(t, torch.Tensor):
+            return None
+        t = t.float() * coef
+        total = t if total is None else total + t
+    for node, negate in m.keep:
+        c = values[node]
+        if not isinstance(c, torch.Tensor):
+            return None
+        keep = ~c.bool() if negate else c.bool()
+        neg = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        total = neg if total is None else total + neg
+    if total is not None:
+        total = total.masked_fill(total <= NEG_LIMIT, float("-inf"))
+    return total
+
+
+def _positional(keep: torch.Tensor, window_candidates: set[int]) -> Optional[tuple[bool, int]]:
+    """(is_causal, window) when a [..., Sq, Sk] keep mask is the same positional pattern everywhere."""
+    sq, sk = keep.shape[-2], keep.shape[-1]
+    flat = keep.reshape(-1, sq, sk)
+    first = flat[0]
+    if not bool((flat == first).all()):
+        return None
+    if bool(first.all()):
+        return (False, -1)
+    causal = positional_keep(sq, sk, True, -1)
+    if bool((first == causal).all()):
+        bigger = sorted(w for w in window_candidates if w >= sk)
+        return (True, bigger[0]) if len(window_candidates) == 1 and bigger else (True, -1)
+    last_row = int(first[-1].sum())
+    if last_row >= 1:
+        windowed = positional_keep(sq, sk, True, last_row)
+        if bool((first == windowed).all()):
+            return (True, last_row)
+    return None
+
+
+def analyse_masks(
+    gm: GraphModule,
+    matches: Sequence[Match],
+    flat_inputs: Optional[Sequence[Any]],
+    param_placeholders: Iterable[str] = (),
+) -> list[MaskInfo]:
+    """One :class:`MaskInfo` per match, in order."""
+    terms = [n for m in matches for n in [b for b, _ in m.bias] + [c for c, _ in m.keep] if isinstance(n, Node)]
+    values: dict[Node, Any] = {}
+    if terms and flat_inputs is not None:
+        values = _evaluate(gm, terms, flat_inputs)
+    params = set(param_placeholders)
+    out: list[MaskInfo] = []
+    for m in matches:
+        nodes = [b for b, _ in m.bias] + [c for c, _ in m.keep]
+        if not nodes:
+            out.append(MaskInfo("causal" if m.is_causal else "none", m.is_causal, -1, False))
+            continue
+        deps = _ancestors(nodes, through_shapes=False)
+        user = any(n.op == "placeholder" and n.name not in params for n in deps)
+        param = any(n.op == "get_attr" or (n.op == "placeholder" and n.name in params) for n in deps
+                    if not (n.op == "get_attr" and "_tensor_constant" in str(n.target)))
+        combined = _combined(m, values) if values else None
+        pattern = None
+        pure = False
+        if combined is not None:
+            finite = combined[torch.isfinite(combined)]
+            pure = bool((finite == 0).all())
+            pattern = _positional(torch.isfinite(combined), _window_constants(nodes))
+        causal, window = pattern if pattern is not None else (False, -1)
+        if m.is_causal:  # SDPA's own flag on top of a mask is not combinable in torch; keep it exact
+            causal = True
+        if user:
+            out.append(MaskInfo("padding", causal, window, True))
+        elif param or (combined is not None and not pure):
+            out.append(MaskInfo("bias", causal, window, True))
+        elif pattern is None:
+            out.append(MaskInfo("custom", False, -1, True))
+        elif not causal:
+            out.append(MaskInfo("none", False, -1, False))
+        else:
+            out.append(MaskInfo("sliding" if window >= 0 else "causal", True, window, False))
+    return out

@@ -1,0 +1,555 @@
+"""Structural attention matching.
+
+Two anchors, one record:
+
+* **softmax anchor** — every softmax (``torch.softmax``, ``aten._softmax``, ``_safe_softmax``, a
+  ``nn.Softmax`` module, or the decomposed ``exp(x - amax(x)) / sum(exp(...))``). From it the matcher
+  walks the dataflow *back* to the ``q @ kᵀ`` product (through scale, softcap, masks, biases, casts) and
+  *forward* to ``@ v`` (through casts, dropout, the row-zeroing ``where`` of a safe softmax).
+* **SDPA anchor** — ``F.scaled_dot_product_attention`` and its ATen variants.
+
+Either way the result is a :class:`Match` whose fields are *named captures* (``q``, ``k``, ``v``,
+``scale``, ``softcap``, ``bias``, ``keep`` ...), never node positions. Anything unexpected raises
+:class:`Reject` with a human-readable reason, recorded against the softmax that was examined.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .graphinfo import constant_number, dtype_of, is_neg_inf_like, layer_name, rank_of, shape_of, same_size
+from .vocab import Op, is_assert, op_of, target_name
+
+__all__ = ["Match", "Rejection", "Reject", "find_matches"]
+
+
+class Reject(Exception):
+    """A softmax (or SDPA call) that is not rewritten, with the reason why."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A softmax lcpass examined and left alone."""
+
+    node: str
+    site: str
+    reason: str
+
+
+@dataclass
+class Operand:
+    """A q/k/v capture: the node, the kv-head grouping folded away, and whether a transpose is owed."""
+
+    node: Node
+    group: int = 1  # repeat_kv factor folded away (k, v only)
+    transpose: bool = False  # einsum spellings that hold kᵀ
+
+
+@dataclass
+class Match:
+    """One attention site, as named captures."""
+
+    anchor: Node
+    end: Node
+    q: Operand
+    k: Operand
+    v: Operand
+    scale: float
+    softcap: float = 0.0
+    bias: list[tuple[Node, float]] = field(default_factory=list)  # additive terms, coefficient
+    keep: list[tuple[Node, bool]] = field(default_factory=list)  # bool masks, negate?
+    mask_is_sdpa: bool = False
+    is_causal: bool = False
+    dropout_p: float = 0.0
+    source: str = ""
+    site: str = ""
+    scores_rank: int = 4
+    chain: list[Node] = field(default_factory=list)
+
+
+_MATMULS = ("matmul", "bmm", "einsum", "baddbmm")
+_SDPA_KINDS = ("sdpa", "sdpa_cpu", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+
+
+_SHAPE_ONLY = {torch.ops.aten.full_like.default, torch.ops.aten.zeros_like.default,
+               torch.ops.aten.empty_like.default, torch.ops.aten.ones_like.default}
+
+
+def _users(node: Node) -> list[Node]:
+    """Users that read the value (not asserts, not ``full_like`` that reads only the shape)."""
+    return [u for u in node.users if not is_assert(u) and not (u.op == "call_function" and u.target in _SHAPE_ONLY)]
+
+
+def _norm_dim(dim, rank: Optional[int]) -> Optional[int]:
+    if isinstance(dim, (list, tuple)):
+        if len(dim) != 1:
+            return None
+        dim = dim[0]
+    if not isinstance(dim, int) or rank is None:
+        return None
+    return dim % rank
+
+
+# --------------------------------------------------------------------------- operand peeling
+def _is_batch_merge(gm: GraphModule, node: Node) -> Optional[Node]:
+    """``view(expand(x))`` / ``view(x)`` that merges dims 0 and 1 of a 4-D ``x`` (matmul decomposition)."""
+    op = op_of(node, gm)
+    if op is None or op.kind != "view":
+        return None
+    src = op["x"]
+    inner = op_of(src, gm)
+    while inner is not None and inner.kind in ("expand", "identity"):
+        if inner.kind == "expand" and shape_of(inner["x"]) != shape_of(src):
+            break
+        src = inner["x"]
+        inner = op_of(src, gm)
+    out_s, in_s = shape_of(node), shape_of(src)
+    if out_s is None or in_s is None or len(in_s) != 4 or len(out_s) != 3:
+        return None
+    if same_size(out_s[0], in_s[0] * in_s[1]) and same_size(out_s[1], in_s[2]) and same_size(out_s[2], in_s[3]):
+        return src
+    return None
+
+
+def _peel(gm: GraphModule, node: Node, scale: list[float]) -> Node:
+    """Strip casts, constant scale factors and matmul-decomposition reshapes off an operand."""
+    while True:
+        op = op_of(node, gm)
+        if op is None:
+            return node
+        if op.kind in ("cast", "identity"):
+            node = op["x"]
+            continue
+        if op.kind in ("mul", "div"):
+            a, b = op["a"], op["b"]
+            c = constant_number(b, gm)
+            base = a
+            if c is None and op.kind == "mul":
+                c, base = constant_number(a, gm), b
+            if c is not None and isinstance(base, Node) and op["rounding_mode"] is None:
+                scale[0] *= (1.0 / c) if op.kind == "div" else c
+                node = base
+                continue
+            return node
+        if op.kind == "expand" and shape_of(op["x"]) == shape_of(node):
+            node = op["x"]
+            continue
+        merged = _is_batch_merge(gm, node)
+        if merged is not None:
+            node = merged
+            continue
+        return node
+
+
+def _untranspose(gm: GraphModule, node: Node) -> Optional[Node]:
+    """x for x.transpose(-2, -1) in any spelling; None when node is not such a transpose."""
+    op = op_of(node, gm)
+    if op is None:
+        return None
+    r = rank_of(op["x"])
+    if op.kind == "transpose" and r is not None:
+        dims = {op["dim0"] % r, op["dim1"] % r}
+        return op["x"] if dims == {r - 2, r - 1} else None
+    if op.kind == "permute" and r is not None:
+        dims = [d % r for d in op["dims"]]
+        want = list(range(r - 2)) + [r - 1, r - 2]
+        return op["x"] if dims == want else None
+    if op.kind == "mT":
+        return op["x"]
+    if op.kind == "getattr_mT":
+        return op["x"]
+    return None
+
+
+def _fold_repeat_kv(gm: GraphModule, node: Node) -> tuple[Node, int]:
+    """``repeat_kv``: reshape(expand(x[:, :, None], [B, Hkv, n, S, D]), [B, Hkv*n, S, D]) -> (x, n)."""
+    op = op_of(node, gm)
+    if op is None or op.kind != "view":
+        return node, 1
+    src = op["x"]
+    inner = op_of(src, gm)
+    while inner is not None and inner.kind == "identity":
+        src = inner["x"]
+        inner = op_of(src, gm)
+    if inner is None or inner.kind != "expand":
+        return node, 1
+    exp_shape = shape_of(src)
+    base = inner["x"]
+    un = op_of(base, gm)
+    if un is None or exp_shape is None or len(exp_shape) != 5:
+        return node, 1
+    if un.kind == "unsqueeze" and un["dim"] % 5 == 2:
+        x = un["x"]
+    elif un.kind == "getitem" and isinstance(un["index"], tuple) and len(un["index"]) >= 3 and un["index"][2] is None:
+        x = un["x"]
+    else:
+        return node, 1
+    xs = shape_of(x)
+    if xs is None or len(xs) != 4 or not same_size(exp_shape[1], xs[1]):
+        return node, 1
+    n = exp_shape[2]
+    return (x, n) if isinstance(n, int) else (node, 1)
+
+
+def _operand(gm: GraphModule, node: Node, scale: list[float], *, is_key: bool = False) -> Operand:
+    node = _peel(gm, node, scale)
+    if is_key:
+        base = _untranspose(gm, node)
+        if base is None:
+            raise Reject(f"the right operand of the score matmul ({node.name}) is not kᵀ (no transpose of the last two dims)")
+        node = _peel(gm, base, scale)
+    folded, group = _fold_repeat_kv(gm, node)
+    return Operand(folded, group)
+
+
+# --------------------------------------------------------------------------- einsum
+def _parse_einsum(eq: str) -> tuple[list[str], str]:
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        raise Reject(f"einsum '{eq}' has no explicit output or uses ellipsis")
+    lhs, out = eq.split("->")
+    return lhs.split(","), out
+
+
+def _einsum_qk(op: Op) -> tuple[Node, Node, bool]:
+    ins, out = _parse_einsum(op["equation"])
+    a, b = op["operands"]
+    if len(ins) != 2 or len(out) < 3:
+        raise Reject(f"einsum '{op['equation']}' is not a batched product of two operands")
+    batch, i, j = out[:-2], out[-2], out[-1]
+    contracted = [c for c in ins[0] if c not in out]
+    if len(contracted) != 1:
+        raise Reject(f"einsum '{op['equation']}' does not contract exactly one index")
+    d = contracted[0]
+    if ins[0] == batch + i + d and ins[1] == batch + j + d:
+        return a, b, False
+    if ins[0] == batch + i + d and ins[1] == batch + d + j:
+        return a, b, True
+    raise Reject(f"einsum '{op['equation']}' is not q·kᵀ over the last index")
+
+
+def _einsum_pv(op: Op, probs: Node) -> Node:
+    ins, out = _parse_einsum(op["equation"])
+    p, v = op["operands"]
+    if p is not probs:
+        raise Reject("the attention probabilities are the right operand of the value einsum")
+    batch, i, e = out[:-2], out[-2], out[-1]
+    j = [c for c in ins[0] if c not in out]
+    if len(j) != 1 or ins[0] != batch + i + j[0] or ins[1] != batch + j[0] + e:
+        raise Reject(f"einsum '{op['equation']}' is not probabilities·v")
+    return v
+
+
+# --------------------------------------------------------------------------- scores walk
+def _leads_to_product(gm: GraphModule, node, depth: int = 12) -> bool:
+    """Does this operand of an add lead back to a q·kᵀ product through score-chain ops?"""
+    while isinstance(node, Node) and depth > 0:
+        op = op_of(node, gm)
+        if op is None:
+            return False
+        if op.kind in _MATMULS:
+            return True
+        if op.kind in ("cast", "identity", "view", "mul", "div", "tanh"):
+            nxt = op["x"] if "x" in op.args and op["x"] is not None else op["a"]
+            if op.kind in ("mul", "div") and not isinstance(nxt, Node):
+                nxt = op["b"]
+            if op.kind in ("mul",) and constant_number(op["a"], gm) is not None:
+                nxt = op["b"]
+            node = nxt
+        elif op.kind == "add":
+            return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
+        elif op.kind in ("where",):
+            return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
+        elif op.kind == "masked_fill":
+            node = op["x"]
+        else:
+            return False
+        depth -= 1
+    return False
+
+
+def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
+    """From the softmax input back to the q·kᵀ product; fills scale/softcap/bias/keep on ``m``."""
+    outer: list[tuple[str, object]] = []  # terms seen from the softmax inward
+    node = x
+    reshaped = False
+    while True:
+        op = op_of(node, gm)
+        if op is None:
+            raise Reject(f"the softmax input comes from {target_name(node) if isinstance(node, Node) else node!r}, "
+                         "which is not a matmul of q and kᵀ")
+        m.chain.append(node)
+        kind = op.kind
+        if kind in ("cast", "identity"):
+            node = op["x"]
+        elif kind == "view":
+            reshaped = True
+            node = op["x"]
+        elif kind in ("mul", "div"):
+            c = constant_number(op["b"], gm)
+            base = op["a"]
+            if c is None and kind == "mul":
+                c, base = constant_number(op["a"], gm), op["b"]
+            if c is None or op["rounding_mode"] is not None:
+                # softcap: mul(tanh(div(s, cap)), cap)
+                raise Reject(f"the scores are multiplied by a non-constant ({node.name}); not a recognised scale")
+            tanh = op_of(base, gm)
+            if kind == "mul" and tanh is not None and tanh.kind == "tanh":
+                inner = op_of(tanh["x"], gm)
+                ic = None
+                if inner is not None and inner.kind == "div":
+                    ic = constant_number(inner["b"], gm)
+                elif inner is not None and inner.kind == "mul" and constant_number(inner["b"], gm):
+                    ic = 1.0 / constant_number(inner["b"], gm)
+                if ic is None or not math.isclose(ic, c, rel_tol=1e-6):
+                    raise Reject(f"tanh on the scores ({tanh.node.name}) is not a softcap cap·tanh(s/cap)")
+                outer.append(("softcap", c))
+                m.chain.extend([tanh.node, inner.node])
+                node = inner["a"]
+                continue
+            outer.append(("scale", (1.0 / c) if kind == "div" else c))
+            node = base
+        elif kind == "add":
+            if op["alpha"] not in (1, 1.0):
+                raise Reject(f"add with alpha={op['alpha']} on the scores")
+            a, b = op["a"], op["b"]
+            in_a, in_b = _leads_to_product(gm, a), _leads_to_product(gm, b)
+            if in_a == in_b:
+                raise Reject(f"cannot tell the scores from the bias in {node.name}")
+            if reshaped:
+                raise Reject(f"a bias is added before a reshape of the scores ({node.name})")
+            scores, bias = (a, b) if in_a else (b, a)
+            if not isinstance(bias, Node):
+                c = constant_number(bias, gm)
+                if c is None:
+                    raise Reject(f"unsupported bias {bias!r}")
+                node = scores  # adding a constant changes nothing after softmax
+                continue
+            outer.append(("bias", bias))
+            node = scores
+        elif kind == "where":
+            cond, a, b = op["cond"], op["a"], op["b"]
+            in_a = _leads_to_product(gm, a)
+            scores, fill, negate = (a, b, False) if in_a else (b, a, True)
+            if not is_neg_inf_like(constant_number(fill, gm)):
+                raise Reject(f"where() on the scores ({node.name}) fills with {fill!r}, not -inf")
+            if reshaped:
+                raise Reject(f"a mask is applied before a reshape of the scores ({node.name})")
+            outer.append(("keep", (cond, negate)))
+            node = scores
+        elif kind == "masked_fill":
+            if not is_neg_inf_like(constant_number(op["value"], gm)):
+                raise Reject(f"masked_fill on the scores ({node.name}) fills with {op['value']!r}, not -inf")
+            if reshaped:
+                raise Reject(f"a mask is applied before a reshape of the scores ({node.name})")
+            outer.append(("keep", (op["cond"], True)))
+            node = op["x"]
+        elif kind == "sub":
+            c = constant_number(op["b"], gm)
+            if c is None:
+                raise Reject(f"the scores pass through a subtraction of a tensor ({node.name})")
+            node = op["a"]  # a constant shift: softmax-invariant
+        elif kind in _MATMULS:
+            m.scores_rank = rank_of(x) or 4
+            inner: list[tuple[str, object]] = []
+            if kind == "baddbmm":  # beta * bias + alpha * (a @ b)
+                alpha, beta = constant_number(op["alpha"]), constant_number(op["beta"])
+                if beta != 1.0 or alpha is None:
+                    raise Reject(f"baddbmm with beta={op['beta']}, alpha={op['alpha']}")
+                inner = [("scale", alpha), ("bias", op["x"])]
+            _apply_terms(m, inner + list(reversed(outer)))
+            return node
+        else:
+            raise Reject(f"the softmax input passes through {target_name(node)}, which is not a scale, "
+                         "softcap, mask or bias of q·kᵀ")
+
+
+def _apply_terms(m: Match, inner_to_outer: list[tuple[str, object]]) -> None:
+    """Replay the score terms from the product outward into scale -> softcap -> bias/keep."""
+    seen_mask = False
+    for kind, value in inner_to_outer:
+        if kind == "scale":
+            if m.softcap:
+                raise Reject("the scores are scaled after the softcap")
+            if m.keep and value <= 0:
+                raise Reject(f"the masked scores are multiplied by {value} <= 0")
+            m.bias = [(b, coef * value) for b, coef in m.bias]  # a later scale scales the bias too
+            m.scale *= value
+        elif kind == "softcap":
+            if seen_mask:
+                raise Reject("a mask or bias is applied before the softcap")
+            if m.softcap:
+                raise Reject("two softcaps on the same scores")
+            m.softcap = float(value)
+        elif kind == "bias":
+            seen_mask = True
+            m.bias.append((value, 1.0))
+        elif kind == "keep":
+            seen_mask = True
+            m.keep.append(value)
+
+
+# --------------------------------------------------------------------------- anchors
+def _softmax_input(gm: GraphModule, node: Node) -> Optional[tuple[Node, object]]:
+    """(input, dim) when node is a softmax in any spelling, including the decomposed one."""
+    op = op_of(node, gm)
+    if op is None:
+        return None
+    if op.kind == "softmax":
+        return op["x"], op["dim"]
+    if op.kind == "div":
+        num, den = op_of(op["a"], gm), op_of(op["b"], gm)
+        if num is None or den is None or num.kind != "exp" or den.kind != "sum" or den["x"] is not op["a"]:
+            return None
+        sub = op_of(num["x"], gm)
+        if sub is None or sub.kind != "sub":
+            return None
+        mx = op_of(sub["b"], gm)
+        if mx is None or mx.kind != "amax" or mx["x"] is not sub["a"]:
+            return None
+        return sub["a"], den["dim"]
+    return None
+
+
+def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
+    r = rank_of(x)
+    d = _norm_dim(dim, r)
+    if r is None:
+        raise Reject("the softmax input has no known shape")
+    if d != r - 1:
+        raise Reject(f"softmax over dim {dim} of a rank-{r} tensor, not the key axis (last dim)")
+    m = Match(anchor=node, end=node, q=None, k=None, v=None, scale=1.0, source="eager-softmax")  # type: ignore[arg-type]
+    product = _walk_scores(gm, m, x)
+    pop = op_of(product, gm)
+    scale = [1.0]
+    if pop.kind == "einsum":
+        qn, kn, kt = _einsum_qk(pop)
+        m.q = _operand(gm, qn, scale)
+        m.k = _operand(gm, kn, scale)
+        m.k.transpose = kt
+        m.source = "einsum"
+    else:
+        a, b = pop["a"], pop["b"]
+        if pop.kind in ("baddbmm", "bmm"):
+            m.source = pop.kind
+        m.q = _operand(gm, a, scale)
+        m.k = _operand(gm, b, scale, is_key=True)
+    m.scale *= scale[0]
+    # forward: probabilities -> @ v
+    cur = node
+    while True:
+        users = _users(cur)
+        if len(users) != 1:
+            what = ", ".join(u.name for u in users) or "nothing"
+            raise Reject(f"the attention probabilities are used elsewhere too ({what})" if users
+                         else "the softmax output is unused")
+        u = users[0]
+        op = op_of(u, gm)
+        m.chain.append(u)
+        if op is None:
+            raise Reject(f"the probabilities flow into {target_name(u)}, not a matmul with values")
+        if op.kind in ("cast", "identity", "expand"):
+            cur = u
+        elif op.kind == "view":
+            cur = u
+        elif op.kind == "dropout":
+            if op["train"] and op["p"]:
+                m.dropout_p = float(op["p"])
+            cur = u
+        elif op.kind == "getitem" and op["index"] == 0:
+            cur = u
+        elif op.kind == "where" and (constant_number(op["a"], gm) == 0.0 or constant_number(op["b"], gm) == 0.0):
+            cur = u  # the safe-softmax row zeroing: what the canonical op does too
+        elif op.kind in ("matmul", "bmm"):
+            if op["a"] is not cur:
+                raise Reject("the probabilities are the right operand of the value matmul")
+            m.v = _operand(gm, op["b"], [1.0])
+            m.end = u
+            break
+        elif op.kind == "einsum":
+            m.v = _operand(gm, _einsum_pv(op, cur), [1.0])
+            m.end = u
+            break
+        else:
+            raise Reject(f"the probabilities flow into {target_name(u)}, not a matmul with values")
+    return m
+
+
+def _match_sdpa(gm: GraphModule, node: Node, op: Op) -> Match:
+    q, k, v = op["q"], op["k"], op["v"]
+    qs = shape_of(q)
+    if qs is None:
+        raise Reject("the SDPA query has no known shape")
+    scale = op["scale"]
+    if scale is None:
+        d = qs[-1]
+        if not isinstance(d, int):
+            raise Reject(f"head_dim is symbolic ({d}); pass an explicit scale")
+        scale = 1.0 / math.sqrt(d)
+    m = Match(anchor=node, end=node, q=Operand(q), k=None, v=None, scale=float(scale),  # type: ignore[arg-type]
+              is_causal=bool(op["is_causal"]), dropout_p=float(op["dropout_p"] or 0.0), source=op.kind.replace("_", "-"))
+    m.k = Operand(*_fold_repeat_kv(gm, k))
+    m.v = Operand(*_fold_repeat_kv(gm, v))
+    mask = op["attn_mask"]
+    if mask is not None:
+        m.mask_is_sdpa = True
+        if op.kind in ("sdpa", "sdpa_cpu"):
+            if dtype_of(mask) == torch.bool:
+                m.keep.append((mask, False))
+            else:
+                m.bias.append((mask, 1.0))
+        else:
+            m.bias.append((mask, 1.0))
+    if op.kind != "sdpa":  # tuple-returning variants: the output is getitem 0
+        outs = [u for u in node.users if op_of(u, gm) is not None and op_of(u, gm).kind == "getitem"]
+        firsts = [u for u in outs if u.args[1] == 0]
+        others = [u for u in node.users if u not in firsts and not is_assert(u) and u.args[1] != 0]
+        if others:
+            raise Reject(f"{target_name(node)}'s logsumexp/extra outputs are used ({others[0].name})")
+        if len(firsts) != 1:
+            raise Reject(f"{target_name(node)}'s output is not read exactly once")
+        m.end = firsts[0]
+    if m.is_causal:
+        ks = shape_of(k)
+        if ks is None or not same_size(qs[-2], ks[-2]):
+            raise Reject("is_causal with a query length that is not provably the key length (top-left causal)")
+    return m
+
+
+def find_matches(gm: GraphModule) -> tuple[list[Match], list[Rejection]]:
+    """Every attention site in ``gm`` as a :class:`Match`, and every softmax left alone with its reason."""
+    matches: list[Match] = []
+    rejected: list[Rejection] = []
+    for node in list(gm.graph.nodes):
+        op = op_of(node, gm)
+        try:
+            if op is not None and op.kind in _SDPA_KINDS:
+                m = _match_sdpa(gm, node, op)
+            else:
+                sm = _softmax_input(gm, node)
+                if sm is None:
+                    continue
+                m = _match_softmax(gm, node, *sm)
+            _check_operands(m)
+            m.site = layer_name(node)
+            matches.append(m)
+        except Reject as why:
+            rejected.append(Rejection(node.name, layer_name(node), str(why)))
+    return matches, rejected
+
+
+def _check_operands(m: Match) -> None:
+    ranks = {rank_of(m.q.node), rank_of(m.k.node), rank_of(m.v.node)}
+    if len(ranks) != 1 or next(iter(ranks)) not in (3, 4):
+        raise Reject(f"q, k, v ranks {sorted(r for r in ranks if r is not None)} are not all 3 or all 4")
+    qs, ks = shape_of(m.q.node), shape_of(m.k.node)
+    if len(qs) == 4:
+        hq, hkv = qs[1], ks[1]
+        if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv != 0:
+            raise Reject(f"q has {hq} heads and k {hkv}; Hkv must divide Hq")
+    if not same_size(qs[-1], ks[-1]):
+        raise Reject(f"q and k head dims differ ({qs[-1]} vs {ks[-1]})")

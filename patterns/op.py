@@ -1,0 +1,177 @@
+"""The canonical attention op: every attention site lcpass finds becomes one call of
+``torch.ops.lcpass.attention``.
+
+Its named arguments are all that later stages (plan, lower, verify) read:
+
+    q            [B, Hq, Sq, D]      queries
+    k            [B, Hkv, Sk, D]     keys, Hkv divides Hq (repeat_kv / enable_gqa folded away)
+    v            [B, Hkv, Sk, Dv]    values
+    mask         optional, broadcastable to [B, Hq, Sq, Sk]: bool (True = attend) or float
+                 (added to the scores); kept only when it carries information (padding, a learned
+                 bias such as T5's, a pattern lcpass could not name)
+    scale        float multiplying q·kᵀ
+    is_causal    bool; causal is *bottom-right* aligned: query i of Sq sits at absolute position
+                 Sk - Sq + i, so decode (Sq = 1) sees every key
+    window       int, -1 for none; with is_causal, each query sees the ``window`` most recent keys
+                 including itself (kv_idx > q_idx - window, Hugging Face ``sliding_window``)
+    softcap      float, 0.0 for none; scores <- softcap * tanh(scores / softcap) before the mask
+    dropout_p    float; dropout on the probabilities (applied only when > 0)
+    site         provenance: the layer name from ``nn_module_stack`` (e.g. ``model.layers.0.self_attn``)
+    source       provenance: the source form (``sdpa``, ``eager-softmax``, ``einsum``, ``baddbmm`` ...)
+
+The default implementation is exact (plain PyTorch), so capture + canonicalisation never change
+results. Scores are combined in the order: scale -> softcap -> mask/bias -> softmax.
+
+Example::
+
+    >>> import torch, lcpass.patterns.op  # registers the op
+    >>> q = torch.randn(1, 4, 5, 8); k = v = torch.randn(1, 2, 5, 8)
+    >>> out = torch.ops.lcpass.attention(q, k, v, None, 8 ** -0.5, True, -1, 0.0, 0.0, "l0", "sdpa")
+    >>> out.shape
+    torch.Size([1, 4, 5, 8])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "CANONICAL_OP", "CanonicalArgs", "canonical_args", "positional_keep", "reference"]
+
+
+def positional_keep(
+    q_len: int, kv_len: int, is_causal: bool, window: int, device: torch.device | None = None
+) -> Optional[torch.Tensor]:
+    """The [Sq, Sk] bool mask of the positional part (causal, sliding window); None when all True."""
+    if not is_causal and window < 0:
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [Sq, 1]
+    kv_pos = torch.arange(kv_len, device=device)[None, :]  # [1, Sk]
+    keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if is_causal:
+        keep = keep & (kv_pos <= q_pos)
+    if window >= 0:
+        keep = keep & (kv_pos > q_pos - window)
+    return keep
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    window: int = -1,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Exact attention with the canonical op's semantics, in plain PyTorch.
+
+    Rows that see no key at all output zeros (as ``torch``'s ``_safe_softmax`` does).
+    """
+    # q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D]
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv != 0:
+        raise ValueError(f"lcpass.attention: q has {hq} heads, k has {hkv}; Hkv must divide Hq")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    sq, sk = q.shape[-2], k.shape[-2]
+    keep = positional_keep(sq, sk, is_causal, window, q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else (mask & keep)
+        mask = None
+    if softcap == 0.0 and dropout_p == 0.0 and mask is None:
+        # The fused path: bit-for-bit what models calling SDPA get.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, Hq, Sq, Sk]
+    if softcap != 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype)  # fully masked rows -> 0
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v)
+
+
+@torch.library.custom_op("lcpass::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    is_causal: bool,
+    window: int,
+    softcap: float,
+    dropout_p: float,
+    site: str,
+    source: str,
+) -> torch.Tensor:
+    return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source):
+    # out: [B, Hq, Sq, Dv]
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, is_causal, window, softcap, dropout_p, _site, _source = inputs
+    ctx.save_for_backward(q, k, v, mask if mask is not None else None)
+    ctx.has_mask = mask is not None
+    ctx.params = (scale, is_causal, window, softcap, dropout_p)
+
+
+def _attention_backward(ctx, grad_out):
+    q, k, v, mask = ctx.saved_tensors
+    scale, is_causal, window, softcap, dropout_p = ctx.params
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = reference(*leaves, mask, scale, is_causal, window, softcap, dropout_p)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+CANONICAL_OP = torch.ops.lcpass.attention.default
+
+_ARG_NAMES = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "source")
+
+
+@dataclass(frozen=True)
+class CanonicalArgs:
+    """The named arguments of one canonical op node (fx nodes for tensors, Python values otherwise)."""
+
+    q: object
+    k: object
+    v: object
+    mask: object
+    scale: float
+    is_causal: bool
+    window: int
+    softcap: float
+    dropout_p: float
+    site: str
+    source: str
+
+
+def canonical_args(node: torch.fx.Node) -> CanonicalArgs:
+    """Read a canonical op node's arguments by name."""
+    if node.target is not CANONICAL_OP:
+        raise ValueError(f"{node.format_node()} is not a call of torch.ops.lcpass.attention")
+    values = dict(zip(_ARG_NAMES, node.args))
+    values.update(node.kwargs)
+    return CanonicalArgs(**values)

@@ -1,0 +1,157 @@
+"""Replace each matched attention subgraph by one ``torch.ops.lcpass.attention`` node."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from .graphinfo import rank_of, shape_of, value_of
+from .maskinfo import MaskInfo
+from .matcher import Match, Operand
+from .op import CANONICAL_OP
+from .vocab import is_assert
+
+aten = torch.ops.aten
+
+__all__ = ["Site", "rewrite_matches"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One canonical attention site, as later stages and reports see it."""
+
+    name: str  # layer name (from nn_module_stack), unique within the graph
+    source: str  # the source form: sdpa, eager-softmax, bmm, baddbmm, einsum ...
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mask: str  # none | causal | sliding(W) | padding[...] | bias[...] | custom
+    is_causal: bool
+    window: int
+    scale: float
+    softcap: float
+    dropout_p: float
+    node: str  # the canonical node's name in the rewritten graph
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _fake(target, args: tuple) -> Any:
+    vals = map_arg(args, value_of)
+    tensors = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    mode = torch._guards.detect_fake_mode(tensors)
+    if mode is None:
+        return None
+    try:
+        with mode:
+            return target(*vals)
+    except Exception:  # meta is a convenience for later stages; never fail a rewrite on it
+        return None
+
+
+def _call(gm: GraphModule, target, args: tuple, like: Node) -> Node:
+    node = gm.graph.call_function(target, args)
+    val = _fake(target, args)
+    if val is not None:
+        node.meta["val"] = val
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node
+
+
+def _as4d(gm: GraphModule, op: Operand, like: Node) -> Node:
+    node = op.node
+    if op.transpose:
+        node = _call(gm, aten.transpose.int, (node, -2, -1), like)
+    if rank_of(node) == 3:  # [N, S, D] -> [N, 1, S, D]
+        node = _call(gm, aten.unsqueeze.default, (node, 1), like)
+    return node
+
+
+def _mask_node(gm: GraphModule, m: Match, q4: Node, like: Node) -> Optional[Node]:
+    bias: Optional[Node] = None
+    for term, coef in m.bias:
+        t = term if coef == 1.0 else _call(gm, aten.mul.Tensor, (term, coef), like)
+        bias = t if bias is None else _call(gm, aten.add.Tensor, (bias, t), like)
+    keep: Optional[Node] = None
+    for cond, negate in m.keep:
+        c = _call(gm, aten.logical_not.default, (cond,), like) if negate else cond
+        if c is not None and value_of(c) is not None and getattr(value_of(c), "dtype", torch.bool) != torch.bool:
+            c = _call(gm, aten.ne.Scalar, (c, 0), like)
+        keep = c if keep is None else _call(gm, aten.logical_and.default, (keep, c), like)
+    if bias is not None and keep is not None:
+        mask = _call(gm, aten.where.ScalarOther, (keep, bias, float("-inf")), like)
+    else:
+        mask = bias if bias is not None else keep
+    if mask is None:
+        return None
+    if m.scores_rank == 3 and rank_of(mask) == 3:
+        if rank_of(m.q.node) == 3:  # the site runs as [N, 1, S, D]
+            mask = _call(gm, aten.unsqueeze.default, (mask, 1), like)
+        else:  # q was [B, H, S, D] before a batch merge: unmerge the mask the same way
+            qs, ms = shape_of(q4), shape_of(mask)
+            mask = _call(gm, aten.reshape.default, (mask, [qs[0], qs[1], ms[-2], ms[-1]]), like)
+    return mask
+
+
+def _int(x: Any) -> int:
+    try:
+        return int(x)
+    except Exception:
+        return -1
+
+
+def rewrite_matches(gm: GraphModule, matches: list[Match], infos: list[MaskInfo]) -> list[Site]:
+    """Mutate ``gm``: one canonical node per match; returns the sites in graph order."""
+    sites: list[Site] = []
+    used: dict[str, int] = {}
+    for m, info in zip(matches, infos):
+        name = m.site or "attention"
+        used[name] = used.get(name, 0) + 1
+        if used[name] > 1:
+            name = f"{name}#{used[name] - 1}"
+        like = m.anchor
+        with gm.graph.inserting_before(m.end):
+            q4 = _as4d(gm, m.q, like)
+            k4 = _as4d(gm, m.k, like)
+            v4 = _as4d(gm, m.v, like)
+            mask = _mask_node(gm, m, q4, like) if info.keep_tensor else None
+            out = _call(gm, CANONICAL_OP, (q4, k4, v4, mask, float(m.scale), bool(info.is_causal),
+                                           int(info.window), float(m.softcap), float(m.dropout_p), name, m.source),
+                        like)
+            result = out
+            if rank_of(m.end) == 3:
+                if rank_of(m.q.node) == 3:
+                    result = _call(gm, aten.squeeze.dim, (out, 1), like)
+                else:
+                    result = _call(gm, aten.flatten.using_ints, (out, 0, 1), like)
+        m.end.replace_all_uses_with(result)
+        qs, ks, vs = shape_of(q4), shape_of(k4), shape_of(v4)
+        sites.append(Site(name=name, source=m.source, n_heads=_int(qs[1]), n_kv_heads=_int(ks[1]),
+                          head_dim=_int(qs[-1]), mask=info.label, is_causal=info.is_causal, window=info.window,
+                          scale=float(m.scale), softcap=float(m.softcap), dropout_p=float(m.dropout_p),
+                          node=out.name))
+    _drop_dead(gm)
+    return sites
+
+
+def _drop_dead(gm: GraphModule) -> None:
+    """Dead-code elimination that also drops the metadata asserts hanging off dead nodes."""
+    for _ in range(8):
+        changed = False
+        for node in list(gm.graph.nodes):
+            if is_assert(node):
+                watched = node.all_input_nodes
+                if watched and all(all(is_assert(u) for u in w.users) for w in watched):
+                    gm.graph.erase_node(node)
+                    changed = True
+        changed |= gm.graph.eliminate_dead_code()
+        if not changed:
+            break
+    gm.graph.lint()
+    gm.recompile()
