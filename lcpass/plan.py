@@ -164,8 +164,12 @@ class Plan:
         retrieval: Mapping[str, Sequence[int]],
         sink: int = 64,
         recent: int = 256,
+        by_kv_head: bool = False,
     ) -> "Plan":
         """DuoAttention: heads listed in `retrieval[site]` are retrieval heads, all others streaming.
+
+        With `by_kv_head=True` the indices are KV heads (as DuoAttention's GQA patterns are published)
+        and every query head of those KV groups becomes a retrieval head.
 
         Example:
             >>> p = Plan.duo([SiteInfo("l0", 4, 4, 8)], {"l0": [1]}, sink=4, recent=64)
@@ -174,19 +178,25 @@ class Plan:
         """
         sites = _site_list(sites_or_model)
         by_name = {s.name: s for s in sites}
+        unit = "KV heads" if by_kv_head else "heads"
+        chosen_by_site: dict[str, set[int]] = {}
         for name, heads in retrieval.items():
             if name not in by_name:
                 raise ValueError(f"Plan.duo: retrieval site {name!r} is not in the model; sites: {_names(by_name)}")
-            bad = [h for h in heads if not (isinstance(h, int) and 0 <= h < by_name[name].n_heads)]
+            site = by_name[name]
+            count = site.n_kv_heads if by_kv_head else site.n_heads
+            bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < count]
             if bad:
                 raise ValueError(
-                    f"Plan.duo: site {name!r} has {by_name[name].n_heads} heads; retrieval heads {bad} are "
-                    f"out of range 0..{by_name[name].n_heads - 1}"
+                    f"Plan.duo: site {name!r} has {count} {unit}; retrieval {unit} {bad} are out of range "
+                    f"0..{count - 1}"
                 )
+            group = site.n_heads // site.n_kv_heads if by_kv_head else 1
+            chosen_by_site[name] = {h * group + i for h in heads for i in range(group)}
         resolve_params(get_method("duo"), {"sink": sink, "recent": recent})
         plan: dict[str, SitePlan] = {}
         for s in sites:
-            chosen = set(retrieval.get(s.name, ()))
+            chosen = chosen_by_site.get(s.name, set())
             specs = [HeadSpec("duo", {"sink": sink, "recent": recent, "retrieval": h in chosen}) for h in range(s.n_heads)]
             plan[s.name] = SitePlan(tuple(specs)) if chosen else SitePlan((specs[0],))
         return cls(plan, ModelFingerprint.from_sites(sites))

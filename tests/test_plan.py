@@ -40,6 +40,10 @@ def test_duo_preset_marks_retrieval_heads():
     flags = [h.params["retrieval"] for h in plan.resolve(NAMES[1])]
     assert flags == [h in (0, 3) for h in range(8)]
     assert plan.sites[NAMES[0]].uniform and plan.resolve(NAMES[0])[0].params["retrieval"] is False
+    by_kv = Plan.duo(SITES, {NAMES[1]: [1]}, by_kv_head=True)  # KV head 1 serves query heads 4..7
+    assert [h.params["retrieval"] for h in by_kv.resolve(NAMES[1])] == [h >= 4 for h in range(8)]
+    with pytest.raises(ValueError, match=r"has 2 KV heads; retrieval KV heads \[2\] are out of range 0..1"):
+        Plan.duo(SITES, {NAMES[1]: [2]}, by_kv_head=True)
     with pytest.raises(ValueError, match=r"retrieval heads \[8\] are out of range 0..7"):
         Plan.duo(SITES, {NAMES[1]: [8]})
     with pytest.raises(ValueError, match="retrieval site 'model.layers.9.self_attn' is not in the model"):

@@ -49,6 +49,7 @@ __all__ = [
     "register",
     "resolve_params",
     "shifted_sparse_attention",
+    "kv_head_policies",
     "site_kv_policies",
     "site_mask_mod",
     "spec_parts",
@@ -177,3 +178,25 @@ def site_kv_policies(head_specs: Sequence[Any], n_heads: int, kv_len: int) -> li
         ['all', 'sinks+recent']
     """
     return [m.kv_policy(p, kv_len=kv_len) for m, p in _expand(head_specs, n_heads)]
+
+
+def kv_head_policies(head_specs: Sequence[Any], n_heads: int, n_kv_heads: int, kv_len: int) -> list[KVPolicy]:
+    """The KV policy of every KV head (GQA): the query heads of a group share one cache entry.
+
+    A KV head can only evict what none of its query heads needs, so when its query heads disagree it
+    keeps everything ("all"); their masks still restrict what each query head reads.
+
+    Example:
+        >>> specs = [("duo", {"retrieval": h == 0}) for h in range(4)]
+        >>> [p.kind for p in kv_head_policies(specs, 4, 2, 4096)]
+        ['all', 'sinks+recent']
+    """
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (GQA groups)")
+    per_q = site_kv_policies(head_specs, n_heads, kv_len)
+    group = n_heads // n_kv_heads
+    out = []
+    for g in range(n_kv_heads):
+        members = set(per_q[g * group : (g + 1) * group])
+        out.append(members.pop() if len(members) == 1 else KVPolicy.all())
+    return out

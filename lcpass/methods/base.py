@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 ParamType = Literal["int", "float", "bool"]
@@ -163,7 +163,6 @@ class Method:
     score_mod: Callable[..., Any] | None = None
     per_head: bool = False
     crossover_why: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
