@@ -39,12 +39,17 @@ class SiteInfo:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    is_causal: bool | None = None  # None = unknown; False = bidirectional (causal-only methods refused)
 
     @staticmethod
     def of(obj: Any) -> "SiteInfo":
-        """Copy the four attributes from any site-like object."""
+        """Copy the attributes from any site-like object (``is_causal`` optional)."""
         try:
-            return SiteInfo(str(obj.name), int(obj.n_heads), int(obj.n_kv_heads), int(obj.head_dim))
+            causal = getattr(obj, "is_causal", None)
+            return SiteInfo(
+                str(obj.name), int(obj.n_heads), int(obj.n_kv_heads), int(obj.head_dim),
+                None if causal is None else bool(causal),
+            )
         except AttributeError as e:
             raise TypeError(
                 f"{obj!r} is not a site description: it needs name, n_heads, n_kv_heads, head_dim ({e})"
@@ -113,9 +118,9 @@ class ModelFingerprint:
         for i, (mine, theirs) in enumerate(zip(self.sites, sites)):
             if mine.name != theirs.name:
                 return f"site #{i} is {mine.name!r} in the plan but {theirs.name!r} in the model"
-            for attr in ("n_heads", "n_kv_heads", "head_dim"):
+            for attr in ("n_heads", "n_kv_heads", "head_dim", "is_causal"):
                 a, b = getattr(mine, attr), getattr(theirs, attr)
-                if a != b:
+                if a != b and a is not None and b is not None:
                     return f"site {mine.name!r}: {attr} is {a} in the plan but {b} in the model"
         if len(self.sites) != len(sites):
             return f"the plan's model has {len(self.sites)} attention sites, this model has {len(sites)}"
@@ -285,9 +290,18 @@ class Plan:
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
             try:
-                site_mask_mod(site.heads, info.n_heads, 1, 1)
+                mask = site_mask_mod(site.heads, info.n_heads, _PROBE, _PROBE)
             except ValueError as e:
                 raise ValueError(f"plan site {name!r}: {e}") from None
+            if info.is_causal is False:
+                blind = [h for h, sees in enumerate(_sees_future(mask, info.n_heads)) if not sees]
+                if blind:
+                    spec = site.resolve(info.n_heads)[blind[0]]
+                    raise ValueError(
+                        f"plan site {name!r} is bidirectional (is_causal=False) but heads {blind} use causal "
+                        f"plans (e.g. {spec.method!r}) that would hide later tokens; plan them 'dense' or "
+                        f"with a non-causal method"
+                    )
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -296,10 +310,7 @@ class Plan:
         if self.fingerprint is not None:
             fp = {
                 "model": self.fingerprint.model,
-                "sites": [
-                    {"name": s.name, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim}
-                    for s in self.fingerprint.sites
-                ],
+                "sites": [_site_dict(s) for s in self.fingerprint.sites],
             }
         sites: dict[str, Any] = {}
         for name, site in self.sites.items():
@@ -332,10 +343,7 @@ class Plan:
         fingerprint = None
         if fp is not None:
             try:
-                fingerprint = ModelFingerprint(
-                    tuple(SiteInfo(str(s["name"]), int(s["n_heads"]), int(s["n_kv_heads"]), int(s["head_dim"])) for s in fp["sites"]),
-                    str(fp.get("model", "")),
-                )
+                fingerprint = ModelFingerprint(tuple(_site_from(s) for s in fp["sites"]), str(fp.get("model", "")))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"plan fingerprint is malformed ({type(e).__name__}: {e})") from None
         return cls(sites, fingerprint)
@@ -367,6 +375,34 @@ class Plan:
             return cls.from_json(p.read_text())
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"plan file '{p}' is not a valid lcpass plan: {e}") from None
+
+
+_PROBE = 32  # positions probed to tell a causal site plan from one that sees later tokens
+
+
+def _sees_future(mask: Any, n_heads: int) -> list[bool]:
+    """Per head: does `mask` let some query see a later key (probed on the first _PROBE positions)?"""
+    import torch
+
+    pos = torch.arange(_PROBE)
+    h = torch.arange(n_heads)[:, None, None]
+    allowed = mask(torch.zeros((), dtype=torch.long), h, pos[None, :, None], pos[None, None, :])
+    future = allowed & (pos[None, None, :] > pos[None, :, None])
+    return future.expand(n_heads, _PROBE, _PROBE).flatten(1).any(dim=1).tolist()
+
+
+def _site_dict(s: SiteInfo) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": s.name, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim}
+    if s.is_causal is not None:
+        d["is_causal"] = s.is_causal
+    return d
+
+
+def _site_from(d: Mapping[str, Any]) -> SiteInfo:
+    causal = d.get("is_causal")
+    if causal is not None and not isinstance(causal, bool):
+        raise ValueError(f"is_causal must be true, false or absent, got {causal!r}")
+    return SiteInfo(str(d["name"]), int(d["n_heads"]), int(d["n_kv_heads"]), int(d["head_dim"]), causal)
 
 
 def _head_from(obj: Any, where: str) -> HeadSpec:

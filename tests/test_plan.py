@@ -177,3 +177,20 @@ def test_loaded_plan_with_bad_params_fails_validation(tmp_path):
     Plan({NAMES[0]: SitePlan.same("dilated", dilation=0)}).save(path)
     with pytest.raises(ValueError, match=r"'dilation' = 0 is out of range; allowed: dilation >= 1"):
         Plan.load(path).validate(SITES)
+
+
+def test_causal_methods_refused_on_bidirectional_sites():
+    encoder = [SiteInfo(f"encoder.layer.{i}.attention.self", 4, 4, 32, is_causal=False) for i in range(2)]
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention.self' is bidirectional.*heads \[0, 1, 2, 3\].*'streaming'"):
+        Plan.uniform(encoder, "streaming", window=8).validate(encoder)
+    Plan.uniform(encoder, "dense").validate(encoder)
+    Plan.uniform(encoder, "longlora", group_size=8, causal=False).validate(encoder)
+    mixed = Plan({encoder[0].name: SitePlan((HeadSpec("dense"),) + (HeadSpec("causal"),) * 3)})
+    with pytest.raises(ValueError, match=r"heads \[1, 2, 3\] use causal plans \(e.g. 'causal'\)"):
+        mixed.validate([SiteInfo(encoder[0].name, 4, 4, 32, is_causal=False)])
+    # the flag is part of the fingerprint and survives JSON
+    plan = Plan.uniform(encoder, "dense")
+    assert Plan.from_json(plan.to_json()).fingerprint.sites[0].is_causal is False
+    decoder = [SiteInfo(s.name, 4, 4, 32, is_causal=True) for s in encoder]
+    with pytest.raises(ValueError, match="is_causal is False in the plan but True in the model"):
+        plan.validate(decoder)
