@@ -131,9 +131,9 @@ class BlockLayout:
         raise ValueError(f"BlockLayout.density: relative_to={relative_to!r}; use 'total' or 'causal'")
 
     # -- conversions --------------------------------------------------------------------------
-    def to_dense(self) -> Tensor:
+    def to_dense(self, mask_mod: MaskMod | None = None) -> Tensor:
         """Element mask ``[B|1, H, q_len, kv_len]`` (True = attend): full blocks, plus partial blocks
-        where ``mask_mod`` holds. Materialises q_len x kv_len: small sizes only."""
+        where ``mask_mod`` (default: the layout's) holds. Materialises q_len x kv_len: small sizes."""
         bq, bk = self.block_size
         part, full = self.block_maps()
         pe = part.repeat_interleave(bq, 2)[:, :, : self.q_len].repeat_interleave(bk, 3)[..., : self.kv_len]
@@ -142,7 +142,7 @@ class BlockLayout:
         h = torch.arange(self.n_heads).view(1, -1, 1, 1)
         q = torch.arange(self.q_len).view(1, 1, -1, 1) + self.q_offset
         kv = torch.arange(self.kv_len).view(1, 1, 1, -1)
-        elem = self.mask_mod(b, h, q, kv)
+        elem = (mask_mod if mask_mod is not None else self.mask_mod)(b, h, q, kv)
         return fe | (pe & elem)
 
     def to_block_mask(self):

@@ -1,0 +1,245 @@
+"""The CPU block-sparse attention engine: cost proportional to the number of computed blocks.
+
+Work comes from :func:`lcpass.engine.plan.build_plan` (cached on the layout): per bucket one call of
+``aten._scaled_dot_product_flash_attention_for_cpu`` (which returns the output and its log-sum-exp) on
+4-D tensors whose head axis holds (row group, query block) rows; GQA heads sharing a block map are
+packed into the query axis so they share the gathered (or strided-view) KV. FULL blocks run without a
+mask, the causal diagonal with ``is_causal``, other partial blocks with an additive mask; partial results
+are merged by log-sum-exp. Below ``dense_below`` keys, or when the layout is plainly causal/full, SDPA
+runs on the whole sequence instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lcpass.engine.plan import Bucket, EnginePlan, build_plan
+from lcpass.engine.reference import ScoreMod, check_qkv, dense_attention
+from lcpass.layout import BlockLayout
+from lcpass.masks import MaskMod
+
+__all__ = ["DENSE_BELOW", "sparse_attention", "get_plan"]
+
+# Below this many keys the whole-sequence SDPA path wins on this CPU (measured: engine overhead is
+# ~1 ms per call; see benchmarks/engine_density.py).
+DENSE_BELOW = 1024
+_GATHER_BYTES = 64 << 20  # gathered K+V (+ mask) per chunk of rows
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def get_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: MaskMod | None = None,
+             kv_keep: Tensor | None = None, allow_causal: bool = True) -> EnginePlan:
+    """The engine plan for these sizes, cached on ``layout`` unless ``kv_keep`` is given."""
+    if kv_keep is not None:
+        return build_plan(layout, B, Hq, Hkv, mask_mod=mask_mod, kv_keep=kv_keep,
+                          allow_causal=allow_causal)
+    key = ("plan", B, Hq, Hkv, mask_mod, allow_causal)
+    plan = layout._cache.get(key)
+    if plan is None:
+        plan = build_plan(layout, B, Hq, Hkv, mask_mod=mask_mod, allow_causal=allow_causal)
+        layout._cache[key] = plan
+    return plan
+
+
+def _check_layout(layout: BlockLayout, q: Tensor, k: Tensor) -> None:
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if (layout.q_len, layout.kv_len) != (Sq, Sk):
+        raise ValueError(f"sparse_attention: layout is for q_len={layout.q_len}, kv_len={layout.kv_len} "
+                         f"but q has {Sq} and k has {Sk} positions; build_layout(mask, {Hq}, {Sq}, {Sk})")
+    if layout.n_heads != Hq:
+        raise ValueError(f"sparse_attention: layout has {layout.n_heads} heads but q has Hq={Hq}; "
+                         f"layouts are per query head")
+    if layout.batch not in (1, B):
+        raise ValueError(f"sparse_attention: layout batch {layout.batch} does not match B={B}")
+
+
+def _dense_mask(layout: BlockLayout, mask_mod: MaskMod | None) -> Tensor:
+    key = ("dense", mask_mod)
+    if key not in layout._cache:
+        layout._cache[key] = layout.to_dense(mask_mod)
+    return layout._cache[key]
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,
+                     mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
+                     kv_keep: Tensor | None = None, dense_below: int = DENSE_BELOW) -> Tensor:
+    """Attention over the blocks of ``layout`` only.
+
+    q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (Hkv | Hq), queries at absolute positions ``Sk - Sq + i``.
+    ``layout`` (per query head, ``q_len=Sq``, ``kv_len=Sk``) lists partial blocks, where ``mask_mod``
+    (default ``layout.mask_mod``) applies, and full blocks, where nothing is masked. ``score_mod`` is
+    applied to the scaled scores before the mask (math path, slower). ``kv_keep: Bool[B, Sk]`` masks
+    padded keys on every block. Rows that see no key return zeros. ``dense_below``: below this many
+    keys, or when the layout is exactly causal / full, run whole-sequence SDPA; ``0`` always runs the
+    block engine (tests, benchmarks). fp32 and bf16.
+
+    >>> from lcpass.layout import build_layout
+    >>> from lcpass.masks import streaming_mask
+    >>> q = torch.randn(1, 8, 2048, 64); k = v = torch.randn(1, 2, 2048, 64)
+    >>> lay = build_layout(streaming_mask(64, 256), 8, 2048, 2048)
+    >>> out = sparse_attention(q, k, v, lay, scale=64 ** -0.5)    # [1, 8, 2048, 64]
+    """
+    check_qkv(q, k, v, kv_keep, "sparse_attention")
+    _check_layout(layout, q, k)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Sk < dense_below:
+        mask = _dense_mask(layout, mask_mod)
+        return dense_attention(q, k, v, scale=scale, attn_mask=mask, kv_keep=kv_keep,
+                               score_mod=score_mod)
+    plan = get_plan(layout, B, Hq, Hkv, mask_mod=mask_mod, kv_keep=kv_keep,
+                    allow_causal=score_mod is None)
+    if plan.dense is not None and score_mod is None and kv_keep is None and dense_below > 0:
+        return dense_attention(q, k, v, scale=scale, is_causal=plan.dense == "causal")
+    return run_plan(plan, q, k, v, scale=scale, score_mod=score_mod)
+
+
+# ----------------------------------------------------------------------------------------------
+# execution
+
+
+def _pack_q(plan: EnginePlan, q: Tensor) -> Tensor:
+    # q: [B, Hq, Sq, D] -> Qp: [RG * Mq, M, D] (row r = rg * Mq + mq holds Ge heads x bq queries)
+    B, Hq, Sq, D = q.shape
+    pad = plan.Mq * plan.bq - Sq
+    if pad:
+        q = F.pad(q, (0, 0, 0, pad))
+    Ge = plan.Ge
+    x = q.view(B, Hq // Ge, Ge, plan.Mq, plan.bq, D).transpose(2, 3)
+    return x.reshape(plan.RG * plan.Mq, plan.M, D)
+
+
+def _unpack(plan: EnginePlan, acc: Tensor, dtype: torch.dtype) -> Tensor:
+    # acc: [RG * Mq, M, D] -> [B, Hq, Sq, D]
+    D = acc.shape[-1]
+    x = acc.view(plan.B, plan.Hq // plan.Ge, plan.Mq, plan.Ge, plan.bq, D).transpose(2, 3)
+    x = x.reshape(plan.B, plan.Hq, plan.Mq * plan.bq, D)[:, :, : plan.q_len]
+    return x.to(dtype)
+
+
+def _pad_kv(plan: EnginePlan, t: Tensor) -> Tensor:
+    # t: [B, Hkv, Sk, D] -> [B * Hkv * Mk * bk, D]
+    pad = plan.Mk * plan.bk - t.shape[2]
+    if pad:
+        t = F.pad(t, (0, 0, 0, pad))
+    return t.contiguous().view(-1, t.shape[-1])
+
+
+def run_plan(plan: EnginePlan, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+             score_mod: ScoreMod | None = None) -> Tensor:
+    """Execute ``plan`` (no dense shortcut). Returns [B, Hq, Sq, D] in q's dtype."""
+    Qp = _pack_q(plan, q).contiguous()
+    Kp, Vp = _pad_kv(plan, k), _pad_kv(plan, v)
+    D = q.shape[-1]
+    R_all = plan.RG * plan.Mq
+    acc = torch.zeros(R_all, plan.M, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((R_all, plan.M), float("-inf"), dtype=torch.float32, device=q.device)
+    for bucket in plan.buckets:
+        fresh = bucket.kind == "full"  # every row is in at most one full bucket and they come first
+        for sel, out, l in _run_bucket(plan, bucket, Qp, Kp, Vp, scale, score_mod):
+            if fresh:
+                acc[sel] = out
+                lse[sel] = l
+            else:
+                _merge(acc, lse, sel, out, l)
+    return _unpack(plan, acc, q.dtype)
+
+
+def _merge(acc: Tensor, lse: Tensor, sel, out: Tensor, l: Tensor) -> None:
+    """acc[sel], lse[sel] <- log-sum-exp merge with (out, l). Rows without keys stay 0 / -inf."""
+    a, la = acc[sel], lse[sel]
+    m = torch.maximum(la, l)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(la - m), torch.exp(l - m)
+    s = wa + wb
+    acc[sel] = (a * wa[..., None] + out.float() * wb[..., None]) / s.clamp_min(1e-30)[..., None]
+    lse[sel] = m + torch.log(s)
+
+
+def _rows_slice(r0: int, dr: int, count: int) -> slice:
+    return slice(r0, r0 + (count - 1) * dr + 1, dr if count > 1 else 1)
+
+
+def _run_bucket(plan: EnginePlan, bk_: Bucket, Qp: Tensor, Kp: Tensor, Vp: Tensor, scale: float,
+                score_mod: ScoreMod | None):
+    """Yield (rows selector, out [R, M, D], lse [R, M]) for one bucket."""
+    M, D, bq, bk, Ge, n = plan.M, Qp.shape[-1], plan.bq, plan.bk, plan.Ge, bk_.n
+    if bk_.segments is not None and score_mod is None:
+        for r0, dr, f0, df, C in bk_.segments:
+            dr, df = (dr, df) if C > 1 else (1, 1)
+            if bk_.kind == "causal":
+                # q: [C, Ge, bq, D], k/v: [C, Ge (stride 0), bk, D]
+                qv = Qp.as_strided((C, Ge, bq, D), (dr * M * D, bq * D, D, 1), r0 * M * D)
+                kv = Kp.as_strided((C, Ge, bk, D), (df * bk * D, 0, D, 1), f0 * bk * D)
+                vv = Vp.as_strided((C, Ge, bk, D), (df * bk * D, 0, D, 1), f0 * bk * D)
+                out, l = _flash(qv, kv, vv, is_causal=True, scale=scale)
+            else:
+                # q: [1, C, M, D], k/v: [1, C, n * bk, D]
+                qv = Qp.as_strided((1, C, M, D), (C * dr * M * D, dr * M * D, D, 1), r0 * M * D)
+                kv = Kp.as_strided((1, C, n * bk, D), (C * df * bk * D, df * bk * D, D, 1), f0 * bk * D)
+                vv = Vp.as_strided((1, C, n * bk, D), (C * df * bk * D, df * bk * D, D, 1), f0 * bk * D)
+                out, l = _flash(qv, kv, vv, scale=scale)
+            yield _rows_slice(r0, dr, C), out.reshape(C, M, D), l.reshape(C, M)
+        return
+    Kb, Vb = Kp.view(-1, bk, D), Vp.view(-1, bk, D)
+    per_row = 2 * n * bk * D * Kp.element_size() + (M * n * bk * 4 if bk_.kind == "masked" else 0)
+    step = max(1, _GATHER_BYTES // per_row)
+    shared_mask = shared_any = None
+    if bk_.kind == "masked" and bk_.shared_pattern:
+        pats = bk_.patterns[0]
+        shared_mask = plan.additive_bank(Qp.dtype)[pats].transpose(0, 1).reshape(1, 1, M, n * bk)
+        shared_any = plan.bank[pats].any(-1).any(0)[None]  # [1, M]
+    for s in range(0, bk_.num_tasks, step):
+        rows = bk_.rows[s: s + step]
+        blocks = bk_.blocks[s: s + step]
+        R = rows.shape[0]
+        q4 = Qp[rows].view(R, 1, M, D)
+        k4 = Kb[blocks].view(R, 1, n * bk, D)
+        v4 = Vb[blocks].view(R, 1, n * bk, D)
+        mask = row_any = None
+        if bk_.kind == "masked":
+            if shared_mask is not None:
+                mask, row_any = shared_mask, shared_any
+            else:
+                pats = bk_.patterns[s: s + step]  # [R, n]
+                mask = plan.additive_bank(Qp.dtype)[pats].transpose(1, 2).reshape(R, 1, M, n * bk)
+                row_any = plan.bank[pats].any(-1).any(1)  # [R, M]
+        if score_mod is not None:
+            out, l = _math(plan, q4, k4, v4, rows, blocks, mask, scale, score_mod)
+        elif bk_.kind == "causal":
+            out, l = _flash(q4.view(R, Ge, bq, D), k4.expand(R, Ge, bk, D), v4.expand(R, Ge, bk, D),
+                            is_causal=True, scale=scale)
+        else:
+            out, l = _flash(q4, k4, v4, attn_mask=mask, scale=scale)
+        out, l = out.reshape(R, M, D), l.reshape(R, M)
+        if row_any is not None:
+            l = l.masked_fill(~row_any, float("-inf"))
+            out = out.masked_fill(~row_any[..., None], 0.0)
+        yield rows, out, l
+
+
+def _math(plan: EnginePlan, q4: Tensor, k4: Tensor, v4: Tensor, rows: Tensor, blocks: Tensor,
+          mask: Tensor | None, scale: float, score_mod: ScoreMod) -> tuple[Tensor, Tensor]:
+    """Explicit attention with ``score_mod`` on gathered rows. q4 [R, 1, M, D], k4/v4 [R, 1, n*bk, D]."""
+    R, M = q4.shape[0], plan.M
+    nk = k4.shape[2]
+    rg, mq = rows // plan.Mq, rows % plan.Mq
+    b, h0 = plan.first_head(rg)
+    ar = torch.arange(M)
+    h = h0[:, None] + ar // plan.bq  # [R, M]
+    qpos = (plan.kv_len - plan.q_len + mq[:, None] * plan.bq + ar % plan.bq).clamp(max=plan.kv_len - 1)
+    kpos = ((blocks % plan.Mk)[:, :, None] * plan.bk + torch.arange(plan.bk)).reshape(R, nk)
+    kpos = kpos.clamp(max=plan.kv_len - 1)
+    s = torch.matmul(q4.float(), k4.float().transpose(-1, -2)) * scale  # [R, 1, M, nk]
+    s = score_mod(s, b.view(R, 1, 1, 1), h.view(R, 1, M, 1), qpos.view(R, 1, M, 1),
+                  kpos.view(R, 1, 1, nk))
+    if mask is not None:
+        s = s + mask.float()
+    lse = torch.logsumexp(s, dim=-1)  # [R, 1, M]
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.matmul(p, v4.float())
+    return out, lse
