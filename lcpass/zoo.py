@@ -171,13 +171,13 @@ def _hf(
     """Build a transformers model from a fresh config (never shared: from_config mutates it)."""
     import transformers
 
-    cfg = getattr(transformers, config_cls)(**config, attn_implementation=attn)
+    # config.use_cache=False: a plain forward returns no DynamicCache/EncoderDecoderCache, which torch.export
+    # rejects as an output ("not a known type ... register a pytree"); generate() still uses a cache.
+    cfg = getattr(transformers, config_cls)(**config, use_cache=False, attn_implementation=attn)
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(cfg).to(torch.float32).eval()
-    if getattr(cfg, "use_cache", False):
-        # A forward with a cache returns a DynamicCache/EncoderDecoderCache, which torch.export rejects
-        # ("not a known type ... register a pytree"): one-shot example forwards run without it.
-        inputs = {**inputs, "use_cache": False}
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
     return ZooModel(
         name=name,
         model=model,
@@ -479,7 +479,8 @@ def mha_weights() -> ZooModel:
     torch.manual_seed(0)
     return _torch("mha-weights", _m.MHA(need_weights=True, causal=True), {"x": _randn(BATCH, SEQ, HIDDEN)},
                   [site("causal")],
-                  notes="weights are computed but NOT returned (dead after export); export: "
+                  notes="weights are computed but NOT returned; export keeps their dead view -> mean chain "
+                        "(0 users), so softmax has 2 users but only bmm is live; export: "
                         "baddbmm(mask, q*scale, kᵀ) -> softmax -> bmm over [B*H, S, D]")
 
 

@@ -236,6 +236,20 @@ def test_softcap_and_layer_types_follow_config() -> None:
         assert {s["window"] for s in z.expected if s["window"]} == {z.model.config.sliding_window}
 
 
+def test_example_inputs_are_tensors_and_causal_lms_generate() -> None:
+    """Pure-tensor kwargs (no use_cache flag); forwards return no cache; generate() still uses one."""
+    for name in ALL:
+        z = get_zoo_model(name)
+        assert z.example_inputs and all(isinstance(v, torch.Tensor) for v in z.example_inputs.values()), name
+    for name in ("llama-tiny", "gemma3-tiny-eager", "t5-tiny"):
+        z = get_zoo_model(name)
+        with torch.no_grad():
+            assert not any("cache" in k for k in z.model(**z.example_inputs).keys())
+        out = z.model.generate(z.example_inputs["input_ids"][:1, :5], max_new_tokens=2, do_sample=False,
+                               return_dict_in_generate=True)
+        assert out.cache is not None, name
+
+
 # ------------------------------------------------------------------------------------ capture
 
 
