@@ -221,10 +221,25 @@ def test_s2_heads_cover_the_context(n_heads, block_size, local_blocks, vert_stri
     assert per_head.max() < 2.0 / vert_stride
 
 
-def test_s2_refuses_too_few_heads_and_caches_masks():
+def test_s2_refuses_too_few_heads_and_masks_compare_by_value():
     with pytest.raises(ValueError, match="vert_stride=8 exceeds the site's 4 heads"):
         site_mask_mod([("s2", {"vert_stride": 8})], 4, N, N)
-    assert s2_shard_mask(16, 2, 4, 1) is s2_shard_mask(16, 2, 4, 1)
+    assert s2_shard_mask(16, 2, 4, 1) == s2_shard_mask(16, 2, 4, 1) != s2_shard_mask(16, 2, 4, 2)
+    assert hash(s2_shard_mask(16, 2, 4, 1)) == hash(s2_shard_mask(16, 2, 4, 1))
+
+
+@pytest.mark.parametrize("block_size,local_blocks,vert_stride,layout_block", [(16, 2, 4, 64), (64, 3, 8, 48), (10, 1, 3, 32)])
+@pytest.mark.parametrize("q_len", [300, 1])
+def test_s2_block_classifier_gives_the_brute_force_layout(block_size, local_blocks, vert_stride, layout_block, q_len):
+    n_heads, kv_len = 8, 300
+    params = {"block_size": block_size, "local_blocks": local_blocks, "vert_stride": vert_stride}
+    mask = site_mask_mod([("s2", params)], n_heads, q_len, kv_len)
+    assert mask.has_block_classifier
+    brute = M.mask_from_callable(lambda b, h, q, kv: mask(b, h, q, kv), "s2_brute")  # no classifier
+    fast = build_layout(mask, n_heads, q_len, kv_len, block_size=layout_block)
+    slow = build_layout(brute, n_heads, q_len, kv_len, block_size=layout_block)
+    for a, b_ in zip(fast.block_maps(), slow.block_maps()):
+        assert torch.equal(a, b_)
 
 
 # ---------------------------------------------------------------------------------------------

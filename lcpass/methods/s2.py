@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,23 +33,63 @@ from lcpass import masks as M
 from lcpass.methods.base import KVPolicy, Method, Param
 
 
-@functools.lru_cache(maxsize=None)
-def s2_shard_mask(block_size: int, local_blocks: int, vert_stride: int, offset: int) -> Any:
-    """The S2 predicate for one head (`offset` = the head's shard offset, 0 <= offset < vert_stride).
+def block_local_mask(block_size: int, local_blocks: int) -> M.MaskMod:
+    """Key block within `local_blocks` of the query block: ``q // bs - kv // bs < local_blocks``.
 
-    Block-granular strided shard, which the masks factories (token-granular ``strided_mask``) lack,
-    so it is a ``mask_from_callable`` (layouts evaluate it blockwise). Cached: equal parameters give
-    the same mask object, so layouts built from it can be cached.
+    Not causal by itself. Carries an exact block classifier (block indices of a rectangle of
+    positions take every value in their ranges independently).
     """
 
-    def s2(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        qb = q_idx // block_size
-        kb = kv_idx // block_size
-        local = (qb - kb) < local_blocks
-        shard = torch.remainder(kb + offset + 1, vert_stride) == 0
-        return (kv_idx <= q_idx) & (local | shard)
+    def fn(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (q // block_size - kv // block_size < local_blocks) & _true_like(b, h)
 
-    return M.mask_from_callable(s2, f"s2_b{block_size}_l{local_blocks}_v{vert_stride}_o{offset}")
+    def classify(h, q_lo, q_hi, kv_lo, kv_hi):
+        lo = q_lo // block_size - (kv_hi - 1) // block_size  # smallest qb - kb on the tile
+        hi = (q_hi - 1) // block_size - kv_lo // block_size  # largest
+        touched = (lo < local_blocks) & _true_like(h)
+        return touched, hi < local_blocks, _true_like(h, touched)
+
+    key = ("s2_block_local", block_size, local_blocks)
+    return M.MaskMod(f"block_local({block_size}, {local_blocks})", key, fn, classify)
+
+
+def block_strided_mask(block_size: int, vert_stride: int, offset: int) -> M.MaskMod:
+    """Every `vert_stride`-th key block: ``(kv // bs + offset + 1) % vert_stride == 0`` (any query).
+
+    Carries an exact block classifier.
+    """
+    target = (-(offset + 1)) % vert_stride  # key blocks kb with kb % vert_stride == target
+
+    def fn(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (torch.remainder(kv // block_size, vert_stride) == target) & _true_like(b, h, q)
+
+    def classify(h, q_lo, q_hi, kv_lo, kv_hi):
+        kb0, kb1 = kv_lo // block_size, (kv_hi - 1) // block_size
+        first = kb0 + torch.remainder(target - kb0, vert_stride)  # first wanted block >= kb0
+        touched = (first <= kb1) & _true_like(h, q_lo, q_hi)
+        full = touched & ((kb0 == kb1) | (vert_stride == 1))
+        return touched, full, _true_like(touched)
+
+    key = ("s2_block_strided", block_size, vert_stride, offset)
+    return M.MaskMod(f"block_strided({block_size}, {vert_stride}, {offset})", key, fn, classify)
+
+
+def _true_like(*ts: torch.Tensor) -> torch.Tensor:
+    shape = torch.broadcast_shapes(*(t.shape for t in ts))
+    return torch.ones(shape, dtype=torch.bool, device=ts[0].device)
+
+
+def s2_shard_mask(block_size: int, local_blocks: int, vert_stride: int, offset: int) -> M.MaskMod:
+    """The S2 mask of one head (`offset` = the head's shard offset, 0 <= offset < vert_stride):
+    ``causal & (block_local | block_strided)``, with exact block classifiers so layouts cost
+    O(blocks). Equal parameters give equal (hashable) masks, so layouts are cached.
+    """
+    m = M.and_masks(
+        M.causal_mask(),
+        M.or_masks(block_local_mask(block_size, local_blocks), block_strided_mask(block_size, vert_stride, offset)),
+    )
+    m.__name__ = f"s2_b{block_size}_l{local_blocks}_v{vert_stride}_o{offset}"
+    return m
 
 
 def s2_mask_mod(params: Mapping[str, Any], *, head: int, n_heads: int, q_len: int, kv_len: int) -> Any:
