@@ -48,8 +48,8 @@ class Captured:
 
 def _failing_frame(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
-    torch_dir = os.path.dirname(torch.__file__)
-    own = [f for f in frames if not f.filename.startswith(torch_dir)]
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    own = [f for f in frames if not f.filename.startswith(skip)]
     f = (own or frames or [None])[-1]
     if f is None:
         return "unknown frame"
@@ -138,7 +138,7 @@ def capture_dynamo(
     def grab(gm: GraphModule, example_inputs: list[Any]):
         params = frozenset(
             n.name for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)
-            if isinstance(x, torch.nn.Parameter) or "_parameters_" in n.name or "_buffers_" in n.name
+            if isinstance(x, torch.nn.Parameter) or "_parameters_" in n.name
         )
         graphs.append(Captured(gm, list(example_inputs), "dynamo", params))
         return gm.forward

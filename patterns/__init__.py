@@ -56,7 +56,8 @@ def canonicalize(
         param_placeholders: names of placeholders that hold parameters or buffers (dynamo lifts
             them), so a learned bias is not mistaken for padding.
     """
-    lower_opaque(gm)
+    lower_opaque(gm, flat_inputs)
+    gm.graph.eliminate_dead_code()  # dead values (unreturned attention weights) must not count as users
     matches, rejected = find_matches(gm)
     infos: list[MaskInfo] = analyse_masks(gm, matches, flat_inputs, param_placeholders)
     sites = rewrite_matches(gm, matches, infos)

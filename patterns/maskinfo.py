@@ -44,8 +44,7 @@ class MaskInfo:
         if self.kind == "sliding":
             return f"sliding({self.window})"
         if self.kind in ("padding", "bias") and self.is_causal:
-            extra = f"+sliding({self.window})" if self.window >= 0 else "+causal"
-            return self.kind + extra
+            return (f"sliding({self.window})+" if self.window >= 0 else "causal+") + self.kind
         return self.kind
 
 
@@ -98,7 +97,7 @@ def _evaluate(gm: GraphModule, nodes: Sequence[Node], flat_inputs: Sequence[Any]
     needed = _ancestors(nodes, through_shapes=True)
     run = _PartialRun(gm, needed)
     with torch.no_grad():
-        run.run(*flat_inputs)
+        run.run(*flat_inputs, enable_io_processing=False)
     return {n: run.env.get(n) for n in nodes}
 
 
@@ -161,6 +160,30 @@ def _positional(keep: torch.Tensor, window_candidates: set[int]) -> Optional[tup
     return None
 
 
+def _implied(keep: torch.Tensor, window_candidates: set[int]) -> tuple[bool, int]:
+    """(is_causal, window) that a data-dependent keep mask already implies (so applying them is exact)."""
+    sq, sk = keep.shape[-2], keep.shape[-1]
+    causal = positional_keep(sq, sk, True, -1)
+    if bool((keep & ~causal).any()):
+        return (False, -1)
+    for w in sorted(window_candidates):
+        if not bool((keep & ~positional_keep(sq, sk, True, w)).any()):
+            return (True, w)
+    return (True, -1)
+
+
+def _is_param_node(gm: GraphModule, n: Node, params: set[str]) -> bool:
+    """A learned parameter (not a buffer or constant: a registered causal-mask buffer is positional)."""
+    if n.op == "placeholder":
+        return n.name in params
+    if n.op == "get_attr":
+        try:
+            return isinstance(gm.get_parameter(str(n.target)), torch.nn.Parameter)
+        except AttributeError:
+            return False
+    return False
+
+
 def analyse_masks(
     gm: GraphModule,
     matches: Sequence[Match],
@@ -180,9 +203,9 @@ def analyse_masks(
             out.append(MaskInfo("causal" if m.is_causal else "none", m.is_causal, -1, False))
             continue
         deps = _ancestors(nodes, through_shapes=False)
-        user = any(n.op == "placeholder" and n.name not in params for n in deps)
-        param = any(n.op == "get_attr" or (n.op == "placeholder" and n.name in params) for n in deps
-                    if not (n.op == "get_attr" and "_tensor_constant" in str(n.target)))
+        # dynamo lifts buffers to placeholders too: a registered mask buffer is a constant, not input
+        user = any(n.op == "placeholder" and n.name not in params and "_buffers_" not in n.name for n in deps)
+        param = any(_is_param_node(gm, n, params) for n in deps)
         combined = _combined(m, values) if values else None
         pattern = None
         pure = False
@@ -191,6 +214,8 @@ def analyse_masks(
             pure = bool((finite == 0).all())
             pattern = _positional(torch.isfinite(combined), _window_constants(nodes))
         causal, window = pattern if pattern is not None else (False, -1)
+        if pattern is None and combined is not None and (user or param):
+            causal, window = _implied(torch.isfinite(combined), _window_constants(nodes))
         if m.is_causal:  # SDPA's own flag on top of a mask is not combinable in torch; keep it exact
             causal = True
         if user:

@@ -195,10 +195,21 @@ def _fold_repeat_kv(gm: GraphModule, node: Node) -> tuple[Node, int]:
     return (x, n) if isinstance(n, int) else (node, 1)
 
 
+def _is_parameter(gm: GraphModule, node: Node) -> bool:
+    if node.op == "get_attr":
+        try:
+            return isinstance(gm.get_parameter(str(node.target)), torch.nn.Parameter)
+        except AttributeError:
+            return False
+    return node.op == "placeholder" and "_parameters_" in node.name
+
+
 def _operand(gm: GraphModule, node: Node, scale: list[float], *, is_key: bool = False) -> Operand:
     node = _peel(gm, node, scale)
     if is_key:
         base = _untranspose(gm, node)
+        if base is None and _is_parameter(gm, node):
+            raise Reject(f"the right operand of the score matmul ({node.name}) is a parameter, not keys")
         if base is None:
             raise Reject(f"the right operand of the score matmul ({node.name}) is not kᵀ (no transpose of the last two dims)")
         node = _peel(gm, base, scale)
@@ -318,8 +329,11 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
                 raise Reject(f"add with alpha={op['alpha']} on the scores")
             a, b = op["a"], op["b"]
             in_a, in_b = _leads_to_product(gm, a), _leads_to_product(gm, b)
-            if in_a == in_b:
-                raise Reject(f"cannot tell the scores from the bias in {node.name}")
+            if not in_a and not in_b:
+                raise Reject(f"neither operand of {node.name} is a matmul of q and kᵀ: "
+                             "the softmax input is not attention scores")
+            if in_a and in_b:
+                raise Reject(f"both operands of {node.name} lead to a matmul: cannot tell the scores from the bias")
             if reshaped:
                 raise Reject(f"a bias is added before a reshape of the scores ({node.name})")
             scores, bias = (a, b) if in_a else (b, a)
@@ -333,8 +347,10 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
             node = scores
         elif kind == "where":
             cond, a, b = op["cond"], op["a"], op["b"]
-            in_a = _leads_to_product(gm, a)
-            scores, fill, negate = (a, b, False) if in_a else (b, a, True)
+            if _leads_to_product(gm, a) or (is_neg_inf_like(constant_number(b, gm)) and not _leads_to_product(gm, b)):
+                scores, fill, negate = a, b, False
+            else:
+                scores, fill, negate = b, a, True
             if not is_neg_inf_like(constant_number(fill, gm)):
                 raise Reject(f"where() on the scores ({node.name}) fills with {fill!r}, not -inf")
             if reshaped:
@@ -451,7 +467,7 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
         op = op_of(u, gm)
         m.chain.append(u)
         if op is None:
-            raise Reject(f"the probabilities flow into {target_name(u)}, not a matmul with values")
+            raise Reject(f"no value matmul follows: the probabilities flow into {target_name(u)}")
         if op.kind in ("cast", "identity", "expand"):
             cur = u
         elif op.kind == "view":
@@ -475,7 +491,7 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
             m.end = u
             break
         else:
-            raise Reject(f"the probabilities flow into {target_name(u)}, not a matmul with values")
+            raise Reject(f"no value matmul follows: the probabilities flow into {target_name(u)}")
     return m
 
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .graphinfo import rank_of, shape_of, value_of
 from .maskinfo import MaskInfo
@@ -40,15 +41,23 @@ class Site:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _to_meta(v: Any) -> Any:
+    """ShapeProp's TensorMetadata -> a meta tensor of that shape and dtype."""
+    if isinstance(v, TensorMetadata):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    return v
+
+
 def _fake(target, args: tuple) -> Any:
+    """The new node's value on fake (or meta) tensors, so later stages can read its shape."""
     vals = map_arg(args, value_of)
-    tensors = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
-    mode = torch._guards.detect_fake_mode(tensors)
-    if mode is None:
-        return None
+    leaves = torch.utils._pytree.tree_leaves(vals)
+    mode = torch._guards.detect_fake_mode([v for v in leaves if isinstance(v, torch.Tensor)])
     try:
-        with mode:
-            return target(*vals)
+        if mode is not None:
+            with mode:
+                return target(*vals)
+        return target(*map_arg(args, lambda n: _to_meta(value_of(n))))
     except Exception:  # meta is a convenience for later stages; never fail a rewrite on it
         return None
 
