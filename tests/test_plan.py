@@ -194,3 +194,26 @@ def test_causal_methods_refused_on_bidirectional_sites():
     decoder = [SiteInfo(s.name, 4, 4, 32, is_causal=True) for s in encoder]
     with pytest.raises(ValueError, match="is_causal is False in the plan but True in the model"):
         plan.validate(decoder)
+
+
+@pytest.mark.parametrize("zoo_name,causal", [("llama-tiny", True), ("bert-tiny", False)])
+def test_plans_validate_against_detected_sites(zoo_name, causal):
+    """The detector's sites (lcpass.patterns Detection) plug straight into presets and validation."""
+    from lcpass import zoo
+    from lcpass.capture import capture
+    from lcpass.patterns import canonicalize
+
+    zm = zoo.get_zoo_model(zoo_name)
+    ex = zm.example_inputs
+    cap = capture(zm.model, kwargs=ex) if isinstance(ex, dict) else capture(zm.model, tuple(ex))
+    found = canonicalize(cap.gm, cap.flat_inputs, cap.param_placeholders)
+    assert found.sites
+    Plan.uniform(found, "dense").validate(found)
+    first = found.sites[0]
+    plan = Plan.duo(found, {first.name: [0]}, sink=2, recent=8)
+    assert plan.fingerprint.sites[0] == SiteInfo(first.name, first.n_heads, first.n_kv_heads, first.head_dim, causal)
+    if causal:
+        plan.validate(found)
+    else:
+        with pytest.raises(ValueError, match=f"{first.name}' is bidirectional"):
+            plan.validate(found)
