@@ -435,13 +435,15 @@ def _t5(attn: str) -> ZooModel:
                num_decoder_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=8,
                relative_attention_max_distance=32, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     enc, dec = site("bias", scale=1.0), site("causal+bias", scale=1.0)
-    cross = site("bias", cross=True, scale=1.0)
+    # cross-attention adds an all-zero bias built from shapes only: it carries no information, so the
+    # detector must drop it ("none"); with an encoder attention_mask it would be "padding".
+    cross = site("none", cross=True, scale=1.0)
     return _hf(
         f"t5-tiny{'-eager' if attn == 'eager' else ''}", "t5", attn, "T5Config", "T5ForConditionalGeneration",
         cfg, {"input_ids": _tokens(seq=SEQ), "decoder_input_ids": _tokens(seq=11, seed=2)},
         [enc, enc, dec, cross, dec, cross], False,
         "encoder 19 tokens, decoder 11; scale 1.0; learned relative bias added to the scores (per head); "
-        "cross-attention adds an all-zero [1,H,Q,K] bias tensor",
+        "cross-attention adds an all-zero [1,H,Q,K] bias tensor (no information: detected as 'none')",
     )
 
 

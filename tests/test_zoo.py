@@ -111,7 +111,7 @@ def observe_sdpa(call: dict[str, Any]) -> dict[str, Any]:
     else:
         kind, window = _keep_kind(mask > torch.finfo(mask.dtype).min / 2)
         kept = mask[mask > torch.finfo(mask.dtype).min / 2]
-        if mask.dim() == 4 and mask.shape[1] > 1 or bool((kept != 0).any()):
+        if bool((kept != 0).any()):  # an all-zero bias carries no information
             kind = {"none": "bias", "causal": "causal+bias"}[kind]
     obs.update(mask=kind, window=window)
     return obs
