@@ -245,6 +245,7 @@ class Plan:
         """Per-head specs of `site_name` (head count from `n_heads` or the fingerprint).
 
         A site the plan does not mention keeps its attention: every head gets ``HeadSpec("dense")``.
+        Without a head count (no `n_heads`, no fingerprint) the compact form returns its one spec.
         """
         if n_heads is None and self.fingerprint is not None:
             n_heads = next((s.n_heads for s in self.fingerprint.sites if s.name == site_name), None)

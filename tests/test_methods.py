@@ -24,6 +24,7 @@ from lcpass.methods import (
     method_names,
     register,
     shifted_sparse_attention,
+    site_crossover,
     site_kv_policies,
     site_mask_mod,
     validate_params,
@@ -159,6 +160,12 @@ def test_site_mask_mod_collapses_when_heads_agree():
     assert site_mask_mod(SPARSE_SPECS["s2"], HQ, N, N).__name__.startswith("per_head")
     with pytest.raises(ValueError, match="3 head specs for a site with 8 heads"):
         site_mask_mod([("causal", {})] * 3, HQ, N, N)
+
+
+def test_site_crossover_is_the_largest_among_its_heads():
+    assert site_crossover([("dense", {}), ("causal", {})], 2) == 0
+    assert site_crossover([("dense", {}), ("streaming", {}), ("s2", {"vert_stride": 2})], 3) == 4096
+    assert site_crossover([("duo", {})], 8) == get_method("duo").crossover == 2048
 
 
 def test_mixed_methods_in_one_site_follow_each_head():

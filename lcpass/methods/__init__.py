@@ -50,6 +50,7 @@ __all__ = [
     "resolve_params",
     "shifted_sparse_attention",
     "kv_head_policies",
+    "site_crossover",
     "site_kv_policies",
     "site_mask_mod",
     "spec_parts",
@@ -200,3 +201,14 @@ def kv_head_policies(head_specs: Sequence[Any], n_heads: int, n_kv_heads: int, k
         members = set(per_q[g * group : (g + 1) * group])
         out.append(members.pop() if len(members) == 1 else KVPolicy.all())
     return out
+
+
+def site_crossover(head_specs: Sequence[Any], n_heads: int) -> int:
+    """KV length below which the whole site should run dense: the largest crossover among the
+    methods of its heads (0 when every head is dense), since the site is lowered as one op.
+
+    Example:
+        >>> site_crossover([("dense", {}), ("streaming", {})], 2)
+        2048
+    """
+    return max((m.crossover for m, _ in _expand(head_specs, n_heads)), default=0)
