@@ -461,7 +461,7 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
         users = _users(cur)
         if len(users) != 1:
             what = ", ".join(u.name for u in users) or "nothing"
-            raise Reject(f"the attention probabilities are used elsewhere too ({what})" if users
+            raise Reject(f"attention probabilities used elsewhere too ({what}); rewriting would change them" if users
                          else "the softmax output is unused")
         u = users[0]
         op = op_of(u, gm)

@@ -1,0 +1,76 @@
+"""``lcpass inspect MODEL``: the table of attention sites lcpass finds in a model."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_parser", "run", "render"]
+
+EXAMPLES = """examples:
+  lcpass inspect llama-tiny                 a built-in zoo model
+  lcpass inspect smollm2                    the embedded default (SmolLM2-135M-Instruct)
+  lcpass inspect ./my-hf-model --json       a local Hugging Face folder, JSON for machines
+  lcpass inspect mypkg.models:build         a factory returning a module (or module, inputs)
+  lcpass inspect t5-tiny --route dynamo     the graphs torch.compile would hand a backend
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "inspect",
+        help="list the attention sites found in a model",
+        description="Capture MODEL, detect every attention subgraph structurally and print a table of "
+        "sites (layer, source form, heads, head_dim, mask, scale, softcap) and of the softmaxes left "
+        "alone with the reason.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="zoo name, 'smollm2', a local Hugging Face folder, or 'module:factory'")
+    p.add_argument("--route", choices=("export", "dynamo", "fx"), default="export",
+                   help="capture route (default: export)")
+    p.add_argument("--core-aten", action="store_true", help="inspect the graph after run_decompositions()")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=run)
+    return p
+
+
+def render(report, file=None) -> None:
+    """Rich tables for people."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout, width=160)
+    table = Table(title=f"{report.model}: {len(report.sites)} attention sites (route: {report.route})")
+    for col in ("site", "source", "q heads", "kv heads", "head_dim", "mask", "scale", "softcap"):
+        table.add_column(col, justify="right" if col in ("q heads", "kv heads", "head_dim", "scale") else "left")
+    for s in report.sites:
+        table.add_row(s.name, s.source, str(s.n_heads), str(s.n_kv_heads), str(s.head_dim), s.mask,
+                      f"{s.scale:.4g}", f"{s.softcap:g}" if s.softcap else "-")
+    console.print(table)
+    if report.rejected:
+        rej = Table(title=f"{len(report.rejected)} softmax(es) left alone")
+        rej.add_column("node")
+        rej.add_column("layer")
+        rej.add_column("reason")
+        for r in report.rejected:
+            rej.add_row(r.node, r.site or "-", r.reason)
+        console.print(rej)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lcpass.cli import UserError
+    from lcpass.inspect import inspect
+    from lcpass.models import resolve_model
+
+    resolved = resolve_model(args.model)
+    report = inspect(resolved.model, resolved.example_inputs, route=args.route, decompose=args.core_aten,
+                     name=resolved.name)
+    if not report.sites:
+        reasons = "; ".join(f"{r.node}: {r.reason}" for r in report.rejected[:3])
+        raise UserError(f"no attention found in {args.model!r}" + (f" (softmaxes left alone: {reasons})" if reasons else ""))
+    if args.json:
+        print(report.to_json())
+    else:
+        render(report)
+    return 0
