@@ -160,7 +160,8 @@ class Plan:
         """Every head of every site uses `method(**params)` (params checked now)."""
         resolve_params(get_method(method), params)
         sites = _site_list(sites_or_model)
-        return cls({s.name: SitePlan.same(method, **params) for s in sites}, ModelFingerprint.from_sites(sites))
+        plan = {s.name: SitePlan.same(method, **params) for s in sites}
+        return cls(plan, ModelFingerprint.from_sites(sites))
 
     @classmethod
     def duo(
@@ -187,7 +188,9 @@ class Plan:
         chosen_by_site: dict[str, set[int]] = {}
         for name, heads in retrieval.items():
             if name not in by_name:
-                raise ValueError(f"Plan.duo: retrieval site {name!r} is not in the model; sites: {_names(by_name)}")
+                raise ValueError(
+                    f"Plan.duo: retrieval site {name!r} is not in the model; sites: {_names(by_name)}"
+                )
             site = by_name[name]
             count = site.n_kv_heads if by_kv_head else site.n_heads
             bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < count]
@@ -202,7 +205,10 @@ class Plan:
         plan: dict[str, SitePlan] = {}
         for s in sites:
             chosen = chosen_by_site.get(s.name, set())
-            specs = [HeadSpec("duo", {"sink": sink, "recent": recent, "retrieval": h in chosen}) for h in range(s.n_heads)]
+            specs = [
+                HeadSpec("duo", {"sink": sink, "recent": recent, "retrieval": h in chosen})
+                for h in range(s.n_heads)
+            ]
             plan[s.name] = SitePlan(tuple(specs)) if chosen else SitePlan((specs[0],))
         return cls(plan, ModelFingerprint.from_sites(sites))
 
@@ -278,7 +284,9 @@ class Plan:
         for name, site in self.sites.items():
             info = by_name.get(name)
             if info is None:
-                raise ValueError(f"plan site {name!r} is not in the model; the model's sites: {_names(by_name)}")
+                raise ValueError(
+                    f"plan site {name!r} is not in the model; the model's sites: {_names(by_name)}"
+                )
             if not site.uniform and len(site.heads) != info.n_heads:
                 raise ValueError(
                     f"plan site {name!r} lists {len(site.heads)} head specs but the site has {info.n_heads} "
@@ -328,7 +336,9 @@ class Plan:
             raise ValueError("not an lcpass plan: expected an object with 'lcpass_plan' and 'sites'")
         version = data.get("lcpass_plan")
         if version != FORMAT_VERSION:
-            raise ValueError(f"plan format version {version!r} is not supported; this lcpass reads {FORMAT_VERSION}")
+            raise ValueError(
+                f"plan format version {version!r} is not supported; this lcpass reads {FORMAT_VERSION}"
+            )
         if not isinstance(data["sites"], Mapping):
             raise ValueError("plan 'sites' must be an object mapping site names to site plans")
         sites: dict[str, SitePlan] = {}
@@ -337,14 +347,18 @@ class Plan:
             if isinstance(entry, Mapping) and "all" in entry:
                 sites[name] = SitePlan((_head_from(entry["all"], f"{where}.all"),))
             elif isinstance(entry, Mapping) and isinstance(entry.get("heads"), list) and entry["heads"]:
-                sites[name] = SitePlan(tuple(_head_from(h, f"{where}.heads[{i}]") for i, h in enumerate(entry["heads"])))
+                heads = [_head_from(h, f"{where}.heads[{i}]") for i, h in enumerate(entry["heads"])]
+                sites[name] = SitePlan(tuple(heads))
             else:
-                raise ValueError(f"plan {where} must be {{'all': spec}} or {{'heads': [spec, ...]}}, got {entry!r}")
+                raise ValueError(
+                    f"plan {where} must be {{'all': spec}} or {{'heads': [spec, ...]}}, got {entry!r}"
+                )
         fp = data.get("fingerprint")
         fingerprint = None
         if fp is not None:
             try:
-                fingerprint = ModelFingerprint(tuple(_site_from(s) for s in fp["sites"]), str(fp.get("model", "")))
+                fp_sites = tuple(_site_from(s) for s in fp["sites"])
+                fingerprint = ModelFingerprint(fp_sites, str(fp.get("model", "")))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"plan fingerprint is malformed ({type(e).__name__}: {e})") from None
         return cls(sites, fingerprint)
@@ -371,7 +385,9 @@ class Plan:
         """Read a plan file; FileNotFoundError / ValueError naming the file when missing or corrupt."""
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"plan file '{p}' does not exist; write one with Plan.save or check the path")
+            raise FileNotFoundError(
+                f"plan file '{p}' does not exist; write one with Plan.save or check the path"
+            )
         try:
             return cls.from_json(p.read_text())
         except (ValueError, UnicodeDecodeError) as e:
@@ -393,7 +409,9 @@ def _sees_future(mask: Any, n_heads: int) -> list[bool]:
 
 
 def _site_dict(s: SiteInfo) -> dict[str, Any]:
-    d: dict[str, Any] = {"name": s.name, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim}
+    d: dict[str, Any] = {
+        "name": s.name, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim,
+    }
     if s.is_causal is not None:
         d["is_causal"] = s.is_causal
     return d

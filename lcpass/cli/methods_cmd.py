@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:
         params = "\n".join(f"{p.name}={p.default!r}" for p in m.params) or "-"
         phases = " ".join(p for p in _PHASE_ORDER if p in m.phases)
-        table.add_row(m.name, m.paper, params, "yes" if m.needs_calibration else "no", phases, str(m.crossover))
+        calibration = "yes" if m.needs_calibration else "no"
+        table.add_row(m.name, m.paper, params, calibration, phases, str(m.crossover))
     Console(file=sys.stdout, width=160, soft_wrap=False).print(table)
     return 0

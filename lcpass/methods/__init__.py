@@ -139,7 +139,8 @@ def head_mask_mod(spec: Any, *, head: int, n_heads: int, q_len: int, kv_len: int
     """The mask_mod of one head under `spec` (params validated)."""
     name, params = spec_parts(spec)
     method = get_method(name)
-    return method.mask_mod(resolve_params(method, params), head=head, n_heads=n_heads, q_len=q_len, kv_len=kv_len)
+    params = resolve_params(method, params)
+    return method.mask_mod(params, head=head, n_heads=n_heads, q_len=q_len, kv_len=kv_len)
 
 
 def site_mask_mod(head_specs: Sequence[Any], n_heads: int, q_len: int, kv_len: int) -> Any:

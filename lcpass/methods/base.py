@@ -85,7 +85,8 @@ class KVPolicy:
     def __post_init__(self) -> None:
         if self.kind not in ("all", "sinks+recent", "compensated", "selected"):
             raise ValueError(
-                f"KVPolicy kind {self.kind!r} is unknown; use 'all', 'sinks+recent', 'compensated' or 'selected'"
+                f"KVPolicy kind {self.kind!r} is unknown; use 'all', 'sinks+recent', 'compensated' "
+                f"or 'selected'"
             )
         for name in ("sink", "recent", "budget"):
             if getattr(self, name) < 0:

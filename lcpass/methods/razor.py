@@ -73,7 +73,9 @@ def compensated_attention(
     if hq % hkv:
         raise ValueError(f"compensated_attention: {hkv} KV heads do not divide {hq} query heads")
     if sq > sk:
-        raise ValueError(f"compensated_attention: {sq} queries but only {sk} keys; queries must be in the cache")
+        raise ValueError(
+            f"compensated_attention: {sq} queries but only {sk} keys; queries must be in the cache"
+        )
     k2, v2, dropped = compress_kv(k, v, sink, recent)
     if dropped and sq > recent:
         raise ValueError(

@@ -86,7 +86,10 @@ def s2_shard_mask(block_size: int, local_blocks: int, vert_stride: int, offset: 
     """
     m = M.and_masks(
         M.causal_mask(),
-        M.or_masks(block_local_mask(block_size, local_blocks), block_strided_mask(block_size, vert_stride, offset)),
+        M.or_masks(
+            block_local_mask(block_size, local_blocks),
+            block_strided_mask(block_size, vert_stride, offset),
+        ),
     )
     m.__name__ = f"s2_b{block_size}_l{local_blocks}_v{vert_stride}_o{offset}"
     return m
@@ -99,7 +102,8 @@ def s2_mask_mod(params: Mapping[str, Any], *, head: int, n_heads: int, q_len: in
             f"s2: vert_stride={params['vert_stride']} exceeds the site's {n_heads} heads, so the heads' "
             f"shards cannot cover the context; use vert_stride <= {n_heads}"
         )
-    return s2_shard_mask(params["block_size"], params["local_blocks"], params["vert_stride"], head % params["vert_stride"])
+    stride = params["vert_stride"]
+    return s2_shard_mask(params["block_size"], params["local_blocks"], stride, head % stride)
 
 
 def s2_kv(params: Mapping[str, Any], *, kv_len: int) -> KVPolicy:
