@@ -77,7 +77,8 @@ def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, An
     return kwargs
 
 
-def _dynamic_shapes(args: Sequence[Any], kwargs: dict[str, Any], seq_dim: int):
+def _dynamic_shapes(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any], seq_dim: int):
+    """One symbolic ``seq`` for dim ``seq_dim`` of every tensor input, keyed by parameter name."""
     seq = torch.export.Dim("seq", min=2, max=1 << 20)
 
     def spec(x):
@@ -85,7 +86,8 @@ def _dynamic_shapes(args: Sequence[Any], kwargs: dict[str, Any], seq_dim: int):
             return {seq_dim: seq}
         return None
 
-    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def capture(
@@ -116,7 +118,7 @@ def capture(
         return _capture_fx(model, args, kwargs)
     kwargs = _hf_defaults(model, kwargs)
     try:
-        shapes = _dynamic_shapes(args, kwargs, seq_dim) if dynamic_seq else None
+        shapes = _dynamic_shapes(model, args, kwargs, seq_dim) if dynamic_seq else None
         with torch.no_grad():
             ep = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=shapes)
         if decompose:

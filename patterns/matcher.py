@@ -168,6 +168,12 @@ def _untranspose(gm: GraphModule, node: Node) -> Optional[Node]:
 def _fold_repeat_kv(gm: GraphModule, node: Node) -> tuple[Node, int]:
     """``repeat_kv``: reshape(expand(x[:, :, None], [B, Hkv, n, S, D]), [B, Hkv*n, S, D]) -> (x, n)."""
     op = op_of(node, gm)
+    if op is not None and op.kind == "expand":  # MQA: x [B, 1, S, D].expand(B, H, S, D)
+        xs, es = shape_of(op["x"]), shape_of(node)
+        if xs is not None and es is not None and len(xs) == 4 and len(es) == 4 and xs[1] == 1 \
+                and all(same_size(a, b) for i, (a, b) in enumerate(zip(xs, es)) if i != 1) and isinstance(es[1], int):
+            return op["x"], es[1]
+        return node, 1
     if op is None or op.kind != "view":
         return node, 1
     src = op["x"]
@@ -330,7 +336,7 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
             a, b = op["a"], op["b"]
             in_a, in_b = _leads_to_product(gm, a), _leads_to_product(gm, b)
             if not in_a and not in_b:
-                raise Reject(f"neither operand of {node.name} is a matmul of q and kᵀ: "
+                raise Reject(f"the operands of {node.name} are not a matmul of q and kᵀ: "
                              "the softmax input is not attention scores")
             if in_a and in_b:
                 raise Reject(f"both operands of {node.name} lead to a matmul: cannot tell the scores from the bias")
