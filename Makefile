@@ -1,0 +1,15 @@
+# The two commands of the README. Both create or reuse .venv (scripts/setup.sh).
+VENV ?= .venv
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: setup demo test
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/lcpass inspect smollm2
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -ra tests

@@ -1,0 +1,5 @@
+import sys
+
+from lcpass.cli import main
+
+sys.exit(main())
