@@ -14,7 +14,11 @@ from __future__ import annotations
 from lcpass.patterns import op as _op  # noqa: F401  registers torch.ops.lcpass.attention
 from lcpass.capture import CaptureError, Captured, capture, capture_dynamo
 from lcpass.inspect import InspectReport, detect, inspect
+from lcpass.lower import planned_attention as _planned  # noqa: F401  registers torch.ops.lcpass.planned_attention
+from lcpass.optimize import OptimizedModule, OptimizeReport, optimize
+from lcpass.plan import Plan
 
 __version__ = "0.1.0"
 
-__all__ = ["CaptureError", "Captured", "InspectReport", "capture", "capture_dynamo", "detect", "inspect"]
+__all__ = ["CaptureError", "Captured", "InspectReport", "OptimizeReport", "OptimizedModule", "Plan", "capture",
+           "capture_dynamo", "detect", "inspect", "optimize"]

@@ -1,0 +1,186 @@
+"""lcpass.optimize: same class, same outputs where the method covers everything, and exactly the
+reference-masked model where it does not; plans, bad input, plain modules, SmolLM2."""
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+import lcpass
+from lcpass.patterns.op import reference
+from lcpass.plan import Plan
+from lcpass.zoo import get_zoo_model
+
+warnings.filterwarnings("ignore")
+
+CAUSAL_LMS = ["llama-tiny", "llama-tiny-eager", "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "phi3-tiny",
+              "gemma2-tiny-eager", "gemma3-tiny", "gpt2-tiny", "gptneox-tiny"]
+TOL = 1e-5
+
+
+def _out(o):
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(o, attr):
+            return getattr(o, attr)
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return _out(model(**inputs))
+
+
+# An independent oracle: the model's attention replaced by plain masked softmax with the StreamingLLM
+# mask written out here (causal, and key < sink or within the window), on top of the layer's own
+# sliding window and softcap.
+SINK, WINDOW = 2, 5
+
+
+def _streaming_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    sq, sk = query.shape[2], key.shape[2]
+    q_pos = torch.arange(sk - sq, sk)[:, None]
+    kv = torch.arange(sk)[None, :]
+    keep = (kv <= q_pos) & ((kv < SINK) | (q_pos - kv < WINDOW))
+    own = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if own:
+        keep &= q_pos - kv < own
+    out = reference(query, key, value, keep, scaling, False, -1, kwargs.get("softcap") or 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _reference_model(model, impl):
+    AttentionInterface.register("test_streaming_ref", _streaming_reference)
+    AttentionMaskInterface.register("test_streaming_ref", ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
+    ref = copy.deepcopy(model)
+    for mod in ref.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = "test_streaming_ref"
+    return ref
+
+
+@pytest.mark.parametrize("name", CAUSAL_LMS)
+def test_causal_lms(name):
+    z = get_zoo_model(name)
+    want = _run(z.model, z.example_inputs)
+    cls = type(z.model)
+    impl = z.model.config._attn_implementation
+    ref_model = _reference_model(z.model, impl)
+
+    dense = lcpass.optimize(copy.deepcopy(z.model), method="dense", example_inputs=z.example_inputs)
+    assert type(dense) is cls and torch.equal(_run(dense, z.example_inputs), want)
+
+    wide = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=4, window=64, dense_below=0,
+                           example_inputs=z.example_inputs)
+    assert wide.lcpass_report.rewritten == z.n_attention
+    assert (_run(wide, z.example_inputs) - want).abs().max().item() <= TOL
+
+    small = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=SINK, window=WINDOW, dense_below=0,
+                            example_inputs=z.example_inputs)
+    got = _run(small, z.example_inputs)
+    assert (got - want).abs().max().item() > 1e-3  # the window really bites at 19 tokens
+    assert (got - _run(ref_model, z.example_inputs)).abs().max().item() <= TOL
+    assert type(small) is cls
+    gen = small.generate(z.example_inputs["input_ids"][:1, :6], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 10)
+
+
+def test_padded_batch_rows_match_unbatched():
+    """Left padding: each row of a batch equals its own unpadded run (positions that are real tokens)."""
+    z = get_zoo_model("llama-tiny")
+    m = lcpass.optimize(z.model, method="streaming", sink=SINK, window=WINDOW, dense_below=0,
+                        example_inputs=z.example_inputs)
+    ids = z.example_inputs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    batched = _run(m, {"input_ids": ids, "attention_mask": mask})
+    for row, start in ((0, 0), (1, 5)):
+        solo = _run(m, {"input_ids": ids[row:row + 1, start:]})
+        assert (batched[row, start:] - solo[0]).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_and_plan_file(tmp_path):
+    z = get_zoo_model("qwen2-tiny")
+    m = lcpass.optimize(z.model, method="streaming", sink=4, window=8, example_inputs=z.example_inputs)
+    m.save_pretrained(tmp_path / "saved")
+    reloaded = type(z.model).from_pretrained(tmp_path / "saved")
+    assert torch.equal(reloaded.lm_head.weight, m.lm_head.weight)
+
+    found = lcpass.detect(get_zoo_model("qwen2-tiny").model, z.example_inputs)[0][1]
+    plan = Plan.uniform(found.sites, "streaming", sink=SINK, window=WINDOW)
+    plan.save(tmp_path / "plan.json")
+    a = lcpass.optimize(get_zoo_model("qwen2-tiny").model, plan=str(tmp_path / "plan.json"), dense_below=0,
+                        example_inputs=z.example_inputs)
+    b = lcpass.optimize(get_zoo_model("qwen2-tiny").model, method="streaming", sink=SINK, window=WINDOW,
+                        dense_below=0, example_inputs=z.example_inputs)
+    assert torch.equal(_run(a, z.example_inputs), _run(b, z.example_inputs))
+    other = get_zoo_model("gemma3-tiny")
+    with pytest.raises(ValueError, match="plan was made for"):
+        lcpass.optimize(other.model, plan=str(tmp_path / "plan.json"), example_inputs=other.example_inputs)
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "mha", "transformer-encoder", "einsum-attn", "baddbmm-attn"])
+def test_plain_modules_keep_their_forward(name):
+    z = get_zoo_model(name)
+    want = _run(z.model, z.example_inputs)
+    m = lcpass.optimize(copy.deepcopy(z.model), method="dense", example_inputs=z.example_inputs)
+    assert isinstance(m, lcpass.OptimizedModule)
+    assert inspect.signature(m.forward).parameters.keys() == inspect.signature(z.model.forward).parameters.keys() \
+        or m._signature == inspect.signature(z.model.forward)
+    assert (_run(m, z.example_inputs) - want).abs().max().item() <= TOL
+    if z.expected[0]["mask"] == "causal":
+        s = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=4, window=64, dense_below=0,
+                            example_inputs=z.example_inputs)
+        assert s.lcpass_report.rewritten == z.n_attention
+        assert (_run(s, z.example_inputs) - want).abs().max().item() <= TOL
+
+
+def test_bad_input():
+    z = get_zoo_model("llama-tiny")
+    with pytest.raises(ValueError, match="unknown attention method 'nope'.*streaming"):
+        lcpass.optimize(z.model, method="nope", example_inputs=z.example_inputs)
+    with pytest.raises(ValueError, match="window"):
+        lcpass.optimize(z.model, method="streaming", window=-3, example_inputs=z.example_inputs)
+    with pytest.raises(ValueError, match="exactly one of"):
+        lcpass.optimize(z.model, example_inputs=z.example_inputs)
+    with pytest.raises(ValueError, match="backend"):
+        lcpass.optimize(z.model, method="dense", backend="tpu", example_inputs=z.example_inputs)
+    neg = get_zoo_model("classifier-head")
+    with pytest.warns(UserWarning, match="no attention found"):
+        same = lcpass.optimize(neg.model, method="streaming", example_inputs=neg.example_inputs)
+    assert same is neg.model
+
+
+def test_report_counts_work_and_kv():
+    z = get_zoo_model("llama-tiny")
+    m = lcpass.optimize(z.model, method="streaming", sink=64, window=1024, example_inputs=z.example_inputs,
+                        report_len=8192)
+    rep = m.lcpass_report
+    assert rep.rewritten == 2
+    # sinks + 1024-window over 8192 causal tokens: roughly 2 * 1088 / 8192 of the causal tiles
+    assert 0.15 < rep.attention_flops_ratio < 0.35
+    assert rep.kv_bytes_ratio == pytest.approx((64 + 1024) / 8192, rel=0.05)
+
+
+@pytest.mark.slow
+def test_smollm2_streaming():
+    from lcpass.models import load_smollm2
+
+    model, tok = load_smollm2()
+    text = open("/usr/share/common-licenses/GPL-3").read()[:3000]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :300]
+    want = _run(model, {"input_ids": ids})
+    ref_model = _reference_model(model, "sdpa")
+    wide = lcpass.optimize(copy.deepcopy(model), method="streaming", sink=4, window=512, dense_below=0,
+                           example_inputs={"input_ids": ids[:, :32]})
+    assert isinstance(wide, type(model)) and wide.lcpass_report.rewritten == 30
+    assert (_run(wide, {"input_ids": ids}) - want).abs().max().item() <= 1e-4
+    global WINDOW
+    small = lcpass.optimize(copy.deepcopy(model), method="streaming", sink=SINK, window=WINDOW, dense_below=0,
+                            example_inputs={"input_ids": ids[:, :32]})
+    assert (_run(small, {"input_ids": ids}) - _run(ref_model, {"input_ids": ids})).abs().max().item() <= 1e-4
