@@ -249,11 +249,14 @@ def _build_cached(mask: MaskMod, n_heads: int, q_len: int, kv_len: int, bs: tupl
     mq, mk = -(-q_len // bq), -(-kv_len // bk)
     q_lo, q_hi = _bounds(mq, bq, q_len, kv_len - q_len)
     kv_lo, kv_hi = _bounds(mk, bk, kv_len, 0)
-    h = torch.arange(n_heads).view(-1, 1, 1)
+    # factory masks without per-head parameters are the same for every head: classify one
+    head_free = mask.has_block_classifier and mask.n_heads is None
+    nh = 1 if head_free else n_heads
+    h = torch.arange(nh).view(-1, 1, 1)
     touched, full, exact = mask.classify(h, q_lo.view(1, -1, 1), q_hi.view(1, -1, 1),
                                          kv_lo.view(1, 1, -1), kv_hi.view(1, 1, -1))
     nb = batch if not mask.has_block_classifier else 1
-    shape = (nb, n_heads, mq, mk)
+    shape = (nb, nh, mq, mk)
     touched = touched.expand(shape).clone()
     full = full.expand(shape).clone()
     exact = exact.expand(shape)
@@ -270,7 +273,9 @@ def _build_cached(mask: MaskMod, n_heads: int, q_len: int, kv_len: int, bs: tupl
         e = mask(b_i.view(-1, 1, 1), h_i.view(-1, 1, 1), qpos[:, :, None], kpos[:, None, :]) & valid
         touched[b_i, h_i, m_i, n_i] = e.flatten(1).any(1)
         full[b_i, h_i, m_i, n_i] = (e | ~valid).flatten(1).all(1)
-    return _from_maps(touched & ~full, full & touched, bs, q_len, kv_len, mask)
+    shape = (nb, n_heads, mq, mk)
+    return _from_maps((touched & ~full).expand(shape), (full & touched).expand(shape), bs, q_len,
+                      kv_len, mask)
 
 
 def _dense_mask_mod(mask: Tensor) -> MaskMod:

@@ -10,13 +10,18 @@ Notation (used in shape comments throughout the engine):
     row r = rg * Mq + mq        one (row group, query block): queries Qp[r] : [M, D]
     kv block f = kvh * Mk + mk  a key tile Kp[f * bk : (f + 1) * bk] : [bk, D]
 
-Each row's work is split into at most three tasks of different kinds:
-    "full"   its FULL blocks, no mask          (one SDPA call per bucket of equal block counts)
-    "causal" one partial block whose pattern is the top-left causal triangle (SDPA is_causal)
-    "masked" its other partial blocks, with an additive mask from a bank of deduplicated patterns
-Tasks of one kind with equal block counts form a bucket. A bucket whose rows and (contiguous) key runs
-advance by constant strides is cut into arithmetic *segments* and read through ``as_strided`` views
-(no gather); otherwise K/V blocks are gathered. Partial results are merged by log-sum-exp.
+Task kinds (one flash-for-cpu call per bucket of tasks with equal kind and block count):
+    "full"   FULL blocks only, no mask
+    "causal" a single partial block whose pattern is the top-left causal triangle (``is_causal``)
+    "masked" blocks with an additive mask taken from a bank of deduplicated element patterns (a FULL
+             block inside a masked task uses the all-True pattern)
+A row becomes ONE task when it can: only full blocks -> "full"; only a causal diagonal -> "causal";
+partial blocks and at most ``FUSE_MAX_FULL`` full blocks -> one "masked" task over all of them (the
+mask costs ~12% on the full blocks, less than a merge on this CPU, where every extra pass over the
+output is exposed to the shared cores). Rows with more full blocks are split into a "full" task and a
+partial task whose result is merged by log-sum-exp (``Bucket.merge``). A bucket whose rows and
+contiguous key runs advance by constant strides is cut into arithmetic *segments* read through
+``as_strided`` views (no gather); otherwise K/V blocks are gathered.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = ["Bucket", "EnginePlan", "build_plan"]
 
 _PATTERN_CHUNK = 1 << 23  # pattern elements evaluated at once
 _MAX_SEGMENTS = 8  # more arithmetic segments than this (and than R/4) -> gather the bucket
+FUSE_MAX_FULL = 8  # rows with partial blocks and at most this many full blocks run as one masked call
 
 
 @dataclass
@@ -43,9 +49,11 @@ class Bucket:
     n: int
     rows: Tensor  # [R] int64 row ids, ascending
     blocks: Tensor  # [R, n] int64 flat kv block ids
+    merge: bool = False  # merge into rows already written (log-sum-exp) instead of writing
     segments: list[tuple[int, int, int, int, int]] | None = None  # (r0, dr, f0, df, count)
     patterns: Tensor | None = None  # masked: [R, n] pattern ids into the plan's bank
     shared_pattern: bool = False  # masked: every row uses patterns[0]
+    _masks: dict = field(default_factory=dict, repr=False)  # dtype -> shared additive mask
 
     @property
     def num_tasks(self) -> int:
@@ -64,8 +72,9 @@ class EnginePlan:
     bk: int
     q_len: int
     kv_len: int
-    buckets: list[Bucket]
-    bank: Tensor  # Bool[Npat, M, bk] element patterns of partial blocks (True = attend)
+    buckets: list[Bucket]  # writing buckets first, then merging ones
+    bank: Tensor  # Bool[Npat, M, bk] element patterns (True = attend); the last one is all True
+    uncovered: Tensor | None = None  # rows no bucket writes (their output is zero)
     dense: str | None = None  # "causal" / "full": the layout is dense; run SDPA directly
     computed_blocks: int = 0  # (row, kv block) tiles computed (packed rows count once)
     _float_bank: dict = field(default_factory=dict, repr=False)
@@ -121,16 +130,18 @@ def _maps_for_call(layout: BlockLayout, B: int, kv_keep: Tensor | None) -> tuple
 
 
 def _segments(rows: Tensor, starts: Tensor) -> list[tuple[int, int, int, int, int]]:
-    """Cut (rows, starts) into maximal runs where both advance by constant steps."""
+    """Cut (rows, starts) into maximal runs where both advance by constant non-negative steps
+    (``as_strided`` takes no negative strides)."""
     r = rows.tolist()
     f = starts.tolist()
     out = []
     i = 0
     n = len(r)
     while i < n:
-        if i + 1 == n:
+        if i + 1 == n or f[i + 1] - f[i] < 0:
             out.append((r[i], 1, f[i], 1, 1))
-            break
+            i += 1
+            continue
         dr, df = r[i + 1] - r[i], f[i + 1] - f[i]
         j = i + 1
         while j + 1 < n and r[j + 1] - r[j] == dr and f[j + 1] - f[j] == df:
@@ -152,59 +163,68 @@ def _maybe_segments(rows: Tensor, blocks: Tensor) -> list[tuple[int, int, int, i
 
 
 def _patterns(plan_geo: dict, mask_mod: MaskMod, kv_keep: Tensor | None, idx: Tensor) -> Tensor:
-    """Element patterns Bool[P, M, bk] of partial blocks idx [P, 3] = (rg, mq, mk)."""
+    """Element patterns Bool[P, Me, bk] of partial blocks idx [P, 3] = (rg, mq, mk).
+
+    Masks from factories without per-head parameters do not depend on the head: they are evaluated
+    once per block (Me = bq) and the caller repeats them over the Ge packed heads; else Me = Ge * bq.
+    """
     g = plan_geo
     Ge, bq, bk, q_off, Sq, Sk = g["Ge"], g["bq"], g["bk"], g["q_off"], g["Sq"], g["Sk"]
-    M = Ge * bq
-    ar_m = torch.arange(M)
-    head_in = ar_m // bq  # [M]
+    head_free = mask_mod.n_heads is None and mask_mod.has_block_classifier
+    Me = bq if head_free else Ge * bq  # rows evaluated per block
+    ar_m = torch.arange(Me)
+    head_in = ar_m // bq  # [Me]
     q_in = ar_m % bq
     ar_k = torch.arange(bk)
-    out = torch.empty(idx.shape[0], M, bk, dtype=torch.bool)
-    step = max(1, _PATTERN_CHUNK // (M * bk))
+    out = torch.empty(idx.shape[0], Me, bk, dtype=torch.bool)
+    step = max(1, _PATTERN_CHUNK // (Me * bk))
     for s in range(0, idx.shape[0], step):
         rg, mq, mk = idx[s: s + step].unbind(1)
         b, h0 = g["first_head"](rg)
-        qrel = mq[:, None] * bq + q_in  # [P, M]
+        qrel = mq[:, None] * bq + q_in  # [P, Me]
         qpos = qrel + q_off
         kpos = mk[:, None] * bk + ar_k  # [P, bk]
-        h = h0[:, None] + head_in  # [P, M]
+        h = h0[:, None] + head_in  # [P, Me]
         e = mask_mod(b[:, None, None], h[:, :, None], qpos[:, :, None], kpos[:, None, :])
         e = e & (qrel < Sq)[:, :, None] & (kpos < Sk)[:, None, :]
         if kv_keep is not None:
             e = e & g["keep"][b[:, None], kpos][:, None, :]
-        out[s: s + step] = e.expand(-1, M, bk)
+        out[s: s + step] = e.expand(-1, Me, bk)
     return out
 
 
 def _dedup(pat: Tensor) -> tuple[Tensor, Tensor]:
-    """Unique patterns: (bank [Npat, M, bk], inverse ids [P])."""
+    """Unique patterns: (bank [Npat, ...], inverse ids [P]) via a 64-bit hash, verified exactly."""
     if pat.shape[0] == 0:
         return pat, torch.zeros(0, dtype=torch.long)
-    flat = pat.flatten(1)
+    flat = pat.reshape(pat.shape[0], -1)
+    if flat.shape[1] % 8:
+        flat = torch.nn.functional.pad(flat, (0, 8 - flat.shape[1] % 8))
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)  # 8 booleans per word
     gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-(1 << 62), 1 << 62, (flat.shape[1],), generator=gen, dtype=torch.long)
-    key = (flat.long() * w).sum(1)  # wrapping 64-bit hash
+    w = torch.randint(-(1 << 62), 1 << 62, (words.shape[1],), generator=gen, dtype=torch.long)
+    key = (words * w).sum(1)  # wrapping 64-bit hash
     uniq, inv = torch.unique(key, return_inverse=True)
     first = torch.full((uniq.shape[0],), flat.shape[0], dtype=torch.long)
     first.scatter_reduce_(0, inv, torch.arange(flat.shape[0]), reduce="amin")
     bank = pat[first]
-    if not torch.equal(bank[inv], pat):  # hash collision: fall back to exact unique
-        bank, inv = torch.unique(flat, dim=0, return_inverse=True)
+    if not torch.equal(bank[inv], pat):  # hash collision: exact unique
+        bank, inv = torch.unique(pat.reshape(pat.shape[0], -1), dim=0, return_inverse=True)
         bank = bank.view(-1, *pat.shape[1:])
     return bank, inv
 
 
 def build_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: MaskMod | None = None,
-               kv_keep: Tensor | None = None, allow_causal: bool = True) -> EnginePlan:
+               kv_keep: Tensor | None = None, allow_causal: bool = True,
+               fuse_max_full: int = FUSE_MAX_FULL) -> EnginePlan:
     """Plan the engine's calls for ``layout`` and q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D].
 
     >>> from lcpass.layout import build_layout
     >>> from lcpass.masks import causal_mask
     >>> lay = build_layout(causal_mask(), 8, 1024, 1024)
     >>> plan = build_plan(lay, 1, 8, 2)
-    >>> plan.dense, plan.Ge, [b.kind for b in plan.buckets][-1]
-    ('causal', 4, 'causal')
+    >>> plan.dense, plan.Ge, sorted({b.kind for b in plan.buckets})
+    ('causal', 4, ['causal', 'full', 'masked'])
     """
     mm = mask_mod if mask_mod is not None else layout.mask_mod
     Sq, Sk = layout.q_len, layout.kv_len
@@ -223,80 +243,94 @@ def build_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: Mask
     if packed:
         part, full = pg[:, :, 0], fg[:, :, 0]  # [Bx, Hkv, Mq, Mk]
     RGb = Hq // Ge  # row groups per batch entry
-    part = part.expand(B, RGb, Mq, Mk).reshape(B * RGb, Mq, Mk)
-    full = full.expand(B, RGb, Mq, Mk).reshape(B * RGb, Mq, Mk)
-    plan = EnginePlan(B, Hq, Hkv, Ge, Mq, Mk, bq, bk, Sq, Sk, [], torch.zeros(0, Ge * bq, bk,
-                                                                               dtype=torch.bool))
+    RG = B * RGb
+    part = part.expand(B, RGb, Mq, Mk).reshape(RG * Mq, Mk)  # [rows, Mk]
+    full = full.expand(B, RGb, Mq, Mk).reshape(RG * Mq, Mk)
+    M = Ge * bq
+    plan = EnginePlan(B, Hq, Hkv, Ge, Mq, Mk, bq, bk, Sq, Sk, [], torch.ones(1, M, bk, dtype=torch.bool))
     plan.computed_blocks = int(part.sum() + full.sum())
     geo = dict(Ge=Ge, bq=bq, bk=bk, q_off=Sk - Sq, Sq=Sq, Sk=Sk, first_head=plan.first_head)
     if kv_keep is not None:
         keep = torch.zeros(B, Mk * bk, dtype=torch.bool)
         keep[:, :Sk] = kv_keep.cpu()
         geo["keep"] = keep
-    rg_all = torch.arange(B * RGb)
-    kvh = plan.kv_head(rg_all)  # [RG]
+    row_kvh = plan.kv_head(torch.arange(RG)).repeat_interleave(Mq)  # [rows]
 
-    # ---- full blocks: one task per row, bucketed by count
-    nf = full.sum(-1).flatten()  # [RG * Mq]
-    order = torch.sort((~full).to(torch.uint8), dim=-1, stable=True).indices.flatten(0, 1)  # [RG*Mq, Mk]
-    for n in torch.unique(nf).tolist():
-        if n == 0:
-            continue
-        rows = (nf == n).nonzero().flatten()
-        blocks = order[rows, :n] + (kvh[rows // Mq] * Mk)[:, None]
-        plan.buckets.append(Bucket("full", n, rows, blocks, _maybe_segments(rows, blocks)))
-
-    # ---- partial blocks: element patterns, deduplicated
-    idx = part.nonzero()  # [P, 3] (rg, mq, mk), sorted
+    # ---- element patterns of partial blocks, deduplicated; pattern id per block
+    pid_map = torch.full((RG * Mq, Mk), -1, dtype=torch.long)
+    idx = part.nonzero()  # [P, 2] (row, mk)
     if idx.shape[0]:
-        pat = _patterns(geo, mm, kv_keep, idx)
-        bank, pid = _dedup(pat)
-        plan.bank = bank
-        row = idx[:, 0] * Mq + idx[:, 1]
-        flat = kvh[idx[:, 0]] * Mk + idx[:, 2]
-        is_causal = torch.zeros(idx.shape[0], dtype=torch.bool)
+        rc = torch.stack([idx[:, 0] // Mq, idx[:, 0] % Mq, idx[:, 1]], 1)
+        bank, pid = _dedup(_patterns(geo, mm, kv_keep, rc))
+        if bank.shape[1] != M:  # head-free patterns: repeat over the packed heads
+            bank = bank.repeat(1, Ge, 1)
+        plan.bank = torch.cat([bank, plan.bank])  # all-True pattern last
+        pid_map[idx[:, 0], idx[:, 1]] = pid
+    tri_ok = torch.zeros(plan.bank.shape[0], dtype=torch.bool)  # per pattern: the causal triangle
+    tri_ok_last = tri_ok  # ... with the padded query rows of the last query block empty
+    if idx.shape[0]:
         if allow_causal:
             tri = torch.ones(bq, bk, dtype=torch.bool).tril()
-            qvalid = (torch.arange(bq)[:, None] + idx[:, 1, None, None] * bq) < Sq  # [P, bq, 1]
-            bank_tri = (bank.view(-1, Ge, bq, bk) == tri).all(-1)  # [Npat, Ge, bq] rows equal
-            ok = (bank_tri[pid] | ~qvalid.squeeze(-1)[:, None, :]).flatten(1).all(1)
-            # at most one causal task per row: the first qualifying block
-            cand = ok.nonzero().flatten()
-            if cand.numel():
-                first = torch.ones(cand.numel(), dtype=torch.bool)
-                first[1:] = row[cand][1:] != row[cand][:-1]
-                is_causal[cand[first]] = True
-        if is_causal.any():
-            sel = is_causal.nonzero().flatten()
-            rows, blocks = row[sel], flat[sel, None]
-            plan.buckets.append(Bucket("causal", 1, rows, blocks, _maybe_segments(rows, blocks)))
-        rest = (~is_causal).nonzero().flatten()
-        if rest.numel():
-            r_rows, r_flat, r_pid = row[rest], flat[rest], pid[rest]
-            uniq_rows, counts = torch.unique_consecutive(r_rows, return_counts=True)
-            starts = torch.cumsum(counts, 0) - counts
-            for n in torch.unique(counts).tolist():
-                which = (counts == n).nonzero().flatten()
-                take = starts[which, None] + torch.arange(n)  # [R, n]
-                pids = r_pid[take]
-                shared = bool((pids == pids[:1]).all())
-                plan.buckets.append(Bucket("masked", n, uniq_rows[which], r_flat[take],
-                                           None, pids, shared))
+            rows_eq = (plan.bank.view(-1, Ge, bq, bk) == tri).all(-1)  # [Npat, Ge, bq]
+            tri_ok = rows_eq.flatten(1).all(1)
+            nvalid = Sq - (Mq - 1) * bq  # valid query rows of the last query block
+            empty = ~plan.bank.view(-1, Ge, bq, bk).any(-1)
+            tri_ok_last = (rows_eq[:, :, :nvalid].flatten(1).all(1)
+                           & empty[:, :, nvalid:].flatten(1).all(1))
+    pid_map[full] = plan.bank.shape[0] - 1
+
+    n_part = part.sum(-1)
+    n_full = full.sum(-1)
+    one_pid = torch.where(n_part == 1, pid_map.masked_fill(~part, -1).amax(-1), 0).clamp(min=0)
+    last_row = torch.arange(RG * Mq) % Mq == Mq - 1
+    diag_only = (n_part == 1) & torch.where(last_row, tri_ok_last[one_pid], tri_ok[one_pid])
+    has_p, has_f = n_part > 0, n_full > 0
+    fused = has_p & has_f & (n_full <= fuse_max_full)
+    split = has_p & has_f & ~fused
+
+    def add(rows_sel: Tensor, sel_map: Tensor, kind: str, merge: bool) -> None:
+        cnt = sel_map.sum(-1)
+        for n in torch.unique(cnt[rows_sel]).tolist():
+            if n == 0:
+                continue
+            rows = (rows_sel & (cnt == n)).nonzero().flatten()
+            order = torch.sort((~sel_map[rows]).to(torch.uint8), dim=-1, stable=True).indices[:, :n]
+            blocks = order + (row_kvh[rows] * Mk)[:, None]
+            bucket = Bucket(kind, n, rows, blocks, merge)
+            if kind == "masked":
+                pats = pid_map[rows[:, None], order]
+                bucket.patterns = pats
+                bucket.shared_pattern = bool((pats == pats[:1]).all())
+            else:
+                bucket.segments = _maybe_segments(rows, blocks)
+            plan.buckets.append(bucket)
+
+    add(has_f & ~has_p, full, "full", False)
+    add(split, full, "full", False)
+    add(has_p & ~has_f & diag_only, part, "causal", False)
+    add(has_p & ~has_f & ~diag_only, part, "masked", False)
+    add(fused, part | full, "masked", False)
+    add(split & diag_only, part, "causal", True)
+    add(split & ~diag_only, part, "masked", True)
+    covered = has_p | has_f
+    if not bool(covered.all()):
+        plan.uncovered = (~covered).nonzero().flatten()
     if kv_keep is None and mask_mod is None:
-        plan.dense = _dense_kind(plan, *layout.block_maps())
+        diag_ok = bool(diag_only[has_p].all())
+        plan.dense = _dense_kind(plan, *layout.block_maps(), diag_ok)
     return plan
 
 
-def _dense_kind(plan: EnginePlan, part: Tensor, full: Tensor) -> str | None:
-    """'full' when every block is full, 'causal' when the plan is exactly causal with aligned tiles."""
-    # part, full: the layout's own maps [B|1, H, Mq, Mk] (before padding adjustments)
+def _dense_kind(plan: EnginePlan, part: Tensor, full: Tensor, diag_ok: bool) -> str | None:
+    """'full' when every block is full; 'causal' when full blocks are exactly the strict lower block
+    triangle and every partial block is a diagonal block holding the causal triangle (``diag_ok``).
+    part, full: the layout's own maps [B|1, H, Mq, Mk] (before padding adjustments)."""
     if bool(full.all()):
         return "full"
-    if plan.q_len != plan.kv_len or plan.bq != plan.bk or plan.Mq != plan.Mk:
+    if plan.q_len != plan.kv_len or plan.bq != plan.bk or plan.Mq != plan.Mk or not diag_ok:
         return None
     lower = torch.ones(plan.Mq, plan.Mk, dtype=torch.bool).tril(-1)
     diag = torch.eye(plan.Mq, dtype=torch.bool)
-    kinds = {b.kind for b in plan.buckets}
-    if bool((full == lower).all()) and bool((part == diag).all()) and "masked" not in kinds:
+    if bool((full == lower).all()) and bool((part == diag).all()):
         return "causal"
     return None

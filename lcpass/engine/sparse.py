@@ -113,12 +113,10 @@ def _pack_q(plan: EnginePlan, q: Tensor) -> Tensor:
     return x.reshape(plan.RG * plan.Mq, plan.M, D)
 
 
-def _unpack(plan: EnginePlan, acc: Tensor, dtype: torch.dtype) -> Tensor:
-    # acc: [RG * Mq, M, D] -> [B, Hq, Sq, D]
-    D = acc.shape[-1]
-    x = acc.view(plan.B, plan.Hq // plan.Ge, plan.Mq, plan.Ge, plan.bq, D).transpose(2, 3)
-    x = x.reshape(plan.B, plan.Hq, plan.Mq * plan.bq, D)[:, :, : plan.q_len]
-    return x.to(dtype)
+def _rows_of(plan: EnginePlan, sel) -> tuple[Tensor, Tensor]:
+    """(row group, query block) index tensors of a row selector (slice or ids)."""
+    rows = torch.arange(sel.start, sel.stop, sel.step) if isinstance(sel, slice) else sel
+    return rows // plan.Mq, rows % plan.Mq
 
 
 def _pad_kv(plan: EnginePlan, t: Tensor) -> Tensor:
@@ -134,30 +132,48 @@ def run_plan(plan: EnginePlan, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     """Execute ``plan`` (no dense shortcut). Returns [B, Hq, Sq, D] in q's dtype."""
     Qp = _pack_q(plan, q).contiguous()
     Kp, Vp = _pad_kv(plan, k), _pad_kv(plan, v)
-    D = q.shape[-1]
+    B, Hq, Sq, D = q.shape
     R_all = plan.RG * plan.Mq
-    acc = torch.zeros(R_all, plan.M, D, dtype=torch.float32, device=q.device)
-    lse = torch.full((R_all, plan.M), float("-inf"), dtype=torch.float32, device=q.device)
+    need_lse = any(b.merge for b in plan.buckets)
+    # results go straight into the output: res [B, Hq, Mq*bq, D] seen as acc [RG, Mq, Ge, bq, D]
+    res = torch.empty(B, Hq, plan.Mq * plan.bq, D, device=q.device,
+                      dtype=torch.float32 if need_lse else q.dtype)
+    acc = res.view(plan.RG, plan.Ge, plan.Mq, plan.bq, D).transpose(1, 2)
+    if plan.uncovered is not None:
+        acc[_rows_of(plan, plan.uncovered)] = 0.0
+    lse = torch.empty((R_all, plan.M), dtype=torch.float32, device=q.device) if need_lse else None
+    shape = (plan.Ge, plan.bq, D)
     for bucket in plan.buckets:
-        fresh = bucket.kind == "full"  # every row is in at most one full bucket and they come first
         for sel, out, l in _run_bucket(plan, bucket, Qp, Kp, Vp, scale, score_mod):
-            if fresh:
-                acc[sel] = out
+            idx = _rows_of(plan, sel)
+            if bucket.merge:
+                _merge(acc, lse, idx, sel, out, l)
+                continue
+            acc[idx] = out.view(-1, *shape).to(res.dtype)
+            if need_lse:
                 lse[sel] = l
-            else:
-                _merge(acc, lse, sel, out, l)
-    return _unpack(plan, acc, q.dtype)
+    out = res if plan.Mq * plan.bq == Sq else res[:, :, :Sq].contiguous()
+    return out.to(q.dtype)
 
 
-def _merge(acc: Tensor, lse: Tensor, sel, out: Tensor, l: Tensor) -> None:
-    """acc[sel], lse[sel] <- log-sum-exp merge with (out, l). Rows without keys stay 0 / -inf."""
-    a, la = acc[sel], lse[sel]
+def _merge(acc: Tensor, lse: Tensor, idx: tuple[Tensor, Tensor], sel, out: Tensor, l: Tensor) -> None:
+    """acc[idx], lse[sel] <- log-sum-exp merge with (out, l). Rows without keys stay 0 / -inf.
+
+    acc [RG, Mq, Ge, bq, D] (float32), lse [rows, M]; out [R, M, D], l [R, M]. Weights are computed on
+    the small log-sum-exp tensors; the outputs are touched by one gather, one multiply-add, one scatter.
+    """
+    la = lse[sel]
     m = torch.maximum(la, l)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    m = m.masked_fill(torch.isinf(m), 0.0)
     wa, wb = torch.exp(la - m), torch.exp(l - m)
     s = wa + wb
-    acc[sel] = (a * wa[..., None] + out.float() * wb[..., None]) / s.clamp_min(1e-30)[..., None]
     lse[sel] = m + torch.log(s)
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    R = l.shape[0]
+    wa, wb = (wa * inv).view(R, -1, 1), (wb * inv).view(R, -1, 1)
+    a = acc[idx]  # [R, Ge, bq, D]
+    a = a.view(R, -1, a.shape[-1]).mul_(wa).addcmul_(out.float(), wb)
+    acc[idx] = a.view(R, *acc.shape[2:])
 
 
 def _rows_slice(r0: int, dr: int, count: int) -> slice:
@@ -190,9 +206,13 @@ def _run_bucket(plan: EnginePlan, bk_: Bucket, Qp: Tensor, Kp: Tensor, Vp: Tenso
     step = max(1, _GATHER_BYTES // per_row)
     shared_mask = shared_any = None
     if bk_.kind == "masked" and bk_.shared_pattern:
-        pats = bk_.patterns[0]
-        shared_mask = plan.additive_bank(Qp.dtype)[pats].transpose(0, 1).reshape(1, 1, M, n * bk)
-        shared_any = plan.bank[pats].any(-1).any(0)[None]  # [1, M]
+        key = Qp.dtype
+        if key not in bk_._masks:
+            pats = bk_.patterns[0]
+            bk_._masks[key] = (
+                plan.additive_bank(Qp.dtype)[pats].transpose(0, 1).reshape(1, 1, M, n * bk),
+                plan.bank[pats].any(-1).any(0)[None])  # [1, M]
+        shared_mask, shared_any = bk_._masks[key]
     for s in range(0, bk_.num_tasks, step):
         rows = bk_.rows[s: s + step]
         blocks = bk_.blocks[s: s + step]
@@ -216,7 +236,7 @@ def _run_bucket(plan: EnginePlan, bk_: Bucket, Qp: Tensor, Kp: Tensor, Vp: Tenso
         else:
             out, l = _flash(q4, k4, v4, attn_mask=mask, scale=scale)
         out, l = out.reshape(R, M, D), l.reshape(R, M)
-        if row_any is not None:
+        if row_any is not None and not bool(row_any.all()):
             l = l.masked_fill(~row_any, float("-inf"))
             out = out.masked_fill(~row_any[..., None], 0.0)
         yield rows, out, l
