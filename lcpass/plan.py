@@ -4,8 +4,8 @@
 
 A `SitePlan` with ONE head spec applies it to every head of the site (the compact form); otherwise it has
 one spec per query head. Sites the plan does not mention keep their original attention. The optional
-`ModelFingerprint` records the model's sites (name, heads, KV heads, head_dim) so a plan made for one
-model is refused on another. Plans round-trip through JSON and are checked against a model's sites with
+`ModelFingerprint` records the model's sites (name, heads, KV heads, head_dim), and for calibrated plans
+its architecture and a hash of its attention weights, so a plan made for one model is refused on another. Plans round-trip through JSON and are checked against a model's sites with
 `validate`, which also checks every head's parameters with the method registry.
 
 Example:
@@ -103,28 +103,84 @@ class SitePlan:
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """The attention sites of the model a plan was made for, in model order."""
+    """The model a plan was made for: its attention sites in model order, and optionally its
+    architecture (class name) and a hash of its attention weights (`attention_weights_hash`).
+
+    A plan whose fingerprint has ``weights`` is refused on a model whose attention weights differ (a
+    calibrated plan is only right for the weights it was calibrated on); empty fields are not compared.
+    """
 
     sites: tuple[SiteInfo, ...]
     model: str = ""
+    architecture: str = ""
+    weights: str = ""
 
     @staticmethod
     def from_sites(sites: Iterable[Any], model: str = "") -> "ModelFingerprint":
         """Fingerprint of a site list (`SiteInfo` or any object with its attributes)."""
         return ModelFingerprint(tuple(SiteInfo.of(s) for s in sites), model)
 
-    def first_mismatch(self, sites: Sequence[SiteInfo]) -> str | None:
-        """A sentence describing the first difference from `sites`, or None when they match."""
-        for i, (mine, theirs) in enumerate(zip(self.sites, sites)):
+    @staticmethod
+    def of_model(model: Any, sites: Iterable[Any], name: str = "") -> "ModelFingerprint":
+        """Full fingerprint of `model` with its detected `sites`: sites, architecture, weight hash.
+
+        Example:
+            >>> fp = ModelFingerprint.of_model(model, sites, "SmolLM2-135M")  # doctest: +SKIP
+            >>> fp.architecture, len(fp.weights)                             # doctest: +SKIP
+            ('LlamaForCausalLM', 16)
+        """
+        infos = tuple(SiteInfo.of(s) for s in sites)
+        return ModelFingerprint(
+            infos, name, type(model).__name__, attention_weights_hash(model, [s.name for s in infos])
+        )
+
+    def first_mismatch(self, sites: "Sequence[SiteInfo] | ModelFingerprint") -> str | None:
+        """A sentence describing the first difference from `sites` (a site list or another
+        fingerprint: then architecture and attention weights are compared too), or None when they match."""
+        other = sites if isinstance(sites, ModelFingerprint) else None
+        site_list: Sequence[SiteInfo] = other.sites if other is not None else sites  # type: ignore[assignment]
+        if other is not None and self.architecture and other.architecture:
+            if self.architecture != other.architecture:
+                return f"architecture is {self.architecture} in the plan but {other.architecture} in the model"
+        for i, (mine, theirs) in enumerate(zip(self.sites, site_list)):
             if mine.name != theirs.name:
                 return f"site #{i} is {mine.name!r} in the plan but {theirs.name!r} in the model"
             for attr in ("n_heads", "n_kv_heads", "head_dim", "is_causal"):
                 a, b = getattr(mine, attr), getattr(theirs, attr)
                 if a != b and a is not None and b is not None:
                     return f"site {mine.name!r}: {attr} is {a} in the plan but {b} in the model"
-        if len(self.sites) != len(sites):
-            return f"the plan's model has {len(self.sites)} attention sites, this model has {len(sites)}"
+        if len(self.sites) != len(site_list):
+            return f"the plan's model has {len(self.sites)} attention sites, this model has {len(site_list)}"
+        if other is not None and self.weights and other.weights and self.weights != other.weights:
+            return (
+                f"the attention weights differ (hash {self.weights} in the plan, {other.weights} in the "
+                f"model), so the plan was calibrated on other weights"
+            )
         return None
+
+
+def attention_weights_hash(model: Any, site_names: Sequence[str]) -> str:
+    """A 16-hex-digit SHA-256 of the parameters under each attention site's module (model order).
+
+    Sites whose name is not a submodule of `model` contribute their name only.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in site_names:
+        h.update(name.encode())
+        try:
+            module = model.get_submodule(name)
+        except (AttributeError, TypeError):
+            continue
+        for pname, p in module.named_parameters():
+            h.update(pname.encode())
+            t = p.detach().to("cpu", torch.float32).contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _site_list(sites_or_model: Any) -> list[SiteInfo]:
@@ -270,6 +326,8 @@ class Plan:
     def validate(self, sites_or_model: Any) -> None:
         """Check the plan against a model's sites; ValueError naming the site and the mismatch.
 
+        Pass `ModelFingerprint.of_model(model, sites)` to compare architecture and attention weights too.
+
         Refuses: a fingerprint of another model (first difference named), a planned site the model
         lacks, a per-head list of the wrong length, unknown methods or bad parameters, and methods
         that cannot run on the site (e.g. s2 with fewer heads than vert_stride).
@@ -277,7 +335,8 @@ class Plan:
         sites = _site_list(sites_or_model)
         by_name = {s.name: s for s in sites}
         if self.fingerprint is not None:
-            why = self.fingerprint.first_mismatch(sites)
+            other = sites_or_model if isinstance(sites_or_model, ModelFingerprint) else sites
+            why = self.fingerprint.first_mismatch(other)
             if why is not None:
                 made_for = f" {self.fingerprint.model!r}" if self.fingerprint.model else " another model"
                 raise ValueError(f"plan was made for{made_for}: {why}; make a new plan for this model")
@@ -321,6 +380,10 @@ class Plan:
                 "model": self.fingerprint.model,
                 "sites": [_site_dict(s) for s in self.fingerprint.sites],
             }
+            if self.fingerprint.architecture:
+                fp["architecture"] = self.fingerprint.architecture
+            if self.fingerprint.weights:
+                fp["weights"] = self.fingerprint.weights
         sites: dict[str, Any] = {}
         for name, site in self.sites.items():
             if site.uniform:
@@ -358,7 +421,10 @@ class Plan:
         if fp is not None:
             try:
                 fp_sites = tuple(_site_from(s) for s in fp["sites"])
-                fingerprint = ModelFingerprint(fp_sites, str(fp.get("model", "")))
+                fingerprint = ModelFingerprint(
+                    fp_sites, str(fp.get("model", "")), str(fp.get("architecture", "")),
+                    str(fp.get("weights", "")),
+                )
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"plan fingerprint is malformed ({type(e).__name__}: {e})") from None
         return cls(sites, fingerprint)
