@@ -1,1 +1,57 @@
+"""lcpass.codegen: generated Triton kernels for every plan.
 
+One Jinja template per algorithm (``templates/``: block-sparse prefill forward, its backward, split-KV
+decode with a log-sum-exp merge, block scoring for dynamic selection), each opening with a notation
+block; the method's ``mask_mod`` / ``score_mod`` - the same Python objects the CPU engine runs - are
+traced and printed into the named holes (:mod:`lcpass.codegen.printer`); generated modules are cached
+on disk by spec hash (:mod:`lcpass.codegen.cache`) and run as ``torch.library.triton_op`` custom ops
+(:mod:`lcpass.codegen.ops`) so torch.compile and torch.export see them.
+
+Entry points::
+
+    attention(q, k, v, layout, *, scale, mask_mod=None, score_mod=None) -> Tensor
+    decode_attention(q, k, v, layout, *, scale, mask_mod=None, score_mod=None, n_splits=None) -> Tensor
+    available(AttentionSpec(head_dim, mask_mod, ...)) -> (bool, reason)
+    select_layout(q, k, *, k_blocks, mask_mod, block_size, kind="quest"|"mean") -> BlockLayout
+
+>>> from lcpass.codegen import available, AttentionSpec
+>>> available(AttentionSpec(head_dim=64, device="cuda"))[0] in (True, False)
+True
+"""
+
+from lcpass.codegen.api import (
+    AttentionSpec,
+    attention,
+    attention_or_fallback,
+    available,
+    choose_tiles,
+    decode_attention,
+    generate_source,
+    kernel_specs,
+)
+from lcpass.codegen.cache import cache_info, kernel_dir, load_kernel
+from lcpass.codegen.printer import UnsupportedSpec, print_mask_mod, print_score_mod
+from lcpass.codegen.select import block_scores, select_layout
+from lcpass.codegen.spec import KernelSpec, render, spec_key
+
+__all__ = [
+    "AttentionSpec",
+    "KernelSpec",
+    "UnsupportedSpec",
+    "attention",
+    "attention_or_fallback",
+    "available",
+    "block_scores",
+    "cache_info",
+    "choose_tiles",
+    "decode_attention",
+    "generate_source",
+    "kernel_dir",
+    "kernel_specs",
+    "load_kernel",
+    "print_mask_mod",
+    "print_score_mod",
+    "render",
+    "select_layout",
+    "spec_key",
+]

@@ -1,0 +1,212 @@
+"""Host-side launchers: argument marshalling and grids for the generated kernels.
+
+Plain functions on tensors (no autograd, no op registration: :mod:`lcpass.codegen.ops` wraps them).
+Conventions: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]``; padded-CSR layout tensors as in
+:class:`lcpass.layout.BlockLayout` (``[B|1, Hq, Mq]`` counts, ``[B|1, Hq, Mq, Mk]`` indices; a
+shared batch entry is read with batch stride 0). Every launcher takes the kernel module already
+loaded for its :class:`~lcpass.codegen.spec.KernelSpec` and the per-head tables of the printed mods.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["fwd", "decode", "bwd", "key_stats", "block_scores", "csr_transpose", "decode_lists",
+           "decode_splits", "bstride"]
+
+
+def bstride(t: Tensor) -> int:
+    """Batch stride of a layout tensor: 0 when one entry is shared by every batch element."""
+    return 0 if t.shape[0] == 1 else t.stride(0)
+
+
+def _wrap(kernel, wrap: bool):
+    if wrap:
+        from torch.library import wrap_triton
+        return wrap_triton(kernel)
+    return kernel
+
+
+def fwd(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, kv_num: Tensor, kv_idx: Tensor,
+        full_num: Tensor, full_idx: Tensor, tables: Sequence[Tensor], scale: float, *,
+        store_lse: bool, wrap: bool = False) -> tuple[Tensor, Tensor]:
+    """Block-sparse forward. Returns ``(out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32, log2 units)``."""
+    spec = mod.SPEC
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Sq) if store_lse else (1,), device=q.device, dtype=torch.float32)
+    grid = (triton_cdiv(Sq, spec.block_m), B * Hq)
+    _wrap(mod.attn_fwd, wrap)[grid](
+        q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, *tables, float(scale),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        bstride(kv_num), kv_num.stride(1), kv_num.stride(2),
+        bstride(kv_idx), kv_idx.stride(1), kv_idx.stride(2),
+        Hq, Sq, Sk, EVEN_N=Sk % spec.sparse_kv == 0, STORE_LSE=store_lse,
+        **_launch_opts(spec))
+    return out, lse
+
+
+def _launch_opts(spec) -> dict:
+    """num_warps / num_stages for a spec (ignored by the interpreter)."""
+    if spec.template == "attn_decode":
+        return {"num_warps": 4, "num_stages": 2}
+    big = spec.block_m * spec.block_d >= 128 * 128
+    return {"num_warps": 8 if big else 4, "num_stages": 3 if spec.dtype != "float32" else 2}
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ------------------------------------------------------------------------------------------------
+# layout conversions (torch ops only: no host synchronisation, fixed shapes)
+
+
+def _maps(num: Tensor, idx: Tensor) -> Tensor:
+    # num [B, H, M], idx [B, H, M, N] -> Bool[B, H, M, N]
+    n = idx.shape[-1]
+    valid = torch.arange(n, device=idx.device) < num[..., None].long()
+    out = torch.zeros(idx.shape, dtype=torch.int8, device=idx.device)
+    out.scatter_add_(-1, idx.long().clamp(0, n - 1), valid.to(torch.int8))
+    return out > 0
+
+
+def _csr(m: Tensor) -> tuple[Tensor, Tensor]:
+    # Bool[..., N] -> (num [...], idx [..., N]) listed entries first, ascending
+    num = m.sum(-1).to(torch.int32)
+    idx = torch.sort((~m).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def csr_transpose(kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor,
+                  num_q_blocks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per key block, the query blocks that read it: ``(q_num, q_idx, full_q_num, full_q_idx)``
+    with shapes ``[B|1, Hq, Mk]`` and ``[B|1, Hq, Mk, Mq]`` (the backward's dK/dV loop)."""
+    part = _maps(kv_num, kv_idx)[..., :num_q_blocks, :].transpose(-1, -2)
+    full = _maps(full_num, full_idx)[..., :num_q_blocks, :].transpose(-1, -2)
+    qn, qi = _csr(part.contiguous())
+    fqn, fqi = _csr(full.contiguous())
+    return qn, qi, fqn, fqi
+
+
+def decode_lists(kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor, n_kv_heads: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Merge the per-q-head lists of one query block into per-KV-head lists for split-KV decode.
+
+    Returns ``(full_num [B|1, Hkv], full_idx [B|1, Hkv, Mk], part_num, part_idx, part_member,
+    part_fullbits)``: a block is FULL when every q head of the group has it full; otherwise it is
+    on the partial list with ``member`` bits (which of the G heads list it) and ``fullbits`` (which
+    list it as full) so the kernel reproduces each head's layout exactly.
+    """
+    part = _maps(kv_num, kv_idx)[:, :, 0]  # [Bl, Hq, Mk] (decode: one query block)
+    full = _maps(full_num, full_idx)[:, :, 0]
+    Bl, Hq, Mk = part.shape
+    G = Hq // n_kv_heads
+    if G > 31:
+        raise ValueError(f"decode_lists: GQA group {G} > 31 does not fit the int32 member bits")
+    part = part.view(Bl, n_kv_heads, G, Mk)
+    full = full.view(Bl, n_kv_heads, G, Mk)
+    all_full = full.all(2)
+    member = part | full
+    weights = (1 << torch.arange(G, device=part.device, dtype=torch.int32)).view(1, 1, G, 1)
+    mbits = (member.to(torch.int32) * weights).sum(2)  # [Bl, Hkv, Mk]
+    fbits = (full.to(torch.int32) * weights).sum(2)
+    pmap = member.any(2) & ~all_full
+    fn_, fi = _csr(all_full)
+    pn, pi = _csr(pmap)
+    pm = torch.gather(mbits, -1, pi.long()).to(torch.int32).contiguous()
+    pf = torch.gather(fbits, -1, pi.long()).to(torch.int32).contiguous()
+    return fn_, fi, pn, pi, pm, pf
+
+
+def decode_splits(B: int, n_kv_heads: int, n_blocks: int, n_sm: int = 132) -> int:
+    """Programs per (batch, kv head): B * Hkv * splits >= ~2x the SM count, at most one block each."""
+    want = max(1, -(-2 * n_sm // max(1, B * n_kv_heads)))
+    return int(max(1, min(want, n_blocks, 64)))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def decode(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lists: Sequence[Tensor],
+           tables: Sequence[Tensor], scale: float, n_splits: int, *, wrap: bool = False) -> Tensor:
+    """Split-KV decode: grid ``(B, Hkv, n_splits)`` writes partial ``(acc, m, l)``, then the merge
+    kernel combines the splits by log-sum-exp. ``lists`` from :func:`decode_lists`."""
+    spec = mod.SPEC
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    fnum, fidx, pnum, pidx, pmem, pfull = lists
+    BM, BD = spec.block_m, spec.block_d
+    pacc = torch.empty((B, Hkv, n_splits, BM, BD), device=q.device, dtype=torch.float32)
+    pm = torch.empty((B, Hkv, n_splits, BM), device=q.device, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    out = torch.empty_like(q)
+    _wrap(mod.attn_decode, wrap)[(B, Hkv, n_splits)](
+        q, k, v, pacc, pm, pl, fnum, fidx, pnum, pidx, pmem, pfull, *tables, float(scale),
+        *q.stride(), *k.stride(), *v.stride(),
+        bstride(fnum), fnum.stride(1), bstride(fidx), fidx.stride(1),
+        Hkv, Sq, Sk, n_splits, EVEN_N=Sk % spec.sparse_kv == 0, **_launch_opts(spec))
+    _wrap(mod.attn_decode_merge, wrap)[(B, Hkv)](
+        pacc, pm, pl, out, *out.stride(), Hkv, Sq, n_splits, num_warps=4)
+    return out
+
+
+def bwd(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
+        fwd_lists: Sequence[Tensor], bwd_lists: Sequence[Tensor], tables: Sequence[Tensor],
+        scale: float, *, wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of block-sparse attention. ``lse`` from the forward (log2 units); ``fwd_lists``
+    the layout's ``(kv_num, kv_idx, full_num, full_idx)``; ``bwd_lists`` from :func:`csr_transpose`."""
+    spec = mod.SPEC
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dout = dout.contiguous()
+    delta = (out.float() * dout.float()).sum(-1).contiguous()  # [B, Hq, Sq]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    kn, ki, fn_, fi = fwd_lists
+    qn, qi, fqn, fqi = bwd_lists
+    even = dict(EVEN_N=Sk % spec.sparse_kv == 0, **_launch_opts(spec))
+    _wrap(mod.attn_bwd_dq, wrap)[(triton_cdiv(Sq, spec.block_m), B * Hq)](
+        q, k, v, dout, dq, lse, delta, kn, ki, fn_, fi, *tables, float(scale),
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        bstride(kn), kn.stride(1), kn.stride(2), bstride(ki), ki.stride(1), ki.stride(2),
+        Hq, Sq, Sk, **even)
+    _wrap(mod.attn_bwd_dkdv, wrap)[(triton_cdiv(Sk, spec.block_n), B * Hkv)](
+        q, k, v, dout, dk, dv, lse, delta, qn, qi, fqn, fqi, *tables, float(scale),
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        bstride(qn), qn.stride(1), qn.stride(2), bstride(qi), qi.stride(1), qi.stride(2),
+        Hq, Hkv, Sq, Sk, **even)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def key_stats(mod: ModuleType, k: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per key block: element-wise min, max and mean keys ``[B, Hkv, Mk, D]`` fp32."""
+    B, Hkv, Sk, D = k.shape
+    mk = triton_cdiv(Sk, block)
+    kmin = torch.empty((B, Hkv, mk, D), device=k.device, dtype=torch.float32)
+    kmax = torch.empty_like(kmin)
+    kmean = torch.empty_like(kmin)
+    mod.key_stats[(mk, B * Hkv)](k, kmin, kmax, kmean, *k.stride(), Hkv, Sk, mk, num_warps=4)
+    return kmin, kmax, kmean
+
+
+def block_scores(mod: ModuleType, q: Tensor, stats: tuple[Tensor, Tensor, Tensor], n_kv_heads: int,
+                 scale: float) -> Tensor:
+    """Scores ``[B, Hq, Mq, Mk]`` fp32 of every key block for every (pooled) query block."""
+    spec = mod.SPEC
+    B, Hq, Sq, D = q.shape
+    kmin, kmax, kmean = stats
+    mq, mk = triton_cdiv(Sq, spec.sparse_q), kmin.shape[2]
+    out = torch.empty((B, Hq, mq, mk), device=q.device, dtype=torch.float32)
+    mod.block_scores[(mq, B * Hq)](q, kmin, kmax, kmean, out, *q.stride(), Hq, Sq, mk,
+                                   float(scale), num_warps=4)
+    return out

@@ -1,0 +1,97 @@
+"""The generated kernels as custom ops (``torch.library.triton_op`` + ``wrap_triton``).
+
+Three ops in the ``lcpass_codegen`` namespace, one per algorithm; the generated kernel module is
+named by its spec key (a string argument), so a single op serves every spec and torch.compile /
+torch.export see one node per call (with a fake implementation for shape propagation)::
+
+    lcpass_codegen::sparse_attention(q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale,
+                                     key, bwd_key) -> (out, lse)          # autograd: bwd_key
+    lcpass_codegen::sparse_attention_bwd(q, k, v, out, dout, lse, kv_num, kv_idx, full_num,
+                                         full_idx, tables, scale, key) -> (dq, dk, dv)
+    lcpass_codegen::sparse_decode(q, k, v, full_num, full_idx, part_num, part_idx, part_member,
+                                  part_fullbits, tables, scale, key, n_splits) -> out
+
+Import this module (``import lcpass.codegen.ops``) before ``torch.export.load`` of a program that
+uses them. Kernels are loaded with :func:`lcpass.codegen.cache.load_by_key`, from this process's
+memory or the on-disk cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from lcpass.codegen import launch
+from lcpass.codegen.cache import load_by_key
+
+__all__ = ["sparse_attention", "sparse_attention_bwd", "sparse_decode"]
+
+
+@triton_op("lcpass_codegen::sparse_attention", mutates_args=())
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num: Tensor, kv_idx: Tensor,
+                     full_num: Tensor, full_idx: Tensor, tables: list[Tensor], scale: float,
+                     key: str, bwd_key: str) -> tuple[Tensor, Tensor]:
+    """Block-sparse forward with the generated kernel ``key``; returns ``(out, lse)`` (lse in log2
+    units, ``[B, Hq, Sq]`` fp32). ``bwd_key`` names the backward kernel ("" = not differentiable)."""
+    return launch.fwd(load_by_key(key), q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale,
+                      store_lse=True, wrap=True)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key):
+    B, Hq, Sq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+@triton_op("lcpass_codegen::sparse_attention_bwd", mutates_args=())
+def sparse_attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
+                         kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor,
+                         tables: list[Tensor], scale: float, key: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv with the generated backward kernel ``key`` (transposed lists built here)."""
+    fwd_lists = (kv_num, kv_idx, full_num, full_idx)
+    bwd_lists = launch.csr_transpose(*fwd_lists, kv_num.shape[-1])
+    return launch.bwd(load_by_key(key), q, k, v, out, dout, lse, fwd_lists, bwd_lists, tables, scale,
+                      wrap=True)
+
+
+@sparse_attention_bwd.register_fake
+def _(q, k, v, out, dout, lse, kv_num, kv_idx, full_num, full_idx, tables, scale, key):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, *tables)
+    ctx.scale = scale
+    ctx.bwd_key = bwd_key
+    ctx.n_tables = len(tables)
+
+
+def _backward(ctx, dout, dlse):
+    if not ctx.bwd_key:
+        raise RuntimeError("lcpass_codegen::sparse_attention was called without a backward kernel "
+                           "(bwd_key=''); call lcpass.codegen.attention with inputs that require grad")
+    q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, *tables = ctx.saved_tensors
+    dq, dk, dv = torch.ops.lcpass_codegen.sparse_attention_bwd(
+        q, k, v, out, dout, lse, kv_num, kv_idx, full_num, full_idx, tables, ctx.scale, ctx.bwd_key)
+    return dq, dk, dv, None, None, None, None, [None] * ctx.n_tables, None, None, None
+
+
+sparse_attention.register_autograd(_backward, setup_context=_setup)
+
+
+@triton_op("lcpass_codegen::sparse_decode", mutates_args=())
+def sparse_decode(q: Tensor, k: Tensor, v: Tensor, full_num: Tensor, full_idx: Tensor,
+                  part_num: Tensor, part_idx: Tensor, part_member: Tensor, part_fullbits: Tensor,
+                  tables: list[Tensor], scale: float, key: str, n_splits: int) -> Tensor:
+    """Split-KV decode with the generated kernel ``key`` over per-KV-head block lists."""
+    lists = (full_num, full_idx, part_num, part_idx, part_member, part_fullbits)
+    return launch.decode(load_by_key(key), q, k, v, lists, tables, scale, n_splits, wrap=True)
+
+
+@sparse_decode.register_fake
+def _(q, k, v, full_num, full_idx, part_num, part_idx, part_member, part_fullbits, tables, scale,
+      key, n_splits):
+    return torch.empty_like(q)
