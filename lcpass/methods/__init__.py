@@ -13,10 +13,10 @@ Example:
     >>> validate_params("streaming", {"window": 256})
     {'sink': 4, 'window': 256}
     >>> mm = site_mask_mod([("streaming", {"window": 256})], n_heads=8, q_len=1024, kv_len=1024)
-    >>> get_method("nope")
+    >>> get_method("nope")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: unknown attention method 'nope'; known methods: dense, causal, streaming, duo, razor, moa, s2, dilated, longlora
+    ValueError: unknown attention method 'nope'; known methods: dense, causal, streaming, duo, ...
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lcpass.methods.base import KVPolicy, Method, Param, check_param_value, reso
 from lcpass.methods.dense import CAUSAL, DENSE
 from lcpass.methods.dilated import DILATED
 from lcpass.methods.duo import DUO
+from lcpass.methods.dynamic import DYNAMIC_METHODS
 from lcpass.methods.longlora import LONGLORA, shifted_sparse_attention
 from lcpass.methods.moa import MOA
 from lcpass.methods.razor import RAZOR, compensated_attention, compress_kv
@@ -73,7 +74,7 @@ def register(method: Method) -> Method:
 
 
 # The table: display and lookup order. Add new methods here, nowhere else.
-for _m in (DENSE, CAUSAL, STREAMING, DUO, RAZOR, MOA, S2, DILATED, LONGLORA):
+for _m in (DENSE, CAUSAL, STREAMING, DUO, RAZOR, MOA, S2, DILATED, LONGLORA, *DYNAMIC_METHODS):
     register(_m)
 
 

@@ -1,0 +1,288 @@
+"""Block-granular dynamic selectors: Quest, SeerAttention-style gate, Landmark retrieval, LongHeads.
+
+Each scores every (query block, KV block) pair from cheap per-block statistics, forces the sink
+block(s) and the local (diagonal) block(s), and keeps the best ``topk`` blocks through
+:func:`lcpass.layout.layout_from_topk`, so the result is an ordinary :class:`BlockLayout` that the
+engine runs. Scores are computed per query head; with ``share_kv_heads`` (default for Quest, Seer and
+Landmark) the G query heads of a KV group share one selection (scores max-/mean-reduced over the
+group), which lets the engine gather each KV block once for the whole group. ``share_kv_heads=False``
+is the papers' per-head selection.
+
+Query blocks and KV blocks have the same size (``page_size`` / ``block_size`` / ``chunk_size``).
+
+>>> import torch
+>>> q = torch.randn(1, 8, 1024, 64); k = torch.randn(1, 2, 1024, 64)
+>>> p = {"token_budget": 256, "page_size": 128, "sink_pages": 1, "share_kv_heads": True}
+>>> lay = quest_select(q, k, params=p, state=None, mask_mod=None)
+>>> int(lay.full_kv_num_blocks.max() + lay.kv_num_blocks.max())   # 2 pages per query block
+2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lcpass.layout import BlockLayout, layout_from_topk
+from lcpass.masks import MaskMod
+from lcpass.methods.base import KVPolicy, Param
+from lcpass.methods.dynamic.common import (FORCE, DynamicMethod, attend_by, block_pool,
+                                           block_query_scores, causal_envelope, check_causal,
+                                           local_block_ids)
+
+__all__ = ["QUEST", "SEER", "LANDMARK", "LONGHEADS", "SeerGate", "load_seer_gate", "quest_select",
+           "seer_select", "landmark_select", "longheads_select", "quest_bounds"]
+
+
+def _topk_layout(scores: Tensor, k: int, *, q_len: int, kv_len: int, block: int, sink_blocks: int,
+                 share: bool, reduce: str, mask_mod: MaskMod) -> BlockLayout:
+    """scores [B, Hkv, G, Mq, Mk] -> layout keeping sinks, local blocks and the top ``k`` in total."""
+    B, Hkv, G, mq, mk = scores.shape
+    if share and G > 1:
+        red = scores.amax(2, keepdim=True) if reduce == "max" else scores.mean(2, keepdim=True)
+        scores = red.expand(B, Hkv, G, mq, mk)
+    first, last = local_block_ids(q_len, kv_len, block, block)
+    j = torch.arange(mk)
+    forced = (j[None] < sink_blocks) | ((j[None] >= first[:, None]) & (j[None] <= last[:, None]))
+    scores = scores.masked_fill(forced, FORCE)  # forced: [Mq, Mk]
+    return layout_from_topk(scores.reshape(B, Hkv * G, mq, mk), k, q_len=q_len, kv_len=kv_len,
+                            mask_mod=mask_mod, block_size=block)
+
+
+def _sizes(q: Tensor, k: Tensor, owner: str) -> tuple[int, int]:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1] or q.shape[2] > k.shape[2]:
+        raise ValueError(f"{owner}: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, Hq, Sq, D] "
+                         f"and [B, Hkv, Sk, D] with Hkv | Hq and Sq <= Sk")
+    return q.shape[2], k.shape[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Quest
+
+
+def quest_bounds(q: Tensor, k: Tensor, page_size: int) -> Tensor:
+    """Quest's upper bound of q.k over each page, max over the queries of each query block.
+
+    ``sum_d max(q_d * kmin_d, q_d * kmax_d) = q+ . kmax + q- . kmin`` (two matmuls).
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> [B, Hkv, G, Mq, Mk].
+    """
+    _, kmax, kmin = block_pool(k, page_size)
+    qf = q.float()
+    B, Hq, Sq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qv = qf.view(B, Hkv, G, Sq, D)
+    s = qv.clamp(min=0) @ kmax[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Sq, Mk]
+    s += qv.clamp(max=0) @ kmin[:, :, None].transpose(-1, -2)
+    mq = -(-Sq // page_size)
+    pad = mq * page_size - Sq
+    if pad:
+        s = torch.nn.functional.pad(s, (0, 0, 0, pad), value=float("-inf"))
+    return s.view(B, Hkv, G, mq, page_size, -1).amax(4)
+
+
+def quest_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
+                 mask_mod: MaskMod | None) -> BlockLayout:
+    """Quest (Tang et al., ICML 2024): per page the element-wise min and max key; a query's bound on
+    the page's best score is ``sum_d max(q_d kmin_d, q_d kmax_d)``; keep the top pages within
+    ``token_budget`` tokens, plus ``sink_pages`` first pages and the local page(s).
+
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> BlockLayout with page_size blocks.
+    """
+    mm = check_causal(mask_mod, "quest")
+    sq, sk = _sizes(q, k, "quest")
+    ps = params["page_size"]
+    kk = max(1, -(-params["token_budget"] // ps))
+    s = quest_bounds(q, k, ps)
+    return _topk_layout(s, kk, q_len=sq, kv_len=sk, block=ps, sink_blocks=params["sink_pages"],
+                        share=params["share_kv_heads"], reduce="max", mask_mod=mm)
+
+
+_SHARE = Param("share_kv_heads", "bool", True, None, None,
+               "GQA: the query heads of a KV group share one selection (False = per head, as in the paper)")
+
+QUEST = DynamicMethod(
+    name="quest",
+    paper="Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (ICML 2024)",
+    summary="Top pages by the query's upper bound over per-page min/max keys, plus sink and local pages.",
+    params=(
+        Param("token_budget", "int", 2048, 1, None, "tokens attended per query block (pages x page_size)"),
+        Param("page_size", "int", 128, 16, 4096, "tokens per page (= engine block)"),
+        Param("sink_pages", "int", 1, 0, None, "first pages always kept"),
+        _SHARE,
+    ),
+    kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False, crossover=4096,
+    crossover_why="below ~4k tokens a 2k budget keeps most pages; selection costs more than it saves",
+    mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
+    select=quest_select, attend=attend_by(quest_select), granularity="block",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# SeerAttention-style gate
+
+
+@dataclass(frozen=True)
+class SeerGate:
+    """Learned SeerAttention gate of one site: ``q_weight [Hq, D, dg]`` on the average-pooled query,
+    ``k_weight [Hkv, 3D, dg]`` on the concatenated (avg, max, min)-pooled keys."""
+
+    q_weight: Tensor
+    k_weight: Tensor
+
+
+def load_seer_gate(path: str | Path, *, n_heads: int, n_kv_heads: int, head_dim: int) -> SeerGate:
+    """Load gate weights saved as ``torch.save({"q_weight": ..., "k_weight": ...}, path)``.
+
+    Shapes are checked: ``q_weight [n_heads, head_dim, dg]``, ``k_weight [n_kv_heads, 3*head_dim, dg]``.
+
+    >>> # torch.save({"q_weight": torch.randn(8, 64, 32), "k_weight": torch.randn(2, 192, 32)}, "g.pt")
+    >>> # gate = load_seer_gate("g.pt", n_heads=8, n_kv_heads=2, head_dim=64)
+    """
+    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or not {"q_weight", "k_weight"} <= set(obj):
+        raise ValueError(f"load_seer_gate: {path} must hold a dict with 'q_weight' and 'k_weight', got "
+                         f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+    qw, kw = obj["q_weight"].float(), obj["k_weight"].float()
+    dg = qw.shape[-1] if qw.dim() == 3 else -1
+    for name, t, want in (("q_weight", qw, (n_heads, head_dim, dg)),
+                          ("k_weight", kw, (n_kv_heads, 3 * head_dim, dg))):
+        if tuple(t.shape) != want or dg < 1:
+            raise ValueError(f"load_seer_gate: {path}: {name} has shape {tuple(t.shape)}; expected "
+                             f"{list(want)} (heads, in features, gate dim) for this site")
+    return SeerGate(qw, kw)
+
+
+def seer_gate_scores(q: Tensor, k: Tensor, block: int, gate: SeerGate | None) -> Tensor:
+    """Gate logits [B, Hkv, G, Mq, Mk]: pooled q (avg) against pooled k (avg, max, min concatenated).
+
+    Training-free (``gate=None``): the identity gate, ``[q, q, q] . [kavg, kmax, kmin] / sqrt(3D)``.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qa = block_pool(q, block)[0]  # [B, Hq, Mq, D]
+    kavg, kmax, kmin = block_pool(k, block)
+    mq = qa.shape[2]
+    if gate is None:
+        kc = kavg + kmax + kmin  # [B, Hkv, Mk, D]
+        s = qa.view(B, Hkv, G, mq, D) @ kc[:, :, None].transpose(-1, -2)
+        return s / math.sqrt(3 * D)
+    if gate.q_weight.shape[0] != Hq or gate.k_weight.shape[0] != Hkv or gate.q_weight.shape[1] != D:
+        raise ValueError(f"seer: gate weights {tuple(gate.q_weight.shape)}/{tuple(gate.k_weight.shape)} "
+                         f"do not fit Hq={Hq}, Hkv={Hkv}, D={D}; load them with load_seer_gate")
+    qg = torch.einsum("bhmd,hde->bhme", qa, gate.q_weight)  # [B, Hq, Mq, dg]
+    kg = torch.einsum("bhmd,hde->bhme", torch.cat([kavg, kmax, kmin], -1), gate.k_weight)
+    s = qg.view(B, Hkv, G, mq, -1) @ kg[:, :, None].transpose(-1, -2)
+    return s / math.sqrt(gate.q_weight.shape[-1])
+
+
+def seer_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
+                mask_mod: MaskMod | None) -> BlockLayout:
+    """SeerAttention (Gao et al., 2024): a block gate from pooled q and (avg, max, min)-pooled k,
+    softmax over the causal KV blocks, then the ``topk`` blocks, or every block whose gate probability
+    is at least ``threshold`` when ``threshold > 0``. Learned weights: ``state["gate"]`` (a
+    :class:`SeerGate` from :func:`load_seer_gate`); training-free otherwise.
+    """
+    mm = check_causal(mask_mod, "seer")
+    sq, sk = _sizes(q, k, "seer")
+    bs = params["block_size"]
+    s = seer_gate_scores(q, k, bs, (state or {}).get("gate"))
+    _, last = local_block_ids(sq, sk, bs, bs)
+    ok = torch.arange(s.shape[-1])[None] <= last[:, None]  # causal blocks [Mq, Mk]
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+    kk = params["topk"]
+    if params["threshold"] > 0:
+        p = p.masked_fill(p < params["threshold"], float("-inf"))
+        kk = s.shape[-1]
+    return _topk_layout(p, kk, q_len=sq, kv_len=sk, block=bs, sink_blocks=params["sink_blocks"],
+                        share=params["share_kv_heads"], reduce="mean", mask_mod=mm)
+
+
+SEER = DynamicMethod(
+    name="seer",
+    paper="SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs (Gao et al., 2024)",
+    summary="Block gate on pooled q and (avg,max,min)-pooled k; softmax over blocks; top-k or threshold.",
+    params=(
+        Param("block_size", "int", 128, 16, 4096, "tokens per gate block (= engine block)"),
+        Param("topk", "int", 16, 1, None, "blocks kept per query block (sink and local included)"),
+        Param("threshold", "float", 0.0, 0.0, 1.0, "if > 0: keep blocks with gate probability >= it"),
+        Param("sink_blocks", "int", 1, 0, None, "first blocks always kept"),
+        _SHARE,
+    ),
+    kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False, crossover=4096,
+    crossover_why="the gate and gather cost more than the skipped blocks below ~4k tokens",
+    mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
+    select=seer_select, attend=attend_by(seer_select), granularity="block",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Landmark-style retrieval and LongHeads
+
+
+def landmark_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
+                    mask_mod: MaskMod | None) -> BlockLayout:
+    """Landmark Attention (Mohtashami & Jaggi, NeurIPS 2023), training-free: the block's representative
+    key (its mean, standing in for the trained landmark token) scores the block for each query; a query
+    block keeps the ``topk`` blocks best for any of its queries, plus sink and local blocks."""
+    mm = check_causal(mask_mod, "landmark")
+    sq, sk = _sizes(q, k, "landmark")
+    bs = params["block_size"]
+    s = block_query_scores(q, block_pool(k, bs)[0], bs, "max")
+    return _topk_layout(s, params["topk"], q_len=sq, kv_len=sk, block=bs,
+                        sink_blocks=params["sink_blocks"], share=params["share_kv_heads"], reduce="max",
+                        mask_mod=mm)
+
+
+LANDMARK = DynamicMethod(
+    name="landmark",
+    paper="Landmark Attention: Random-Access Infinite Context Length for Transformers (NeurIPS 2023)",
+    summary="Training-free block retrieval: mean key per block as landmark; top-k blocks per query block.",
+    params=(
+        Param("block_size", "int", 128, 16, 4096, "tokens per block (= engine block)"),
+        Param("topk", "int", 16, 1, None, "blocks kept per query block (sink and local included)"),
+        Param("sink_blocks", "int", 1, 0, None, "first blocks always kept"),
+        _SHARE,
+    ),
+    kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False, crossover=4096,
+    crossover_why="as Quest: below ~4k tokens selection does not pay",
+    mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
+    select=landmark_select, attend=attend_by(landmark_select), granularity="block",
+)
+
+
+def longheads_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
+                     mask_mod: MaskMod | None) -> BlockLayout:
+    """LongHeads (Lu et al., 2024): each head picks the chunks most relevant to its (chunk-pooled)
+    queries, the chunk represented by its mean key, within ``trained_length`` tokens; the first chunk
+    and the local chunk are always kept, so every head sees a trained-length context."""
+    mm = check_causal(mask_mod, "longheads")
+    sq, sk = _sizes(q, k, "longheads")
+    cs = params["chunk_size"]
+    kk = max(1, params["trained_length"] // cs)
+    s = block_query_scores(q, block_pool(k, cs)[0], cs, "mean")
+    return _topk_layout(s, kk, q_len=sq, kv_len=sk, block=cs, sink_blocks=1,
+                        share=params["share_kv_heads"], reduce="mean", mask_mod=mm)
+
+
+LONGHEADS = DynamicMethod(
+    name="longheads",
+    paper="LongHeads: Multi-Head Attention is Secretly a Long Context Processor (Lu et al., 2024)",
+    summary="Per head: chunks by mean-key relevance within the trained length; first and local chunk kept.",
+    params=(
+        Param("chunk_size", "int", 128, 16, 4096, "tokens per chunk (= engine block)"),
+        Param("trained_length", "int", 2048, 16, None, "tokens each head attends (the trained context)"),
+        Param("share_kv_heads", "bool", False, None, None,
+              "GQA: the heads of a KV group share one selection (False = per head, as in the paper)"),
+    ),
+    kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False, crossover=4096,
+    crossover_why="within the trained length the method is dense causal",
+    mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
+    select=longheads_select, attend=attend_by(longheads_select), granularity="block",
+)
