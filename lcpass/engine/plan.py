@@ -170,7 +170,7 @@ def _patterns(plan_geo: dict, mask_mod: MaskMod, kv_keep: Tensor | None, idx: Te
     """
     g = plan_geo
     Ge, bq, bk, q_off, Sq, Sk = g["Ge"], g["bq"], g["bk"], g["q_off"], g["Sq"], g["Sk"]
-    head_free = mask_mod.n_heads is None and mask_mod.has_block_classifier
+    head_free = isinstance(mask_mod, MaskMod) and mask_mod.n_heads is None and mask_mod.has_block_classifier
     Me = bq if head_free else Ge * bq  # rows evaluated per block
     ar_m = torch.arange(Me)
     head_in = ar_m // bq  # [Me]
