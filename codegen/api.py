@@ -141,12 +141,21 @@ def _check_layout(layout: BlockLayout, q: Tensor, k: Tensor, owner: str) -> None
                          f"k {tuple(k.shape)}; build_layout(mask, {Hq}, {Sq}, {Sk})")
 
 
+def _tracing(ts: tuple) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in ts)
+
+
 def _on(layout: BlockLayout, device: torch.device, what: str, make: Callable[[], tuple]) -> tuple:
+    """Layout-derived tensors on ``device``, cached on the layout (never while tracing)."""
     key = ("codegen", what, str(device))
     got = layout._cache.get(key)
     if got is None:
-        got = tuple(t.to(device).contiguous() for t in make())
-        layout._cache[key] = got
+        got = tuple(t if t.device == device and t.is_contiguous() else t.to(device).contiguous()
+                    for t in make())
+        if not _tracing(got):
+            layout._cache[key] = got
     return got
 
 
@@ -155,14 +164,24 @@ def _csr_lists(layout: BlockLayout, device: torch.device) -> tuple[Tensor, ...]:
                                                layout.full_kv_num_blocks, layout.full_kv_indices))
 
 
-@functools.lru_cache(maxsize=64)
-def _tables(p: PrintedFn | None, device: str) -> tuple[Tensor, ...]:
-    return tuple(p.table_tensors(device)) if p is not None else ()
+_TABLES: dict[tuple, tuple[Tensor, ...]] = {}
+
+
+def _tables(p: PrintedFn | None, device: torch.device) -> tuple[Tensor, ...]:
+    if p is None or not p.tables:
+        return ()
+    key = (p.tables, p.table_dtypes, str(device))
+    got = _TABLES.get(key)
+    if got is None:
+        got = tuple(p.table_tensors(device))
+        if not _tracing(got):
+            _TABLES[key] = got
+    return got
 
 
 def _all_tables(mask_mod: Any, score_mod: Any, device: torch.device) -> list[Tensor]:
     pm, ps = printed(mask_mod, score_mod)
-    return [*_tables(pm, str(device)), *_tables(ps, str(device))]
+    return [*_tables(pm, device), *_tables(ps, device)]
 
 
 # ------------------------------------------------------------------------------------------------
