@@ -297,7 +297,7 @@ def layout_from_dense(mask: Tensor, block_size: int | tuple[int, int] = DEFAULT_
 
     >>> lay = layout_from_dense(torch.ones(1, 1, 5, 5, dtype=torch.bool).tril(), 4)
     >>> lay.full_kv_num_blocks.tolist(), lay.kv_num_blocks.tolist()
-    ([[[0, 0]]], [[[1, 1]]])
+    ([[[0, 2]]], [[[1, 0]]])
     """
     if mask.dim() != 4 or mask.dtype != torch.bool:
         raise ValueError(f"layout_from_dense: mask must be Bool[B|1, H, Sq, Sk], got "

@@ -224,7 +224,7 @@ def build_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: Mask
     >>> lay = build_layout(causal_mask(), 8, 1024, 1024)
     >>> plan = build_plan(lay, 1, 8, 2)
     >>> plan.dense, plan.Ge, sorted({b.kind for b in plan.buckets})
-    ('causal', 4, ['causal', 'full', 'masked'])
+    ('causal', 4, ['causal', 'masked'])
     """
     mm = mask_mod if mask_mod is not None else layout.mask_mod
     Sq, Sk = layout.q_len, layout.kv_len
