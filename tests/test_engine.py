@@ -205,6 +205,18 @@ def test_dense_shortcut_and_plan_structure():
     assert build_plan(build_layout(mixed, HQ, 1024, 1024), 1, HQ, 2).Ge == 1  # different maps
 
 
+def test_coalesced_small_buckets():
+    # ramp-up rows of a window have distinct block counts: they run as one padded masked bucket
+    m = streaming_mask(4, 300)
+    q, k, v = qkv(1, 2, 1024, 1024)
+    lay = build_layout(m, HQ, 1024, 1024, 64)
+    plan = build_plan(lay, 1, HQ, 2)
+    empty = plan.bank.shape[0] - 1
+    padded = [b for b in plan.buckets if b.kind == "masked" and bool((b.patterns == empty).any())]
+    assert len(padded) == 1
+    close(run_plan(plan, q, k, v, scale=0.2), reference_attention(q, k, v, m, scale=0.2))
+
+
 def test_dense_attention_causal_is_bottom_right():
     q, k, v = qkv(1, 2, 5, 40)
     out = dense_attention(q, k, v, scale=0.2, is_causal=True)

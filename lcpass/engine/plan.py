@@ -38,6 +38,8 @@ __all__ = ["Bucket", "EnginePlan", "build_plan"]
 
 _PATTERN_CHUNK = 1 << 23  # pattern elements evaluated at once
 _MAX_SEGMENTS = 8  # more arithmetic segments than this (and than R/4) -> gather the bucket
+_COALESCE_MAX_BUCKET = 64  # masked buckets with at most this many blocks may be coalesced ...
+_COALESCE_MIN_BLOCKS = 32  # ... while padding adds at most max(this, 10% of the plan's blocks)
 FUSE_MAX_FULL = 8  # rows with partial blocks and at most this many full blocks run as one masked call
 
 
@@ -73,7 +75,7 @@ class EnginePlan:
     q_len: int
     kv_len: int
     buckets: list[Bucket]  # writing buckets first, then merging ones
-    bank: Tensor  # Bool[Npat, M, bk] element patterns (True = attend); the last one is all True
+    bank: Tensor  # Bool[Npat, M, bk] element patterns (True = attend); then all-True, all-False
     uncovered: Tensor | None = None  # rows no bucket writes (their output is zero)
     dense: str | None = None  # "causal" / "full": the layout is dense; run SDPA directly
     computed_blocks: int = 0  # (row, kv block) tiles computed (packed rows count once)
@@ -264,7 +266,7 @@ def build_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: Mask
         bank, pid = _dedup(_patterns(geo, mm, kv_keep, rc))
         if bank.shape[1] != M:  # head-free patterns: repeat over the packed heads
             bank = bank.repeat(1, Ge, 1)
-        plan.bank = torch.cat([bank, plan.bank])  # all-True pattern last
+        plan.bank = torch.cat([bank, plan.bank])  # all-True pattern after the partial ones
         pid_map[idx[:, 0], idx[:, 1]] = pid
     tri_ok = torch.zeros(plan.bank.shape[0], dtype=torch.bool)  # per pattern: the causal triangle
     tri_ok_last = tri_ok  # ... with the padded query rows of the last query block empty
@@ -277,7 +279,10 @@ def build_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: Mask
             empty = ~plan.bank.view(-1, Ge, bq, bk).any(-1)
             tri_ok_last = (rows_eq[:, :, :nvalid].flatten(1).all(1)
                            & empty[:, :, nvalid:].flatten(1).all(1))
-    pid_map[full] = plan.bank.shape[0] - 1
+    full_id = plan.bank.shape[0] - 1
+    pid_map[full] = full_id
+    empty_id = plan.bank.shape[0]  # all-False pattern: pads coalesced buckets
+    plan.bank = torch.cat([plan.bank, torch.zeros(1, M, bk, dtype=torch.bool)])
 
     n_part = part.sum(-1)
     n_full = full.sum(-1)
@@ -312,6 +317,7 @@ def build_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: Mask
     add(fused, part | full, "masked", False)
     add(split & diag_only, part, "causal", True)
     add(split & ~diag_only, part, "masked", True)
+    _coalesce_small(plan, empty_id)
     covered = has_p | has_f
     if not bool(covered.all()):
         plan.uncovered = (~covered).nonzero().flatten()
@@ -319,6 +325,34 @@ def build_plan(layout: BlockLayout, B: int, Hq: int, Hkv: int, *, mask_mod: Mask
         diag_ok = bool(diag_only[has_p].all())
         plan.dense = _dense_kind(plan, *layout.block_maps(), diag_ok)
     return plan
+
+
+def _coalesce_small(plan: EnginePlan, empty_id: int) -> None:
+    """Merge small masked buckets (ramp-up rows of windows, ...) into one padded bucket per merge
+    flag: fewer calls; padding blocks use the all-False pattern and cost little by construction."""
+    total = sum(b.num_tasks * b.n for b in plan.buckets)
+    budget = max(_COALESCE_MIN_BLOCKS, total // 10)
+    for merge in (False, True):
+        small = [b for b in plan.buckets if b.kind == "masked" and b.merge == merge
+                 and b.num_tasks * b.n <= _COALESCE_MAX_BUCKET]
+        if len(small) < 2:
+            continue
+        n = max(b.n for b in small)
+        if sum(b.num_tasks * (n - b.n) for b in small) > budget:
+            continue
+        rows, blocks, pats = [], [], []
+        for b in small:
+            pad = n - b.n
+            rows.append(b.rows)
+            blocks.append(torch.cat([b.blocks, b.blocks[:, :1].expand(-1, pad)], 1))
+            pats.append(torch.cat([b.patterns, torch.full((b.num_tasks, pad), empty_id)], 1))
+        pats_t = torch.cat(pats)
+        merged = Bucket("masked", n, torch.cat(rows), torch.cat(blocks), merge, None, pats_t,
+                        bool((pats_t == pats_t[:1]).all()))
+        keep = [b for b in plan.buckets if not any(b is x for x in small)]
+        # writing buckets stay before merging ones
+        at = len([b for b in keep if not b.merge]) if not merge else len(keep)
+        plan.buckets = keep[:at] + [merged] + keep[at:]
 
 
 def _dense_kind(plan: EnginePlan, part: Tensor, full: Tensor, diag_ok: bool) -> str | None:

@@ -26,7 +26,7 @@ __all__ = ["DENSE_BELOW", "sparse_attention", "get_plan"]
 # CPU (B=1, 8/2 heads, D=64, streaming masks at 40-100% density): the engine already beats SDPA with
 # an explicit mask (which skips nothing) from 256 keys (0.8 vs 1.0 ms) and by 3-10x from 1024 keys.
 DENSE_BELOW = 256
-_GATHER_BYTES = 64 << 20  # gathered K+V (+ mask) per chunk of rows
+_GATHER_BYTES = 256 << 20  # gathered K+V (+ mask) per chunk of rows
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
