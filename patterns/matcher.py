@@ -160,8 +160,6 @@ def _untranspose(gm: GraphModule, node: Node) -> Optional[Node]:
         return op["x"] if dims == want else None
     if op.kind == "mT":
         return op["x"]
-    if op.kind == "getattr_mT":
-        return op["x"]
     return None
 
 
@@ -270,13 +268,10 @@ def _leads_to_product(gm: GraphModule, node, depth: int = 12) -> bool:
             return False
         if op.kind in _MATMULS:
             return True
-        if op.kind in ("cast", "identity", "view", "mul", "div", "tanh"):
-            nxt = op["x"] if "x" in op.args and op["x"] is not None else op["a"]
-            if op.kind in ("mul", "div") and not isinstance(nxt, Node):
-                nxt = op["b"]
-            if op.kind in ("mul",) and constant_number(op["a"], gm) is not None:
-                nxt = op["b"]
-            node = nxt
+        if op.kind in ("cast", "identity", "view", "tanh"):
+            node = op["x"]
+        elif op.kind in ("mul", "div"):  # follow the tensor side of a scaling
+            node = op["b"] if op.kind == "mul" and constant_number(op["a"], gm) is not None else op["a"]
         elif op.kind == "add":
             return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
         elif op.kind in ("where",):
