@@ -218,7 +218,7 @@ def analyse_masks(
             causal, window = _implied(torch.isfinite(combined), _window_constants(nodes))
         if m.is_causal:  # SDPA's own flag on top of a mask is not combinable in torch; keep it exact
             causal = True
-        if user:
+        if user and (combined is None or pure):
             out.append(MaskInfo("padding", causal, window, True))
         elif param or (combined is not None and not pure):
             out.append(MaskInfo("bias", causal, window, True))

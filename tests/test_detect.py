@@ -191,3 +191,35 @@ def test_capture_error_names_route_and_frame():
         capture(z.model, (), z.example_inputs, route="fx")
     with pytest.raises(ValueError, match="capture route 'nope'"):
         capture(z.model, (), z.example_inputs, route="nope")
+
+
+class _CpuFlash(torch.nn.Module):
+    """Attention spelled with the ATen CPU flash kernel (tuple output: out, logsumexp)."""
+
+    def forward(self, q, k, v):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.3)[0]
+
+
+class _ExplicitGqaSdpa(torch.nn.Module):
+    """F.scaled_dot_product_attention with enable_gqa, a float mask and the default scale."""
+
+    def forward(self, q, k, v, bias):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+@pytest.mark.parametrize("route", ["export", "dynamo", "fx"])
+def test_aten_sdpa_variants(route):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 11, 8, generator=g), torch.randn(2, 4, 11, 8, generator=g), torch.randn(2, 4, 11, 8, generator=g)
+    cases = [(_CpuFlash(), (q, k, v), "causal", "sdpa-cpu", 0.3)]
+    bias = torch.randn(2, 1, 11, 11, generator=g)
+    cases.append((_ExplicitGqaSdpa(), (q, k[:, :2], v[:, :2], bias), "bias", "sdpa", 8 ** -0.5))
+    for model, args, mask, source, scale in cases:
+        want = model(*args)
+        cap = capture_dynamo(model, args)[0] if route == "dynamo" else capture(model, args, route=route)
+        found = canonicalize(cap.gm, cap.flat_inputs, cap.param_placeholders)
+        assert [(s.mask, s.source) for s in found.sites] == [(mask, source)], found
+        assert found.sites[0].scale == pytest.approx(scale)
+        got = cap.gm(*args)
+        got = got[0] if isinstance(got, (tuple, list)) else got
+        assert (got - want).abs().max().item() <= TOL
