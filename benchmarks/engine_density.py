@@ -5,7 +5,7 @@ B=1, Hq=8, Hkv=2, D=64, fp32, prefill. The mask is StreamingLLM's ``streaming_ma
 sized by bisection to reach each target density of causal tiles (computed blocks / causal blocks at
 block size 128). Every variant gets the same tensors; flex gets the same layout via
 ``layout.to_block_mask()``. Timing: ``torch.utils.benchmark.Timer(...).blocked_autorange()`` after a
-warm-up, medians, all ratios from one run. Writes ``benchmarks/results/engine_density.json`` and
+warm-up, in interleaved rounds (3; 1 with --quick), medians; all ratios from one run. Writes ``benchmarks/results/engine_density.json`` and
 ``.png``. Not a test.
 
     python benchmarks/engine_density.py            # N in {4096, 8192, 16384}, 5 densities
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -45,9 +46,17 @@ def window_for(target: float, n: int, sink: int, heads: int) -> int:
     return lo
 
 
-def median_time(fn, min_run_time: float) -> float:
-    fn()  # warm-up
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+def paired_medians(fns: dict, min_run_time: float, rounds: int) -> dict:
+    """Median seconds per variant; variants are timed in interleaved rounds (the machine is shared and
+    its load drifts), each round one ``blocked_autorange`` per variant, after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+            times[k].extend(m.times)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -60,6 +69,7 @@ def main() -> None:
     sizes = [2048, 4096] if args.quick else [4096, 8192, 16384]
     densities = [1.0, 0.25, 0.1] if args.quick else [1.0, 0.5, 0.25, 0.1, 0.05]
     mrt = 0.2 if args.quick else 1.0
+    rounds = 1 if args.quick else 3
     B, Hq, Hkv, D = 1, 8, 2, 64
     scale = D ** -0.5
     flex = None
@@ -72,9 +82,6 @@ def main() -> None:
         q = torch.randn(B, Hq, n, D)
         k = torch.randn(B, Hkv, n, D)
         v = torch.randn(B, Hkv, n, D)
-        t_sdpa = median_time(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True),
-            mrt)
         for target in densities:
             window = n if target >= 1.0 else window_for(target, n, args.sink, Hq)
             mask = streaming_mask(args.sink, window)
@@ -84,28 +91,34 @@ def main() -> None:
             t0 = time.perf_counter()
             plan = get_plan(lay, B, Hq, Hkv)
             t_plan = time.perf_counter() - t0
-            t_engine = median_time(lambda: sparse_attention(q, k, v, lay, scale=scale), mrt)
-            t_blocks = median_time(lambda: sparse_attention(q, k, v, lay, scale=scale, dense_below=0), mrt)
-            row = dict(n=n, target_density=target, density=lay.density("causal"), sink=args.sink,
-                       window=window, layout_s=t_layout, plan_s=t_plan, sdpa_causal_s=t_sdpa,
-                       engine_s=t_engine, engine_blocks_only_s=t_blocks, dense_shortcut=plan.dense,
-                       speedup_vs_sdpa=t_sdpa / t_engine)
+            fns = {
+                "sdpa_causal_s": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                        enable_gqa=True),
+                "engine_s": lambda: sparse_attention(q, k, v, lay, scale=scale),
+                "engine_blocks_only_s": lambda: sparse_attention(q, k, v, lay, scale=scale, dense_below=0),
+            }
             if flex is not None:
                 bm = lay.to_block_mask()
                 # a fresh compile per layout: each mask_mod is new code for dynamo, and past the
                 # recompile limit dynamo would silently fall back to the eager (dense) flex
                 torch._dynamo.reset()
                 cflex = torch.compile(flex, dynamic=False, fullgraph=True)
-                t_flex = median_time(lambda: cflex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True),
-                                     mrt)
-                row.update(flex_s=t_flex, speedup_vs_flex=t_flex / t_engine,
-                           flex_speedup_vs_sdpa=t_sdpa / t_flex)
+                fns["flex_s"] = lambda: cflex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)
+            t = paired_medians(fns, mrt, rounds)
+            row = dict(n=n, target_density=target, density=lay.density("causal"), sink=args.sink,
+                       window=window, layout_s=t_layout, plan_s=t_plan, dense_shortcut=plan.dense, **t,
+                       speedup_vs_sdpa=t["sdpa_causal_s"] / t["engine_s"],
+                       blocks_only_speedup_vs_sdpa=t["sdpa_causal_s"] / t["engine_blocks_only_s"])
+            if flex is not None:
+                row.update(speedup_vs_flex=t["flex_s"] / t["engine_s"],
+                           flex_speedup_vs_sdpa=t["sdpa_causal_s"] / t["flex_s"])
             rows.append(row)
             print(json.dumps({k2: (round(x, 4) if isinstance(x, float) else x) for k2, x in row.items()}),
                   flush=True)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor(),
                 machine=platform.machine(), nproc=os.cpu_count(), B=B, Hq=Hq, Hkv=Hkv, D=D,
-                dtype="float32", block_size=128, quick=args.quick,
+                dtype="float32", block_size=128, quick=args.quick, rounds=rounds,
+                load_avg_at_end=os.getloadavg(),
                 note="engine_s: sparse_attention default (dense SDPA shortcut for exactly-causal "
                      "layouts); engine_blocks_only_s: dense_below=0 (block engine always)")
     out = Path(args.out)

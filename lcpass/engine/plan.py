@@ -40,6 +40,7 @@ _PATTERN_CHUNK = 1 << 23  # pattern elements evaluated at once
 _MAX_SEGMENTS = 8  # more arithmetic segments than this (and than R/4) -> gather the bucket
 _COALESCE_MAX_BUCKET = 64  # masked buckets with at most this many blocks may be coalesced ...
 _COALESCE_MIN_BLOCKS = 32  # ... while padding adds at most max(this, 10% of the plan's blocks)
+_COALESCE_MAX_MASK_BYTES = 32 << 20  # ... and their per-row masks stay cacheable
 FUSE_MAX_FULL = 8  # rows with partial blocks and at most this many full blocks run as one masked call
 
 
@@ -340,6 +341,8 @@ def _coalesce_small(plan: EnginePlan, empty_id: int) -> None:
         n = max(b.n for b in small)
         if sum(b.num_tasks * (n - b.n) for b in small) > budget:
             continue
+        if sum(b.num_tasks for b in small) * plan.M * n * plan.bk * 4 > _COALESCE_MAX_MASK_BYTES:
+            continue  # per-row masks of the merged bucket would be rebuilt every call
         rows, blocks, pats = [], [], []
         for b in small:
             pad = n - b.n
