@@ -32,7 +32,8 @@ from lcpass.methods import site_crossover, site_mask_mod, spec_parts
 from lcpass.patterns import CANONICAL_OP, Site, canonical_nodes
 from lcpass.patterns.op import reference
 
-__all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec"]
+__all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
+           "site_state", "seed_site_states"]
 
 NEG_LIMIT = -1e4
 
@@ -95,57 +96,122 @@ def lowering_kind(mask_kind: str) -> str:
     return "sparse" if base in ("none", "causal", "padding") or base.startswith("sliding") else "dense-masked"
 
 
+_STATES: dict[str, dict[str, Any]] = {}
+
+
+def site_state(site: str) -> dict[str, Any]:
+    """The mutable state of a site's dynamic method (selection caches, centroids, shared positions).
+
+    ``lcpass.optimize`` seeds it (layer index, layer count, a TidalDecode state shared by the model's
+    sites); a site nobody seeded starts empty.
+    """
+    return _STATES.setdefault(site, {})
+
+
+def seed_site_states(site_names: Sequence[str]) -> None:
+    """Fresh states for a model's sites, in layer order, with one cross-layer state they share."""
+    from lcpass.methods.dynamic import TidalState
+
+    shared = TidalState()
+    for i, name in enumerate(site_names):
+        _STATES[name] = {"layer": i, "n_layers": len(site_names), "tidal": shared}
+
+
+def _kv_keep(mask: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+    """Per-key validity [B, Sk] of a padding mask: a key is valid when any query of any head sees it."""
+    keep = mask if mask.dtype == torch.bool else mask > NEG_LIMIT
+    kv_keep = keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1)  # [B|1, Sk]
+    if kv_keep.shape[0] != batch:
+        kv_keep = kv_keep.expand(batch, -1)
+    return None if bool(kv_keep.all()) else kv_keep
+
+
+def _row_ranges(kv_keep: torch.Tensor) -> Optional[list[tuple[int, int]]]:
+    """Each row's real keys [start, end) when every row's real keys are one contiguous run (left or
+    right padding); None for anything else."""
+    idx = torch.arange(kv_keep.shape[-1], device=kv_keep.device)[None, :]
+    start = kv_keep.int().argmax(-1)
+    end = start + kv_keep.sum(-1)
+    if bool((((idx >= start[:, None]) & (idx < end[:, None])) == kv_keep).all()):
+        return [(int(a), int(b)) for a, b in zip(start.tolist(), end.tolist())]
+    return None
+
+
+def _is_dynamic(specs) -> bool:
+    from lcpass.methods import get_method
+
+    return any(get_method(name).kind == "dynamic" for name, _ in specs)
+
+
+def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int, softcap: float, site: str,
+               kv_keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """The site's method(s) on unpadded q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]."""
+    specs = _parse(spec)
+    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    if not _is_dynamic(specs):
+        mask_mod = _site_mask(spec, hq, sq, sk, bool(is_causal), int(window))
+        layout = build_layout(mask_mod, hq, sq, sk)
+        return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod,
+                                score_mod=_softcap_mod(softcap) if softcap else None, kv_keep=kv_keep)
+    from lcpass.methods.dynamic import dynamic_attention
+
+    keys = [json.dumps(s, sort_keys=True) for s in specs]
+    if len(set(keys)) == 1:
+        name, params = specs[0]
+        return dynamic_attention(name, q, k, v, params, scale=scale, state=site_state(site))
+    # heads with different methods: each group of heads runs its own method (kv heads expanded)
+    group = hq // k.shape[1]
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    by_spec: dict[str, list[int]] = {}
+    for h, key in enumerate(keys):
+        by_spec.setdefault(key, []).append(h)
+    for key, heads in by_spec.items():
+        idx = torch.tensor(heads, device=q.device)
+        sub = spec_json([tuple(json.loads(key))])
+        out[:, idx] = _run_specs(q[:, idx], k[:, idx // group], v[:, idx // group], spec=sub, scale=scale,
+                                 is_causal=is_causal, window=window, softcap=softcap, site=f"{site}/{key}",
+                                 kv_keep=kv_keep)
+    return out
+
+
 def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec):
     specs = _parse(spec)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     if all(name == "dense" for name, _ in specs) or sk < crossover(spec, hq) or dropout_p > 0:
         return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
-    mask_mod = _site_mask(spec, hq, sq, sk, bool(is_causal), int(window))
-    score_mod = _softcap_mod(softcap) if softcap else None
-    kv_keep = None
-    if mask is not None:
-        if lowering_kind(mask_kind) != "sparse":
-            # A bias or an unnamed pattern: exact dense attention with the method's mask on top.
-            keep = element_mask(mask_mod, 1, hq, sq, sk, device=q.device)
-            if mask.dtype == torch.bool:
-                mask = mask & keep
-            else:
-                mask = mask.masked_fill(~keep, float("-inf"))
-            return reference(q, k, v, mask, scale, False, -1, softcap, 0.0)
-        keep = mask if mask.dtype == torch.bool else mask > NEG_LIMIT
-        # padding: a key is valid when any query (of any head) may attend it
-        keep = keep.expand(keep.shape[0], *keep.shape[1:])
-        kv_keep = keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1)  # [B|1, Sk]
-        if kv_keep.shape[0] != q.shape[0]:
-            kv_keep = kv_keep.expand(q.shape[0], -1)
-        if bool(kv_keep.all()):
-            kv_keep = None
-    starts = _left_padding(kv_keep) if kv_keep is not None else None
-    if starts is not None:
-        # Left padding: positions (sinks, windows) count from each row's first real token, exactly as
-        # the row would run alone. One engine call per row; padded query rows output zeros.
-        out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
-        for b, p in enumerate(starts):
-            n = sk - p  # real keys of this row
-            q0 = max(0, sq - n)  # queries at absolute positions >= p
-            if n <= 0 or q0 >= sq:
-                continue
-            row_mask = _site_mask(spec, hq, sq - q0, n, bool(is_causal), int(window))
-            lay = build_layout(row_mask, hq, sq - q0, n)
-            out[b:b + 1, :, q0:] = sparse_attention(q[b:b + 1, :, q0:], k[b:b + 1, :, p:], v[b:b + 1, :, p:], lay,
-                                                    scale=scale, mask_mod=row_mask, score_mod=score_mod)
-        return out
-    layout = build_layout(mask_mod, hq, sq, sk)
-    return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod, kv_keep=kv_keep)
-
-
-def _left_padding(kv_keep: torch.Tensor) -> Optional[list[int]]:
-    """Each row's first real key when every row is left-padded (False* True*); None otherwise."""
-    first = kv_keep.int().argmax(-1)  # [B]
-    idx = torch.arange(kv_keep.shape[-1], device=kv_keep.device)[None, :]
-    if bool(((idx >= first[:, None]) == kv_keep).all()):
-        return [int(p) for p in first.tolist()]
-    return None
+    dynamic = _is_dynamic(specs)
+    if dynamic and (not is_causal or window >= 0 or softcap):
+        # content selection is defined on plain causal attention: anything else stays exactly dense
+        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+    if mask is not None and lowering_kind(mask_kind) != "sparse":
+        if dynamic:
+            return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+        # A bias or an unnamed pattern: exact dense attention with the method's mask on top.
+        keep = element_mask(_site_mask(spec, hq, sq, sk, bool(is_causal), int(window)), 1, hq, sq, sk,
+                            device=q.device)
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        return reference(q, k, v, mask, scale, False, -1, softcap, 0.0)
+    run = dict(spec=spec, scale=scale, is_causal=is_causal, window=window, softcap=softcap, site=site)
+    kv_keep = _kv_keep(mask, q.shape[0]) if mask is not None else None
+    if kv_keep is None:
+        return _run_specs(q, k, v, kv_keep=None, **run)
+    rows = _row_ranges(kv_keep)
+    if rows is None:
+        if dynamic:
+            raise ValueError(f"lcpass: site {site}: padding that is not one contiguous run of real keys per row "
+                             "cannot run a dynamic method; pad on one side")
+        return _run_specs(q, k, v, kv_keep=kv_keep, **run)
+    # Padding: each row runs alone on its real keys, so positions (sinks, windows) count from its first
+    # real token exactly as in an unbatched run; padded query rows output zeros.
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    for b, (p, e) in enumerate(rows):
+        q_lo = max(0, p - (sk - sq))  # queries at absolute positions in [p, e)
+        q_hi = e - (sk - sq)
+        if e <= p or q_hi <= q_lo:
+            continue
+        out[b:b + 1, :, q_lo:q_hi] = _run_specs(q[b:b + 1, :, q_lo:q_hi], k[b:b + 1, :, p:e],
+                                                v[b:b + 1, :, p:e], kv_keep=None, **run)
+    return out
 
 
 @torch.library.custom_op("lcpass::planned_attention", mutates_args=())

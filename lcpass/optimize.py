@@ -25,7 +25,7 @@ import torch
 from lcpass.capture import CaptureError
 from lcpass.hf import SiteRuntime, install, is_transformers_model
 from lcpass.inspect import ExampleInputs, detect
-from lcpass.lower import is_dense_spec, lower_graph, spec_json
+from lcpass.lower import is_dense_spec, lower_graph, seed_site_states, spec_json
 from lcpass.patterns import Site
 from lcpass.plan import Plan
 
@@ -209,6 +209,7 @@ def optimize(
     if the_plan is None:
         the_plan = Plan.uniform(det.sites, method, **params)
     the_plan.validate(det.sites)
+    seed_site_states([s.name for s in det.sites])
     rep = OptimizeReport(name, report_len)
     if hf:
         runtimes = {}

@@ -183,3 +183,28 @@ def test_smollm2_streaming():
     small = lcpass.optimize(copy.deepcopy(model), method="streaming", sink=SINK, window=WINDOW, dense_below=0,
                             example_inputs={"input_ids": ids[:, :32]})
     assert (_run(small, {"input_ids": ids}) - _run(ref_model, {"input_ids": ids})).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("method,params", [
+    ("quest", {"token_budget": 64, "page_size": 16}),
+    ("tokenselect", {"k": 64, "block_size": 16}),
+    ("hip", {"k": 64, "block_size_q": 16, "block_size_k": 16}),
+])
+def test_dynamic_methods_through_optimize(method, params):
+    """Budgets covering all 19 tokens: the content-selected model equals the dense one; a small budget
+    really changes the output and stays finite."""
+    z = get_zoo_model("llama-tiny")
+    want = _run(z.model, z.example_inputs)
+    m = lcpass.optimize(copy.deepcopy(z.model), method=method, dense_below=0, example_inputs=z.example_inputs,
+                        **params)
+    assert m.lcpass_report.rewritten == 2
+    assert (_run(m, z.example_inputs) - want).abs().max().item() <= TOL
+    small = {key: (4 if key in ("token_budget", "k") else value) for key, value in params.items()}
+    if method == "quest":
+        small = {"token_budget": 16, "page_size": 16, "sink_pages": 0}
+    if method == "hip":
+        small = {"k": 4, "block_size_q": 16, "block_size_k": 2, "sink": 1}
+    m = lcpass.optimize(copy.deepcopy(z.model), method=method, dense_below=0, example_inputs=z.example_inputs,
+                        **small)
+    got = _run(m, z.example_inputs)
+    assert torch.isfinite(got).all() and (got - want).abs().max().item() > 1e-4
