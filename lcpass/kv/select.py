@@ -1,0 +1,283 @@
+"""Decode-time KV selection: each generated token reads only the KV blocks / tokens it selects.
+
+Four selectors, named and parameterised as the dynamic methods of :mod:`lcpass.methods.dynamic`:
+
+* ``quest`` (Quest, ICML 2024) — per page of ``page_size`` slots the element-wise min and max key,
+  kept incrementally in the cache; the page bound ``sum_d max(q_d kmin_d, q_d kmax_d)`` (max over the
+  G query heads of a KV head) picks the top pages within ``token_budget``, plus ``sink_pages`` and the
+  unfinished last page. Reads 2/page_size of the keys for scoring, then only the chosen pages.
+* ``tokenselect`` (TokenSelect, 2024) — per-head ``q.k`` criticality, softmax per head, summed over the
+  group (soft vote), top ``k`` tokens plus ``n_sink`` first and ``n_local`` last; the *selection
+  cache* reuses the previous token's selection (plus the tokens added since) while every head's query
+  has cosine similarity >= ``cache_threshold`` with the query that made it.
+* ``recycled`` (Recycled Attention, 2024) — full attention every ``S`` steps, recording the ``K`` most
+  attended tokens; the steps in between attend those plus the tokens generated since.
+* ``tidal`` (TidalDecode, 2024) — layers before ``selection_layer`` and the two selection layers attend
+  fully; a selection layer picks the ``k`` most attended positions (all heads), reused by every later
+  layer until the next selection layer.
+
+All work on one :class:`~lcpass.kv.cache.KVGroup` at decode (one query per row); shapes::
+
+    q    : [B, h, G, D]   the G query heads of each of the group's h KV heads, as G query rows
+    keys : [B, h, L, D],  pos : [B, L] (-1 = empty slot)
+    idx  : [B, h, K] slot indices (-1 = unused)  ->  attention over K gathered slots only
+
+Example::
+
+    >>> sel = Selector("quest", {"token_budget": 1638, "page_size": 64})
+    >>> cache = lcpass.kv.CompressedCache(select=sel)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Selector", "SELECTOR_PARAMS", "selector_from_spec", "select_attend", "gather_attend",
+           "dense_group_attend"]
+
+# name -> default params (the dynamic methods' parameter names)
+SELECTOR_PARAMS: dict[str, dict[str, Any]] = {
+    "quest": {"token_budget": 2048, "page_size": 64, "sink_pages": 1},
+    "tokenselect": {"k": 2048, "n_sink": 4, "n_local": 32, "cache_threshold": 0.9},
+    "recycled": {"S": 10, "K": 2048},
+    "tidal": {"k": 2048, "selection_layer": 2, "reselection_layer": -1},
+}
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A decode-time selector: ``name`` in :data:`SELECTOR_PARAMS` and its parameters (defaults filled).
+
+    >>> Selector("quest", {"token_budget": 256}).params["page_size"]
+    64
+    """
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in SELECTOR_PARAMS:
+            raise ValueError(f"Selector: unknown decode selector {self.name!r}; use one of {sorted(SELECTOR_PARAMS)}")
+        known = SELECTOR_PARAMS[self.name]
+        bad = sorted(set(self.params) - set(known))
+        if bad:
+            raise ValueError(f"Selector({self.name!r}): unknown parameter(s) {bad}; allowed: {sorted(known)}")
+        full = {**known, **dict(self.params)}
+        for key, val in full.items():
+            if key != "cache_threshold" and key != "reselection_layer" and (not isinstance(val, int) or val < 0):
+                raise ValueError(f"Selector({self.name!r}): {key}={val!r} must be an int >= 0")
+        if self.name == "quest" and full["page_size"] < 1:
+            raise ValueError(f"Selector('quest'): page_size={full['page_size']} must be >= 1")
+        object.__setattr__(self, "params", full)
+
+    def __hash__(self) -> int:
+        return hash((self.name, json.dumps(dict(self.params), sort_keys=True)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Selector) and self.name == other.name and dict(self.params) == dict(other.params)
+
+    def budget(self) -> int:
+        """Tokens one decode step attends (besides the sinks/local extras)."""
+        p = self.params
+        return {"quest": p["token_budget"], "tokenselect": p["k"], "recycled": p["K"], "tidal": p["k"]}[self.name]
+
+
+def selector_from_spec(spec: Any) -> Optional[Selector]:
+    """The decode selector of a plan head spec whose method is a dynamic selector (else None)."""
+    from lcpass.methods import spec_parts
+
+    name, params = spec_parts(spec)
+    if name not in SELECTOR_PARAMS:
+        return None
+    keep = {k: v for k, v in dict(params).items() if k in SELECTOR_PARAMS[name]}
+    return Selector(name, keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# execution
+
+
+def dense_group_attend(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], scale: float,
+                       bias: Optional[Tensor] = None) -> Tensor:
+    """Decode attention of G query rows per KV head over all given slots.
+
+    q [B, h, G, D]; k, v [B, h, L, D]; valid [B, 1|h, 1|G, L] bool or None; bias: additive float mask of
+    the same shape (razor's compensation). Returns [B, h, G, D].
+    """
+    mask = None
+    if bias is not None:
+        mask = bias.to(q.dtype)
+        if valid is not None:
+            mask = mask.masked_fill(~valid, float("-inf"))
+    elif valid is not None and not bool(valid.all()):
+        mask = valid
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if valid is not None:
+        seen = valid.any(-1, keepdim=True)
+        if not bool(seen.all()):
+            out = out.masked_fill(~seen, 0.0)
+    return out
+
+
+def gather_attend(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, idx: Tensor, scale: float) -> Tensor:
+    """Attention over the slots ``idx`` only: q [B, h, G, D], k/v [B, h, L, D], pos [B, L],
+    idx [B, h, K] (-1 = unused). Reads K slots per KV head. Returns [B, h, G, D]."""
+    B, h, L, D = k.shape
+    K = idx.shape[-1]
+    safe = idx.clamp(min=0)
+    rows = (torch.arange(B * h, device=k.device).view(B, h, 1))
+    kg = k.reshape(B * h, L, D)[rows, safe]  # [B, h, K, D]
+    vg = v.reshape(B * h, L, v.shape[-1])[rows, safe]
+    valid = (idx >= 0) & (pos.gather(1, safe.view(B, h * K)).view(B, h, K) >= 0)
+    return dense_group_attend(q, kg, vg, valid[:, :, None, :], scale)
+
+
+def _valid_slots(pos: Tensor) -> Tensor:
+    return (pos >= 0)[:, None, None, :]  # [B, 1, 1, L]
+
+
+def _tail_indices(start: int, end: int, B: int, h: int, device) -> Tensor:
+    return torch.arange(start, end, device=device).view(1, 1, -1).expand(B, h, -1)
+
+
+def _topk(score: Tensor, k: int) -> Tensor:
+    """Indices of the k best finite scores along the last dim (-1 where fewer are finite)."""
+    k = min(k, score.shape[-1])
+    top = score.topk(k, dim=-1)
+    return torch.where(torch.isfinite(top.values), top.indices, -1)
+
+
+def _quest_pages(group, page: int) -> tuple[Tensor, Tensor, int]:
+    """Per full page of slots: (kmax, kmin) [B, h, P, D], updated incrementally in ``group.state``."""
+    k, pos = group.keys, group.pos
+    B, h, L, D = k.shape
+    n_full = L // page
+    st = group.state.get("quest")
+    if st is None or st[2] > n_full or st[0].shape[0] != B:
+        st = (k.new_empty(B, h, 0, D), k.new_empty(B, h, 0, D), 0)
+    kmax, kmin, done = st
+    if done < n_full:
+        blk = k[:, :, done * page:n_full * page].reshape(B, h, n_full - done, page, D)
+        ok = (pos[:, done * page:n_full * page] >= 0).view(B, 1, n_full - done, page, 1)
+        if bool(ok.all()):
+            mx, mn = blk.amax(3), blk.amin(3)
+        else:
+            mx = blk.masked_fill(~ok, float("-inf")).amax(3)
+            mn = blk.masked_fill(~ok, float("inf")).amin(3)
+        kmax, kmin = torch.cat([kmax, mx], 2), torch.cat([kmin, mn], 2)
+        group.state["quest"] = (kmax, kmin, n_full)
+    return kmax, kmin, n_full
+
+
+def quest_indices(q: Tensor, group, p: Mapping[str, Any]) -> Optional[Tensor]:
+    """Quest's slot indices [B, h, K] for decode queries q [B, h, G, D]; None = attend everything."""
+    page = p["page_size"]
+    L = group.length
+    n_pages = max(1, -(-p["token_budget"] // page))
+    kmax, kmin, n_full = _quest_pages(group, page)
+    if n_full <= n_pages:
+        return None
+    qf = q.float()
+    # bound per (query head, page), max over the G heads of the KV head: [B, h, P]
+    s = (qf.clamp(min=0) @ kmax.float().transpose(-1, -2) + qf.clamp(max=0) @ kmin.float().transpose(-1, -2))
+    s = s.amax(2)
+    if p["sink_pages"]:
+        s[..., :p["sink_pages"]] = math.inf
+    top = s.topk(n_pages, dim=-1).indices  # [B, h, n_pages]
+    top = torch.sort(top, dim=-1).values
+    tok = (top[..., None] * page + torch.arange(page, device=q.device)).flatten(-2)  # [B, h, n_pages*page]
+    B, h = q.shape[:2]
+    tail = _tail_indices(n_full * page, L, B, h, q.device)
+    return torch.cat([tok, tail], -1)
+
+
+def _head_probs(q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
+    """Softmax of q.k per query head, summed over the G heads: q [B, h, G, D] -> [B, h, L] (fp32)."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, h, G, L]
+    s = s.masked_fill(~valid, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0).sum(2)
+
+
+def tokenselect_indices(q: Tensor, group, p: Mapping[str, Any], scale: float) -> Optional[Tensor]:
+    """TokenSelect's slot indices [B, h, K] (selection cache in ``group.state``); None = everything."""
+    k, pos = group.keys, group.pos
+    B, h, L, D = k.shape
+    budget = p["k"] + p["n_sink"] + p["n_local"]
+    if L <= budget:
+        return None
+    st = group.state.get("tokenselect")
+    qn = F.normalize(q.float(), dim=-1)
+    if st is not None and st[0].shape == qn.shape and st[2] <= L:
+        cos = (qn * st[0]).sum(-1)  # [B, h, G]
+        if bool((cos >= p["cache_threshold"]).all()):
+            group.state["hits"] = group.state.get("hits", 0) + 1
+            return torch.cat([st[1], _tail_indices(st[2], L, B, h, q.device)], -1)
+    valid = (pos >= 0)[:, None, None, :]
+    score = _head_probs(q, k, valid, scale)  # [B, h, L]
+    ar = torch.arange(L, device=q.device)
+    forced = (ar < p["n_sink"]) | (ar >= L - p["n_local"] - 1)
+    score = score.masked_fill(forced, math.inf).masked_fill(~(pos >= 0)[:, None, :], -math.inf)
+    idx = _topk(score, budget + 1)
+    group.state["tokenselect"] = (qn, idx, L)
+    group.state["misses"] = group.state.get("misses", 0) + 1
+    return idx
+
+
+def recycled_indices(q: Tensor, group, p: Mapping[str, Any], scale: float) -> Optional[Tensor]:
+    """Recycled Attention: None on full steps (recording the top-K), else recycled + newer slots."""
+    k, pos = group.keys, group.pos
+    B, h, L, D = k.shape
+    st = group.state.get("recycled")
+    if st is None or st[2] + 1 >= p["S"] or st[1] > L or L <= p["K"]:
+        valid = (pos >= 0)[:, None, None, :]
+        group.state["recycled"] = (_topk(_head_probs(q, k, valid, scale).masked_fill(~(pos >= 0)[:, None, :],
+                                                                                     -math.inf), p["K"]), L, 0)
+        return None
+    top, full_len, since = st
+    group.state["recycled"] = (top, full_len, since + 1)
+    return torch.cat([top, _tail_indices(full_len, L, B, h, q.device)], -1)
+
+
+def tidal_indices(q: Tensor, group, p: Mapping[str, Any], scale: float, layer_idx: int, n_layers: int,
+                  shared: dict) -> Optional[Tensor]:
+    """TidalDecode: None at full layers (selection layers record positions in ``shared``)."""
+    k, pos = group.keys, group.pos
+    B, h, L, D = k.shape
+    re = p["reselection_layer"] if p["reselection_layer"] >= 0 else n_layers // 2
+    if layer_idx in (p["selection_layer"], re):
+        if L > p["k"]:
+            valid = (pos >= 0)[:, None, None, :]
+            votes = _head_probs(q, k, valid, scale).sum(1).masked_fill(~(pos >= 0), -math.inf)  # [B, L]
+            shared["tidal"] = (_topk(votes, p["k"]), L)
+        else:
+            shared.pop("tidal", None)
+        return None
+    st = shared.get("tidal")
+    if layer_idx < p["selection_layer"] or st is None or st[1] != L:
+        return None
+    sel = st[0][:, None, :].expand(B, h, -1)
+    return torch.cat([sel, _tail_indices(L - 1, L, B, h, q.device)], -1)
+
+
+def select_attend(sel: Selector, q: Tensor, group, scale: float, *, layer_idx: int, n_layers: int,
+                  shared: dict) -> Tensor:
+    """Decode attention of ``group`` under ``sel``: q [B, h, G, D] -> [B, h, G, D]."""
+    p = sel.params
+    if sel.name == "quest":
+        idx = quest_indices(q, group, p)
+    elif sel.name == "tokenselect":
+        idx = tokenselect_indices(q, group, p, scale)
+    elif sel.name == "recycled":
+        idx = recycled_indices(q, group, p, scale)
+    else:
+        idx = tidal_indices(q, group, p, scale, layer_idx, n_layers, shared)
+    if idx is None:
+        return dense_group_attend(q, group.keys, group.values, _valid_slots(group.pos), scale)
+    group.state["last_selected"] = idx.shape[-1]
+    return gather_attend(q, group.keys, group.values, group.pos, idx, scale)
