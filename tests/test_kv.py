@@ -236,6 +236,13 @@ def test_sampling_and_decode_selectors_run_and_read_less():
         g = out.past_key_values.layers[1].groups[0]
         assert g.state.get("last_selected", 10 ** 9) < g.length, name
     lcpass.hf.set_kv_cache(m, select=None)
+    # a plan of a dynamic method: generate's cache takes its decode selector from the plan
+    q = lcpass.optimize(copy.deepcopy(z.model), method="quest", token_budget=16, page_size=16,
+                        example_inputs=z.example_inputs)
+    out = _gen(q, ids, n=8, return_dict_in_generate=True)
+    g = out.past_key_values.layers[0].groups[0]
+    assert g.selector == Selector("quest", {"token_budget": 16, "page_size": 16})
+    assert g.state["last_selected"] < g.length
 
 
 def test_selector_decode_equals_masked_reference():
@@ -296,3 +303,79 @@ def test_smollm2_streaming_and_duo_memory():
     assert held == cache.nbytes()
     assert held <= 0.57 * cache.dense_nbytes(), (held, cache.dense_nbytes())
     assert len(tok.decode(out.sequences[0, 4096:])) > 0
+
+
+# -- functional (tensor) caches in plain graphs ---------------------------------------------------
+
+class _CachedAttn(torch.nn.Module):
+    def __init__(self, c: int = 32, h: int = 4):
+        super().__init__()
+        self.c, self.h = c, h
+        self.qkv, self.o = torch.nn.Linear(c, 3 * c), torch.nn.Linear(c, c)
+
+    def forward(self, x, past_k, past_v):
+        q, k, v = self.qkv(x).split(self.c, dim=2)
+        q, k, v = (t.view(x.size(0), x.size(1), self.h, self.c // self.h).transpose(1, 2) for t in (q, k, v))
+        k = torch.cat([past_k, k], dim=2)  # [B, H, S_past + T, D]: the tensor KV cache append
+        v = torch.cat([past_v, v], dim=2)
+        t, s = q.size(2), k.size(2)
+        mask = k.new_ones((1, 1, t, s), dtype=torch.bool).tril(s - t)  # [1, 1, T, S]
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(x.size(0), x.size(1), self.c)), k, v
+
+
+class _CachedGPT(torch.nn.Module):
+    """nanoGPT with a tensor KV cache: positions are an input (never read from the cache's length)."""
+
+    def __init__(self, vocab: int = 64, c: int = 32):
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(vocab, c), torch.nn.Embedding(256, c)
+        self.a0, self.a1 = _CachedAttn(c), _CachedAttn(c)
+        self.head = torch.nn.Linear(c, vocab)
+
+    def forward(self, idx, pos, k0, v0, k1, v1):
+        x = self.wte(idx) + self.wpe(pos)
+        y, k0, v0 = self.a0(x, k0, v0)
+        x = x + y
+        y, k1, v1 = self.a1(x, k1, v1)
+        return self.head(x + y), k0, v0, k1, v1
+
+
+def _decode(model, ids, n):
+    empty = torch.zeros(1, 4, 0, 8)
+    kv = [empty] * 4
+    out, sizes = ids, []
+    with torch.no_grad():
+        x, pos = ids, torch.arange(ids.shape[1])[None]
+        for _ in range(n):
+            logits, *kv = model(x, pos, *kv)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], 1)
+            x, pos = nxt, pos[:, -1:] + 1
+            sizes.append(kv[0].shape[2])
+    return out, sizes
+
+
+def test_functional_tensor_cache_append_is_bounded():
+    from lcpass.kv.functional import optimize_functional
+
+    torch.manual_seed(0)
+    model = _CachedGPT().eval()
+    ids = torch.randint(0, 64, (1, 12))
+    ex = (ids, torch.arange(12)[None], *[torch.zeros(1, 4, 0, 8)] * 4)
+    dense, dense_sizes = _decode(model, ids, 30)
+    wide = optimize_functional(model, ex, method="streaming", sink=2, window=64)
+    assert torch.equal(_decode(wide, ids, 30)[0], dense)
+    m = optimize_functional(model, ex, method="streaming", sink=2, window=6, dense_below=0)
+    assert m.lcpass_kv_bounds and all(b[1:] == (2, 5) for b in m.lcpass_kv_bounds)
+    got, sizes = _decode(m, ids, 30)
+    assert max(sizes) == 7 and dense_sizes[-1] == 41
+    # oracle: the same lowered attention over the whole (unbounded) tensor cache
+    from lcpass.inspect import detect
+    from lcpass.lower import lower_graph
+
+    cap, det = detect(model, ex, route="fx")[0]
+    lower_graph(cap.gm, det.sites, Plan.uniform(det.sites, "streaming", sink=2, window=6).resolve, 0)
+    full, full_sizes = _decode(cap.gm, ids, 30)
+    assert torch.equal(got, full) and full_sizes[-1] == 41
+    assert not torch.equal(got, dense)

@@ -89,13 +89,24 @@ class Selector:
 
 
 def selector_from_spec(spec: Any) -> Optional[Selector]:
-    """The decode selector of a plan head spec whose method is a dynamic selector (else None)."""
-    from lcpass.methods import spec_parts
+    """The decode selector of a plan head spec whose method is a dynamic selector (else None).
+
+    Parameters come from the method registry (its defaults filled) when the method is registered there.
+
+    >>> selector_from_spec(("quest", {"token_budget": 512})).params["token_budget"]
+    512
+    """
+    from lcpass.methods import get_method, resolve_params, spec_parts
 
     name, params = spec_parts(spec)
     if name not in SELECTOR_PARAMS:
         return None
-    keep = {k: v for k, v in dict(params).items() if k in SELECTOR_PARAMS[name]}
+    params = dict(params)
+    try:
+        params = resolve_params(get_method(name), params)
+    except ValueError:
+        pass  # not registered (or params the registry does not know): the selector's own defaults
+    keep = {k: v for k, v in params.items() if k in SELECTOR_PARAMS[name]}
     return Selector(name, keep)
 
 
