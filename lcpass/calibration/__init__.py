@@ -175,6 +175,7 @@ def calibrate(
     progress: bool = True,
     example_inputs: dict[str, Any] | None = None,
     name: str = "",
+    scores: torch.Tensor | None = None,
 ) -> Plan:
     """Calibrate `model` and return a plan for `method` ("duo", "razor" or "moa").
 
@@ -196,6 +197,8 @@ def calibrate(
             evicted); False chooses query heads independently.
         razor_params: razor's other parameters (sink, threshold, ratio).
         name: the model name written in the fingerprint (default: config._name_or_path).
+        scores: duo/razor: precomputed per-head scores [sites, heads] (higher = keep full), e.g. from
+            `lcpass.methods.dynamic.retrieval_heads.retrieval_head_scores`; skips the measurement.
 
     Returns:
         A validated `Plan` with the model's full fingerprint.
@@ -212,6 +215,9 @@ def calibrate(
         raise ValueError("calibrate: mode='optimize' trains DuoAttention gates; use it with method 'duo' or 'razor'")
     if not 0.0 <= retrieval_ratio <= 1.0:
         raise ValueError(f"calibrate: retrieval_ratio={retrieval_ratio!r} must lie in [0, 1]")
+    if scores is not None and (method == "moa" or mode == "optimize"):
+        raise ValueError("calibrate: scores=... replaces the retrieval-head measurement; use it with "
+                         "method 'duo' or 'razor' and mode 'score'")
     sites = model_sites(model, example_inputs)
     fp = ModelFingerprint.of_model(model, sites, name or _model_name(model))
     gqa = any(s.n_kv_heads < s.n_heads for s in sites)
@@ -222,6 +228,15 @@ def calibrate(
         if method == "moa":
             return _calibrate_moa(model, sites, fp, data, tokenizer, lengths, depths, density, sink, kv, seed,
                                   progress)
+        if scores is not None:
+            if tuple(scores.shape) != (len(sites), max(s.n_heads for s in sites)):
+                raise ValueError(
+                    f"calibrate: scores have shape {tuple(scores.shape)}, expected "
+                    f"({len(sites)}, {max(s.n_heads for s in sites)}) = (sites, heads)"
+                )
+            if method == "duo":
+                return duo_plan_from_scores(sites, scores.float(), retrieval_ratio, sink, recent, kv, fp)
+            return razor_plan_from_scores(sites, scores.float(), retrieval_ratio, razor_params, kv, fp)
         prompts = calibration_prompts(model, tokenizer, data, lengths, depths, seed)
         if mode == "optimize":
             gates, _ = train_duo_gates(model, prompts, sites, sink=sink, recent=recent, steps=steps, l1=l1,
@@ -232,8 +247,7 @@ def calibrate(
             ])
         else:
             rs = score_retrieval_heads(model, prompts, require_copy=True, progress=progress)
-            key = rs.ranking_key()
-            scores = _order_scores(sites, rs.sites, key)
+            scores = _order_scores(sites, rs.sites, rs.ranking_key())
             if float(rs.hard.max()) == 0.0:
                 warnings.warn(
                     "lcpass.calibrate: no head ever copied a needle token (all retrieval scores are 0); "

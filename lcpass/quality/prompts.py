@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "Prompt",
     "FILLER",
+    "PASSKEY_QUESTION",
     "passkey_prompt",
     "multi_needle_prompt",
     "copy_prompt",
@@ -50,6 +51,9 @@ WORDS = (
     "spider rocket garden walnut silver castle dolphin feather hammer island jungle ladder mirror "
     "needle oyster pepper quartz ribbon shadow tulip umbrella valley wagon yellow zebra bottle"
 ).split()
+# "Answer with the 5-digit number" matters for a 135M model: with a bare "The pass key is" SmolLM2
+# sometimes explains what a pass key is instead of giving it (seen at 1k tokens).
+PASSKEY_QUESTION = "\nWhat is the pass key? Answer with the 5-digit number.\nAnswer: The pass key is"
 COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "brown", "gray")
 
 
@@ -165,9 +169,7 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, seed: int = 0) -> 
     _check_depth(depth)
     key = str(random.Random(seed).randint(10000, 99999))
     fact = f"The pass key is {key}. Remember it."
-    ids, spans = _assemble(
-        tokenizer, length, [(depth, fact)], "\nWhat is the pass key? The pass key is", "passkey_prompt"
-    )
+    ids, spans = _assemble(tokenizer, length, [(depth, fact)], PASSKEY_QUESTION, "passkey_prompt")
     return Prompt(torch.tensor([ids]), key, spans, float(depth), meta={"fact": fact})
 
 
