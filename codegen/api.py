@@ -103,6 +103,23 @@ def _spec(template: str, head_dim: int, group: int, dtype: torch.dtype, block_si
                       dtype=_dtype_name(dtype), layout=layout, mask=pm, score=ps, options=options)
 
 
+_KEYS: dict[tuple, str] = {}
+
+
+def _kernel_key(template: str, head_dim: int, group: int, dtype: torch.dtype,
+                block_size: tuple[int, int], mask_mod: Any, score_mod: Any, layout: str = "csr",
+                tiles: tuple[int, int] | None = None) -> str:
+    """Spec key of the (loaded) kernel for these arguments, memoised: the per-call host cost of a
+    warm call is one dict lookup, not a spec hash (decode steps are launch-bound)."""
+    memo = (template, head_dim, group, dtype, tuple(block_size), mask_mod, score_mod, layout, tiles)
+    key = _KEYS.get(memo)
+    if key is None:
+        spec = _spec(template, head_dim, group, dtype, tuple(block_size), mask_mod, score_mod,
+                     layout=layout, tiles=tiles)
+        key = _KEYS[memo] = load_kernel(spec).SPEC_KEY
+    return key
+
+
 def _backend_ok(device: torch.device) -> None:
     try:
         import triton  # noqa: F401
@@ -217,16 +234,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, sc
         layout = build_layout(mm, Hq, Sq, Sk, DEFAULT_BLOCK_SIZE)
     _check_layout(layout, q, k, "codegen.attention")
     mm = mask_mod if mask_mod is not None else layout.mask_mod
-    spec = _spec("attn_fwd", D, Hq // Hkv, q.dtype, layout.block_size, mm, score_mod, tiles=tiles)
+    key = _kernel_key("attn_fwd", D, Hq // Hkv, q.dtype, layout.block_size, mm, score_mod, tiles=tiles)
     bwd_key = ""
     if grad:
-        bspec = _spec("attn_bwd", D, Hq // Hkv, q.dtype, layout.block_size, mm, None, tiles=tiles)
-        bwd_key = load_kernel(bspec).SPEC_KEY
-    key = load_kernel(spec).SPEC_KEY
+        if score_mod is not None:
+            raise UnsupportedSpec("a score_mod in the backward kernel is not supported (its "
+                                  "derivative is not generated); train without score_mod or use the "
+                                  "CPU engine")
+        bwd_key = _kernel_key("attn_bwd", D, Hq // Hkv, q.dtype, layout.block_size, mm, None,
+                              tiles=tiles)
     lists = _csr_lists(layout, q.device)
-    out, _ = torch.ops.lcpass_codegen.sparse_attention(
-        q, k, v, *lists, _all_tables(mm, score_mod, q.device), float(scale), key, bwd_key)
+    tables = _all_tables(mm, score_mod, q.device)
+    if not grad and _eager(q, k, v):  # same kernel without the custom-op layer (host overhead)
+        from lcpass.codegen import launch
+        from lcpass.codegen.cache import load_by_key
+
+        return launch.fwd(load_by_key(key), q, k, v, *lists, tables, scale, store_lse=False)[0]
+    out, _ = torch.ops.lcpass_codegen.sparse_attention(q, k, v, *lists, tables, float(scale), key,
+                                                       bwd_key)
     return out
+
+
+def _eager(*ts: Tensor) -> bool:
+    """Plain tensors outside torch.compile/export: launch directly (the op adds ~75 us per call,
+    measured on H200); traced calls go through the custom op so graphs see one node."""
+    return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in ts)
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod: Any,
@@ -236,9 +268,8 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod
     Hkv = k.shape[1]
     kind = "causal" if mm == causal_mask() else "full"
     bm, bn = tiles or choose_tiles(D, q.dtype, 128, 128)
-    spec = _spec("attn_fwd", D, Hq // Hkv, q.dtype, (bm, bn), mm if kind == "causal" else None,
-                 score_mod, layout=kind, tiles=(bm, bn))
-    key = load_kernel(spec).SPEC_KEY
+    key = _kernel_key("attn_fwd", D, Hq // Hkv, q.dtype, (bm, bn), mm if kind == "causal" else None,
+                      score_mod, layout=kind, tiles=(bm, bn))
     dummy_n = torch.zeros((1, 1, 1), dtype=torch.int32, device=q.device)
     dummy_i = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=q.device)
     out, _ = torch.ops.lcpass_codegen.sparse_attention(
@@ -282,14 +313,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     _, bn = choose_tiles(D, q.dtype, layout.block_size[0], layout.block_size[1], kind="decode")
     bn = block_n or bn
     mm = mask_mod if mask_mod is not None else layout.mask_mod
-    spec = _spec("attn_decode", D, G, q.dtype, layout.block_size, mm, score_mod, tiles=(bm, bn))
-    key = load_kernel(spec).SPEC_KEY
+    key = _kernel_key("attn_decode", D, G, q.dtype, layout.block_size, mm, score_mod, tiles=(bm, bn))
     lists = _on(layout, q.device, f"decode{Hkv}", lambda: launch.decode_lists(
         layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices, Hkv))
     splits = n_splits or launch.decode_splits(B, Hkv, layout.num_kv_blocks)
-    out = torch.ops.lcpass_codegen.sparse_decode(
-        q, k, v, *lists, _all_tables(mm, score_mod, q.device), float(scale), key, int(splits))
-    return out
+    tables = _all_tables(mm, score_mod, q.device)
+    if _eager(q, k, v):  # same kernels without the custom-op layer (decode is launch-bound)
+        from lcpass.codegen.cache import load_by_key
+
+        return launch.decode(load_by_key(key), q, k, v, lists, tables, scale, int(splits))
+    return torch.ops.lcpass_codegen.sparse_decode(q, k, v, *lists, tables, float(scale), key,
+                                                  int(splits))
 
 
 def attention_or_fallback(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,

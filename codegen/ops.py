@@ -35,13 +35,19 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num: Tensor, kv_idx: Te
     """Block-sparse forward with the generated kernel ``key``; returns ``(out, lse)`` (lse in log2
     units, ``[B, Hq, Sq]`` fp32). ``bwd_key`` names the backward kernel ("" = not differentiable)."""
     return launch.fwd(load_by_key(key), q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale,
-                      store_lse=True, wrap=True)
+                      store_lse=bool(bwd_key), wrap=_traced(q))
+
+
+def _traced(t: Tensor) -> bool:
+    """True while torch.compile / export trace the op body (launch through wrap_triton then);
+    eager calls launch the kernel directly (less host overhead per decode step)."""
+    return type(t) is not torch.Tensor or torch.compiler.is_compiling()
 
 
 @sparse_attention.register_fake
 def _(q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key):
     B, Hq, Sq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq) if bwd_key else (1,), dtype=torch.float32)
 
 
 @triton_op("lcpass_codegen::sparse_attention_bwd", mutates_args=())
@@ -52,7 +58,7 @@ def sparse_attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Ten
     fwd_lists = (kv_num, kv_idx, full_num, full_idx)
     bwd_lists = launch.csr_transpose(*fwd_lists, kv_num.shape[-1])
     return launch.bwd(load_by_key(key), q, k, v, out, dout, lse, fwd_lists, bwd_lists, tables, scale,
-                      wrap=True)
+                      wrap=_traced(q))
 
 
 @sparse_attention_bwd.register_fake
@@ -88,7 +94,7 @@ def sparse_decode(q: Tensor, k: Tensor, v: Tensor, full_num: Tensor, full_idx: T
                   tables: list[Tensor], scale: float, key: str, n_splits: int) -> Tensor:
     """Split-KV decode with the generated kernel ``key`` over per-KV-head block lists."""
     lists = (full_num, full_idx, part_num, part_idx, part_member, part_fullbits)
-    return launch.decode(load_by_key(key), q, k, v, lists, tables, scale, n_splits, wrap=True)
+    return launch.decode(load_by_key(key), q, k, v, lists, tables, scale, n_splits, wrap=_traced(q))
 
 
 @sparse_decode.register_fake
