@@ -40,14 +40,17 @@ __all__ = ["QUEST", "SEER", "LANDMARK", "LONGHEADS", "SeerGate", "load_seer_gate
 
 
 def _topk_layout(scores: Tensor, k: int, *, q_len: int, kv_len: int, block: int, sink_blocks: int,
-                 share: bool, reduce: str, mask_mod: MaskMod) -> BlockLayout:
-    """scores [B, Hkv, G, Mq, Mk] -> layout keeping sinks, local blocks and the top ``k`` in total."""
+                 share: bool, reduce: str, mask_mod: MaskMod, local_blocks: int = 1) -> BlockLayout:
+    """scores [B, Hkv, G, Mq, Mk] -> layout keeping sinks, local blocks and the top ``k`` in total.
+
+    Local: the KV blocks under the query block plus the ``local_blocks - 1`` blocks before them."""
     B, Hkv, G, mq, mk = scores.shape
     if share and G > 1:
         red = scores.amax(2, keepdim=True) if reduce == "max" else scores.mean(2, keepdim=True)
         scores = red.expand(B, Hkv, G, mq, mk)
     first, last = local_block_ids(q_len, kv_len, block, block)
     j = torch.arange(mk)
+    first = first - (local_blocks - 1)
     forced = (j[None] < sink_blocks) | ((j[None] >= first[:, None]) & (j[None] <= last[:, None]))
     scores = scores.masked_fill(forced, FORCE)  # forced: [Mq, Mk]
     return layout_from_topk(scores.reshape(B, Hkv * G, mq, mk), k, q_len=q_len, kv_len=kv_len,
@@ -90,7 +93,8 @@ def quest_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
                  mask_mod: MaskMod | None) -> BlockLayout:
     """Quest (Tang et al., ICML 2024): per page the element-wise min and max key; a query's bound on
     the page's best score is ``sum_d max(q_d kmin_d, q_d kmax_d)``; keep the top pages within
-    ``token_budget`` tokens, plus ``sink_pages`` first pages and the local page(s).
+    ``token_budget`` tokens (sink and local pages included): ``sink_pages`` first pages and the
+    ``local_pages`` most recent ones are always kept.
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> BlockLayout with page_size blocks.
     """
@@ -100,7 +104,8 @@ def quest_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     kk = max(1, -(-params["token_budget"] // ps))
     s = quest_bounds(q, k, ps)
     return _topk_layout(s, kk, q_len=sq, kv_len=sk, block=ps, sink_blocks=params["sink_pages"],
-                        share=params["share_kv_heads"], reduce="max", mask_mod=mm)
+                        share=params["share_kv_heads"], reduce="max", mask_mod=mm,
+                        local_blocks=params["local_pages"])
 
 
 _SHARE = Param("share_kv_heads", "bool", True, None, None,
@@ -114,6 +119,8 @@ QUEST = DynamicMethod(
         Param("token_budget", "int", 2048, 1, None, "tokens attended per query block (pages x page_size)"),
         Param("page_size", "int", 128, 16, 4096, "tokens per page (= engine block)"),
         Param("sink_pages", "int", 1, 0, None, "first pages always kept"),
+        Param("local_pages", "int", 1, 1, None,
+              "most recent pages always kept (the query's own page and those before it)"),
         _SHARE,
     ),
     kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False, crossover=4096,

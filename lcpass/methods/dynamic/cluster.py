@@ -176,12 +176,25 @@ def _local_lse(q: Tensor, k: Tensor, v: Tensor, w: int, scale: float) -> tuple[T
     off = Sk - Sq
     R = B * Hkv * mq
     qp = F.pad(q, (0, 0, 0, pad)).view(B, Hkv, G, mq, w, D).transpose(2, 3).reshape(R, G, w, D)
-    kl = F.pad(k, (0, 0, 0, pad))[:, :, off:].reshape(R, 1, w, D).expand(R, G, w, D)
-    vl = F.pad(v, (0, 0, 0, pad))[:, :, off:].reshape(R, 1, w, D).expand(R, G, w, D)
+    kl = F.pad(k[:, :, off:], (0, 0, 0, pad)).reshape(R, 1, w, D).expand(R, G, w, D)
+    vl = F.pad(v[:, :, off:], (0, 0, 0, pad)).reshape(R, 1, w, D).expand(R, G, w, D)
     out, lse = attend_lse(qp, kl, vl, scale=scale, is_causal=True)
     out = out.view(B, Hkv, mq, G, w, D).transpose(2, 3).reshape(B, Hq, mq * w, D)[:, :, :Sq]
     lse = lse.reshape(B, Hkv, mq, G, w).transpose(2, 3).reshape(B, Hq, mq * w)[:, :, :Sq]
     return out.contiguous(), lse.contiguous()
+
+
+def _cluster_slots(lab: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Indices of each cluster's members, padded: lab [S] -> (idx [n, L] (-1 pad), valid [n, L])."""
+    S = lab.shape[0]
+    order = torch.argsort(lab * S + torch.arange(S))  # by cluster, then position
+    cnt = torch.bincount(lab, minlength=n)
+    start = cnt.cumsum(0) - cnt
+    slot = torch.arange(S) - start[lab[order]]
+    L = max(1, int(cnt.max()))
+    idx = torch.full((n, L), -1, dtype=torch.long)
+    idx[lab[order], slot] = order
+    return idx, idx >= 0
 
 
 def routing_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict | None,
@@ -204,22 +217,24 @@ def routing_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict
         cent = F.normalize(k[0, :, pick].float(), dim=-1).repeat_interleave(G, 0)  # [Hq, C, D]
     cq, ck = routing_assign(q, k, cent)
     out, lse = _local_lse(q, k, v, w, scale)
-    # cluster part: keys of the same cluster before the query's local chunk, per (b, head)
+    # cluster part: per (b, head), queries and keys gathered by cluster into padded [C, L] slots
     wq = min(w, Sq)
     chunk0 = (torch.arange(Sq) // wq) * wq + (Sk - Sq)  # first key of each query's local chunk
-    kpos = torch.arange(Sk)
-    for b in range(B):
-        for h in range(Hq):  # per (b, head): sorted gather; bounded memory
-            kh = k[b, h // G]
-            mask = (ck[b, h][None] == cq[b, h][:, None]) & (kpos[None] < chunk0[:, None])
-            rows = mask.any(-1).nonzero().flatten()
-            cols = mask.any(0).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            o2, l2 = attend_lse(q[b, h, rows][None, None], kh[cols][None, None], v[b, h // G][cols][None, None],
-                                scale=scale, mask=mask[rows][:, cols][None, None])
-            o, l = merge_lse(out[b, h, rows], lse[b, h, rows], o2[0, 0], l2[0, 0])
-            out[b, h, rows], lse[b, h, rows] = o, l
+    ncl = cent.shape[1]
+    for bh in range(B * Hq):  # bounded memory: one head's [C, Lq, Lk] mask at a time
+        b, h = divmod(bh, Hq)
+        qi, qv = _cluster_slots(cq[b, h], ncl)  # [C, Lq] query index (-1 pad)
+        ki, kv_ = _cluster_slots(ck[b, h], ncl)  # [C, Lk] key position
+        before = ki.clamp(min=0)[:, None, :] < chunk0[qi.clamp(min=0)][:, :, None]
+        mask = qv[:, :, None] & kv_[:, None, :] & before  # [C, Lq, Lk]
+        if not bool(mask.any()):
+            continue
+        qq = q[b, h][qi.clamp(min=0)]  # [C, Lq, D]
+        kk, vv = k[b, h // G][ki.clamp(min=0)], v[b, h // G][ki.clamp(min=0)]
+        o2, l2 = attend_lse(qq[:, None], kk[:, None], vv[:, None], scale=scale, mask=mask[:, None])
+        rows = qi[qv]
+        o, l = merge_lse(out[b, h, rows], lse[b, h, rows], o2[:, 0][qv], l2[:, 0][qv])
+        out[b, h, rows], lse[b, h, rows] = o, l
     if params["update"]:
         c = F.normalize(cent.float(), dim=-1)
         qn = F.normalize(q.float(), dim=-1).transpose(0, 1).reshape(Hq, -1, D)

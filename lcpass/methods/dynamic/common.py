@@ -215,6 +215,9 @@ def attend_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | 
 def token_attention(q: Tensor, k: Tensor, v: Tensor, sel: TokenSelection, *, scale: float) -> Tensor:
     """Run a :class:`TokenSelection`: gathered selected keys + the causal local block, LSE-merged.
 
+    Two flash-for-CPU calls (unmasked on the gathered keys unless a row has unused slots, ``is_causal``
+    on the local block) beat one call with a shared additive mask on this CPU (measured ~1.5x).
+
     q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D]. Cost ~ Sq * (K + block_q) per head.
     """
     check_qkv(q, k, v, None, "token_attention")
@@ -232,10 +235,9 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, sel: TokenSelection, *, sca
     off = Sk - Sq
     R, M = B * Hkv * mq, G * bq
     qp = F.pad(q, (0, 0, 0, pad)).view(B, Hkv, G, mq, bq, D).transpose(2, 3).reshape(R, M, D)
-    kp, vp = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    # local causal block: q [R, G, bq, D], k/v [R, G (stride 0), bq, D]
-    kl = kp[:, :, off: off + mq * bq].reshape(R, 1, bq, D).expand(R, G, bq, D)
-    vl = vp[:, :, off: off + mq * bq].reshape(R, 1, bq, D).expand(R, G, bq, D)
+    # local causal block: q [R, G, bq, D], k/v [R, G (stride 0), bq, D] (only the last Sq keys copied)
+    kl = F.pad(k[:, :, off:], (0, 0, 0, pad)).reshape(R, 1, bq, D).expand(R, G, bq, D)
+    vl = F.pad(v[:, :, off:], (0, 0, 0, pad)).reshape(R, 1, bq, D).expand(R, G, bq, D)
     out, lse = _flash(qp.view(R, G, bq, D), kl, vl, is_causal=True, scale=scale)
     out, lse = out.float().reshape(R, M, D), lse.reshape(R, M)
     if K:

@@ -129,7 +129,8 @@ def hip_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     ``sink`` tokens) is cut into ``k // block_size_k`` branches; at each level every branch longer than
     ``block_size_k`` is split in two, each half scored by its representative (middle) key against the
     block's queries (max over queries and the KV group's heads), and the best ``k // block_size_k``
-    halves are kept. O(T log T); no branch is dropped before it was scored.
+    halves are kept. O(T log T); no branch is dropped before it was scored. ``n_local`` recent tokens
+    before the query block are always kept (in addition to ``k``).
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> TokenSelection [B, Hkv, Mq, sink + k].
     """
@@ -165,7 +166,10 @@ def hip_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     tok = torch.where(tok < e[..., None], tok, -1).flatten(-2)
     sink = torch.arange(params["sink"])
     sinks = torch.where(sink[None] < P[:, None], sink[None], -1).expand(B, Hkv, mq, -1)
-    return TokenSelection(torch.cat([sinks, tok], -1), bq, Sq, Sk)
+    loc = P[:, None] - params["n_local"] + torch.arange(params["n_local"])  # recent tokens [Mq, n_local]
+    tok = torch.where(tok >= (P - params["n_local"]).view(1, 1, mq, 1), -1, tok)  # no duplicates
+    loc = torch.where(loc >= lo[:, None], loc, -1).expand(B, Hkv, mq, -1)
+    return TokenSelection(torch.cat([sinks, loc, tok], -1), bq, Sq, Sk)
 
 
 HIP = DynamicMethod(
@@ -178,6 +182,7 @@ HIP = DynamicMethod(
         Param("block_size_q", "int", 128, 1, 4096, "queries sharing one selection"),
         Param("block_size_k", "int", 32, 1, 4096, "leaf branch length (tokens)"),
         Param("sink", "int", 4, 0, None, "initial tokens always kept"),
+        Param("n_local", "int", 0, 0, None, "recent tokens before the query block always kept"),
     ),
     kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False, crossover=4096,
     crossover_why="below ~4k tokens a 2k budget keeps most of the context",

@@ -1,0 +1,199 @@
+"""Dynamic (content-based) methods: selection time and attention time vs SDPA-causal, prefill.
+
+B=1, Hq=8, Hkv=2, D=64, fp32, random q/k/v (same tensors for every variant), budget ~10% of the
+context per method (token budget N/10, or the method's equivalent). For each method: the selector's
+time (``select``; methods without a pure selection report their whole ``attend`` as attention), the
+attention time on that selection (the engine plan rebuilt every call, as at run time), and SDPA with
+``is_causal=True``. For Quest, Seer and TokenSelect it reports whether selection costs less than 25% of
+the attention it saves (``t_select < 0.25 * (t_sdpa - t_attention)``). Decode-only methods (Recycled,
+TidalDecode) are timed on one decode step (Sq=1) against SDPA decode. Score mods change results, not
+cost, and are not timed. Timing: ``torch.utils.benchmark.Timer(...).blocked_autorange()`` after a
+warm-up, medians, one run. Writes ``benchmarks/results/dynamic_methods.json`` and ``.png``. Not a test.
+
+    python benchmarks/dynamic_methods.py            # N in {4096, 16384}
+    python benchmarks/dynamic_methods.py --quick    # N = 4096 only, short timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from lcpass.layout import BlockLayout
+from lcpass.methods import get_method, resolve_params
+from lcpass.methods.dynamic import TidalState, build_squeezed_index, run_selection
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CRITERION = ("quest", "seer", "tokenselect")
+
+
+def params_for(name: str, n: int) -> dict:
+    """Parameters giving a ~10% token budget at context length n."""
+    b = n // 10
+    return {
+        "quest": {"token_budget": b},
+        "seer": {"topk": max(1, b // 128)},
+        "tokenselect": {"k": b},
+        "hip": {"k": b, "block_size_k": 64},
+        "squeezed": {"budget": 0.1, "n_clusters": 256, "n_coarse": 16},
+        "routing": {"n_clusters": 10, "window": 128},
+        "hyper": {"block_size": b, "sample_size": 256, "min_seq_len": 1024},
+        "longheads": {"trained_length": b},
+        "landmark": {"topk": max(1, b // 128)},
+        "cca": {"group_size": 16, "local_window": b - n // 16 // 2},
+        "recycled": {"K": b, "S": 1 << 30},
+        "tidal": {"k": b},
+    }[name]
+
+
+def median(fn, min_run_time: float) -> float:
+    fn()
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def fresh(sel):
+    """The selection with its engine-plan cache cleared (plans are rebuilt per call at run time)."""
+    if isinstance(sel, BlockLayout):
+        sel._cache.clear()
+    return sel
+
+
+def bench_prefill(name: str, q, k, v, scale: float, mrt: float) -> dict:
+    m = get_method(name)
+    n = q.shape[2]
+    p = resolve_params(m, params_for(name, n))
+    state: dict = {}
+    if name == "squeezed":
+        state["squeezed_index"] = build_squeezed_index(k, n_clusters=p["n_clusters"], n_coarse=p["n_coarse"])
+    rec = {"method": name, "N": n, "params": p, "phase": "prefill"}
+    if m.select is None:
+        rec["select_s"] = None
+        rec["attention_s"] = median(lambda: m.attend(q, k, v, params=p, state=dict(state), mask_mod=None,
+                                                     scale=scale), mrt)
+        return rec
+    sel = m.select(q, k, params=p, state=state, mask_mod=None)
+    rec["select_s"] = median(lambda: m.select(q, k, params=p, state=state, mask_mod=None), mrt)
+    rec["attention_s"] = median(lambda: run_selection(q, k, v, fresh(sel), scale=scale), mrt)
+    if isinstance(sel, BlockLayout):
+        rec["density_causal"] = sel.density("causal")
+    else:
+        kept = (sel.indices >= 0).sum().item() / sel.indices[..., 0].numel() + sel.block_q / 2
+        rec["density_causal"] = kept / (n / 2)
+    return rec
+
+
+def bench_decode(name: str, q, k, v, scale: float, mrt: float) -> dict:
+    m = get_method(name)
+    n = k.shape[2]
+    p = resolve_params(m, params_for(name, n))
+    q1 = q[:, :, -1:]
+    if name == "recycled":
+        state: dict = {}
+        m.select(q, k, params=p, state=state, mask_mod=None)  # prefill: full step, records top-K
+        state["recycled"]["full_len"] = n - 8  # 8 tokens generated since the full step
+        state["recycled"]["since"] = 0
+    else:
+        state = {"tidal": TidalState(), "layer": 2, "n_layers": 30}
+        m.select(q1, k, params=p, state=state, mask_mod=None)  # selection layer of this step
+        state = {"tidal": state["tidal"], "layer": 5, "n_layers": 30}
+
+    def sel_fn():
+        if name == "recycled":
+            state["recycled"]["since"] = 0
+        return m.select(q1, k, params=p, state=state, mask_mod=None)
+    sel = sel_fn()
+    rec = {"method": name, "N": n, "params": p, "phase": "decode"}
+    rec["select_s"] = median(sel_fn, mrt)
+    rec["attention_s"] = median(lambda: run_selection(q1, k, v, sel, scale=scale), mrt)
+    rec["sdpa_decode_s"] = median(lambda: F.scaled_dot_product_attention(q1, k, v, scale=scale,
+                                                                          enable_gqa=True), mrt)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N=4096 only and short timing")
+    ap.add_argument("--methods", default="", help="comma-separated subset (default: all timed methods)")
+    ap.add_argument("--out", default=str(RESULTS / "dynamic_methods"), help="output path stem")
+    args = ap.parse_args()
+    sizes = [4096] if args.quick else [4096, 16384]
+    mrt = 0.2 if args.quick else 1.0
+    prefill = ["quest", "seer", "tokenselect", "hip", "squeezed", "routing", "hyper", "longheads",
+               "landmark", "cca"]
+    decode = ["recycled", "tidal"]
+    if args.methods:
+        keep = set(args.methods.split(","))
+        prefill, decode = [m for m in prefill if m in keep], [m for m in decode if m in keep]
+    torch.manual_seed(0)
+    B, Hq, Hkv, D = 1, 8, 2, 64
+    scale = D ** -0.5
+    out = {"config": {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": "float32", "budget": 0.1,
+                      "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")},
+           "results": []}
+    for n in sizes:
+        q = torch.randn(B, Hq, n, D)
+        k, v = torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
+        t_sdpa = median(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                               enable_gqa=True), mrt)
+        print(f"N={n}: sdpa-causal {t_sdpa * 1e3:.1f} ms", flush=True)
+        for name in prefill:
+            r = bench_prefill(name, q, k, v, scale, mrt)
+            r["sdpa_causal_s"] = t_sdpa
+            saved = t_sdpa - r["attention_s"]
+            if r["select_s"] is not None:
+                r["select_fraction_of_saved"] = r["select_s"] / saved if saved > 0 else float("inf")
+                if name in CRITERION:
+                    r["select_lt_25pct_of_saved"] = bool(saved > 0 and r["select_s"] < 0.25 * saved)
+            tot = (r["select_s"] or 0.0) + r["attention_s"]
+            r["speedup_vs_sdpa"] = t_sdpa / tot
+            out["results"].append(r)
+            sel = "-" if r["select_s"] is None else f"{r['select_s'] * 1e3:.1f}"
+            print(f"  {name:12s} select {sel:>8s} ms  attention {r['attention_s'] * 1e3:8.1f} ms  "
+                  f"x{r['speedup_vs_sdpa']:.2f}  {r.get('select_lt_25pct_of_saved', '')}", flush=True)
+        for name in decode:
+            r = bench_decode(name, q, k, v, scale, mrt)
+            out["results"].append(r)
+            print(f"  {name:12s} decode: select {r['select_s'] * 1e3:.2f} ms attention "
+                  f"{r['attention_s'] * 1e3:.2f} ms sdpa {r['sdpa_decode_s'] * 1e3:.2f} ms", flush=True)
+    stem = Path(args.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=float))
+    plot(out, stem.with_suffix(".png"))
+    print(f"wrote {stem.with_suffix('.json')} and .png")
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in out["results"] if r["phase"] == "prefill"]
+    sizes = sorted({r["N"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        rs = [r for r in rows if r["N"] == n]
+        names = [r["method"] for r in rs]
+        sel = [r["select_s"] or 0.0 for r in rs]
+        att = [r["attention_s"] for r in rs]
+        ax.bar(names, sel, label="selection")
+        ax.bar(names, att, bottom=sel, label="attention")
+        ax.axhline(rs[0]["sdpa_causal_s"], color="k", ls="--", label="SDPA causal")
+        ax.set_title(f"N={n}, B=1, Hq=8, Hkv=2, D=64, ~10% budget")
+        ax.set_ylabel("seconds (median)")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
