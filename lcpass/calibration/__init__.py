@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lcpass.calibration.duo_optimize import train_duo_gates
+from lcpass.calibration.duo_optimize import DuoGates, train_duo_gates
 from lcpass.calibration.moa import allocate_windows, candidate_windows, profile_window_mass, window_density
 from lcpass.calibration.probe import AttentionCall, attention_probe
 from lcpass.calibration.retrieval import (
@@ -42,6 +42,7 @@ from lcpass.plan import HeadSpec, ModelFingerprint, Plan, SiteInfo, SitePlan
 
 __all__ = [
     "AttentionCall",
+    "DuoGates",
     "RetrievalScores",
     "allocate_windows",
     "attention_probe",
@@ -239,8 +240,9 @@ def calibrate(
             return razor_plan_from_scores(sites, scores.float(), retrieval_ratio, razor_params, kv, fp)
         prompts = calibration_prompts(model, tokenizer, data, lengths, depths, seed)
         if mode == "optimize":
-            gates, _ = train_duo_gates(model, prompts, sites, sink=sink, recent=recent, steps=steps, l1=l1,
-                                       progress=progress)
+            trained = train_duo_gates(model, prompts, sites, sink=sink, recent=recent, steps=steps, l1=l1,
+                                      progress=progress)
+            gates = trained.ranking_key()
             scores = torch.stack([
                 gates[i, : s.n_kv_heads].repeat_interleave(s.n_heads // s.n_kv_heads)
                 for i, s in enumerate(sites)

@@ -12,17 +12,21 @@ tokens (the answer), with an L1 penalty pushing gates towards 0 (streaming):
     L = mean_j ||H_full[j] - H_gated[j]||^2 / hidden   +   l1 * mean(alpha)
 
 Heads whose gates stay high are retrieval heads; `calibrate(..., mode="optimize")` ranks KV heads by
-their final gate and keeps the top `retrieval_ratio` as retrieval heads.
+their final gate and keeps the top `retrieval_ratio` as retrieval heads. With few steps many gates sit
+at the same value (clamped at 1, or moved in lockstep by Adam's sign-like first steps), so ties are
+broken by each gate's accumulated *distillation pressure* (the sum over steps of -dL_distill/dalpha:
+how much the answer's hidden states need that head's full attention).
 
 Example:
-    >>> gates, history = train_duo_gates(model, prompts, sites, sink=4, recent=32, steps=3)  # doctest: +SKIP
-    >>> gates.shape                                                            # doctest: +SKIP
+    >>> trained = train_duo_gates(model, prompts, sites, sink=4, recent=32, steps=3)  # doctest: +SKIP
+    >>> trained.gates.shape                                                            # doctest: +SKIP
     torch.Size([30, 3])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,7 +36,21 @@ from lcpass.calibration.progress import progress_bar
 from lcpass.plan import SiteInfo
 from lcpass.quality.prompts import Prompt
 
-__all__ = ["train_duo_gates", "streaming_allowed"]
+__all__ = ["DuoGates", "train_duo_gates", "streaming_allowed"]
+
+
+@dataclass
+class DuoGates:
+    """Trained gates [sites, kv_heads] in [0, 1], distillation pressure (same shape), loss per step."""
+
+    gates: torch.Tensor
+    pressure: torch.Tensor
+    history: list[float]
+
+    def ranking_key(self) -> torch.Tensor:
+        """gates + 1e-3 * pressure / max|pressure|: ranks by gate, ties broken by pressure."""
+        scale = float(self.pressure.abs().max()) or 1.0
+        return self.gates + 1e-3 * self.pressure / scale
 
 
 def streaming_allowed(call: AttentionCall, sink: int, recent: int) -> torch.Tensor:
@@ -55,8 +73,8 @@ def train_duo_gates(
     l1: float = 0.05,
     tail: int = 32,
     progress: bool = True,
-) -> tuple[torch.Tensor, list[float]]:
-    """Train per-KV-head gates (see module doc); return (gates [sites, kv_heads] in [0, 1], loss history).
+) -> DuoGates:
+    """Train per-KV-head gates (see module doc); return the gates, their pressure and the loss history.
 
     One step = one prompt (cycled). The model's parameters are frozen during training and their
     ``requires_grad`` flags restored afterwards.
@@ -71,6 +89,7 @@ def train_duo_gates(
     opt = torch.optim.Adam([gates], lr=lr)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     history: list[float] = []
+    pressure = torch.zeros_like(gates)
     targets: dict[int, torch.Tensor] = {}
 
     def mix(call: AttentionCall) -> torch.Tensor:
@@ -93,22 +112,27 @@ def train_duo_gates(
                 ids = prompts[k].ids
                 mask = torch.ones_like(ids)
                 if k not in targets:
-                    with torch.no_grad():
+                    # the target runs through the same probe (full attention only), so at alpha = 1 the
+                    # distillation term is exactly 0 rather than kernel rounding noise Adam would amplify
+                    with torch.no_grad(), attention_probe(model, lambda call: call.dense()):
                         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
                     targets[k] = out.hidden_states[-1][:, -tail:].detach()
                 with attention_probe(model, mix):
                     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
                 h = out.hidden_states[-1][:, -tail:]
                 distill = ((h - targets[k]) ** 2).sum(-1).mean() / h.shape[-1]
-                loss = distill + l1 * gates.clamp(0, 1).mean()
                 opt.zero_grad()
-                loss.backward()
+                distill.backward()
+                assert gates.grad is not None
+                pressure -= gates.grad
+                gates.grad += l1 / gates.numel()  # d(l1 * mean(alpha)) / d alpha
+                loss = distill.detach() + l1 * gates.detach().clamp(0, 1).mean()
                 opt.step()
                 with torch.no_grad():
                     gates.clamp_(0, 1)
                 history.append(float(loss.detach()))
-                bar.update(task, advance=1, info=f"loss {float(loss.detach()):.4g} mean gate {float(gates.mean()):.3f}")
+                bar.update(task, advance=1, info=f"loss {float(loss.detach()):.4g} mean gate {float(gates.detach().mean()):.3f}")
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    return gates.detach().clone(), history
+    return DuoGates(gates.detach().clone(), pressure, history)
