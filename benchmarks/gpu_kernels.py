@@ -266,7 +266,6 @@ def run(args: argparse.Namespace) -> dict:
             nbytes = sel_blocks * dblock * D * 2 * q.element_size()  # K and V of the selected blocks
             # the same kernels launched without the custom-op layer: host overhead of the op path
             from lcpass.codegen import launch
-            from lcpass.codegen.api import _all_tables, _csr_lists  # noqa: F401
             mod = codegen.load_kernel(codegen.kernel_specs(codegen.AttentionSpec(
                 head_dim=D, mask_mod=causal_mask(), dtype=dt, n_heads=Hq, n_kv_heads=Hkv,
                 block_size=(dblock, dblock), kind="decode"))[0])
@@ -278,8 +277,8 @@ def run(args: argparse.Namespace) -> dict:
             ms_full = bench(lambda: F.scaled_dot_product_attention(q, kx, vx, scale=sc), smoke)
             r = {"kernel": "decode_quest10", "N": N, "B": Bd, "ms": ms, "us": ms * 1e3,
                  "selected_MB": nbytes / 1e6, "GBps": nbytes / (ms * 1e-3) / 1e9,
-                 "direct_launch_us": ms_direct * 1e3, "sdpa_dense_ms": ms_full, "vs_sdpa_dense": ms_full / ms, "params": params,
-                 "density": lay.density("total")}
+                 "direct_launch_us": ms_direct * 1e3, "sdpa_dense_ms": ms_full,
+                 "vs_sdpa_dense": ms_full / ms, "params": params, "density": lay.density("total")}
             if "hbm_copy_GBps" in res:
                 r["hbm_fraction"] = r["GBps"] / res["hbm_copy_GBps"]
             res["decode"].append(r)
@@ -296,7 +295,8 @@ def summarize(res: dict) -> dict:
     """The issue's target ratios, measured (None where the row is missing)."""
     def pick(kind, N, density=None):
         for r in res["prefill"]:
-            if r["kernel"] == kind and r["N"] == N and (density is None or r.get("target_density") == density):
+            if r["kernel"] == kind and r["N"] == N and (
+                    density is None or r.get("target_density") == density):
                 return r
         return None
 

@@ -5,13 +5,12 @@ query block, split-KV) when ``backend="triton"``, or on CUDA with ``"auto"``; be
 :func:`available` and falls back to the CPU engine with a warning when the answer is no (or uses
 :func:`attention_or_fallback`, which does exactly that).
 
->>> import torch, os                                                    # doctest: +SKIP
 >>> from lcpass.layout import build_layout
 >>> from lcpass.masks import sliding_window_mask
->>> q = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
->>> k = v = torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16)
 >>> lay = build_layout(sliding_window_mask(512), 8, 4096, 4096, 128)
->>> out = attention(q, k, v, lay, scale=128 ** -0.5)                     # [1, 8, 4096, 128]
+>>> q = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)   # doctest: +SKIP
+>>> k = v = torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+>>> out = attention(q, k, v, lay, scale=128 ** -0.5)          # [1, 8, 4096, 128]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -127,6 +126,9 @@ def _backend_ok(device: torch.device) -> None:
         raise UnsupportedSpec("triton is not installed; pip install triton (Linux x86-64) or use the "
                               "CPU engine") from None
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedSpec("CUDA is not available in this process; generated kernels need a "
+                                  "GPU (use the CPU engine)")
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return

@@ -24,7 +24,7 @@ caller can fall back to the CPU engine instead of running a wrong kernel.
 >>> from lcpass.masks import sliding_window_mask
 >>> p = print_mask_mod(sliding_window_mask([4, 8]))
 >>> p.tables, p.expr
-(((4, 8),), 'mm_3')
+(((4, 8),), 'mm_4')
 """
 
 from __future__ import annotations

@@ -177,6 +177,36 @@ def test_backward_matches_autograd_of_reference(name):
         assert (g - w).abs().max().item() < TOL, f"d{what}"
 
 
+def test_floor_division_semantics_on_negative_offsets():
+    # (kv - q) is negative below the diagonal: torch floors, C truncates; the printed helpers floor
+    mm = M.mask_from_callable(lambda b, h, qi, ki: ((ki - qi) // 3) % 2 == 0, "floor_stripes")
+    assert "lc_floordiv" in codegen.print_mask_mod(mm).source()
+    q, k, v = _qkv(1, 2, 1, 64, 64, seed=12)
+    lay = build_layout(mm, 2, 64, 64, 32)
+    out = codegen.attention(q, k, v, lay, scale=D ** -0.5, tiles=(32, 32))
+    assert (out - reference_attention(q, k, v, mm, scale=D ** -0.5)).abs().max().item() < TOL
+
+
+def test_kernels_cli_prints_the_site_kernel(capsys):
+    import argparse
+
+    from lcpass.cli import kernels_cmd
+
+    ap = argparse.ArgumentParser()
+    kernels_cmd.add_parser(ap.add_subparsers())
+    args = ap.parse_args(["kernels", "llama-tiny", "--show", "model.layers.0.self_attn", "--method",
+                          "streaming", "--param", "window=256", "--param", "sink=4"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "def attn_fwd(" in out and "streaming(sink=4, window=256)" in out
+    assert "G = tl.constexpr(2)" in out  # llama-tiny: 4 q heads / 2 kv heads
+    args = ap.parse_args(["kernels", "llama-tiny", "--show", "model.layers.0.self_attn", "--kind",
+                          "decode"])
+    assert args.func(args) == 0 and "def attn_decode_merge(" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="not K=V"):
+        kernels_cmd.parse_params(["window"])
+
+
 # ------------------------------------------------------------------------------------------------
 # generated source
 
