@@ -27,6 +27,13 @@ D = 16
 SCALE = D ** -0.5
 
 
+def qkv(b, hq, n, seed):
+    """Random q [b, hq, n, D] and k, v [b, 2, n, D]."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, n, D, generator=g), torch.randn(b, 2, n, D, generator=g),
+            torch.randn(b, 2, n, D, generator=g))
+
+
 def masked_ref(q, k, v, mask, scale=SCALE):
     """Dense reference attention restricted to an element mask Bool[B|1, H, Sq, Sk]."""
     off = k.shape[2] - q.shape[2]
@@ -97,7 +104,8 @@ def test_seer_threshold_and_learned_gate(tmp_path):
     lay2 = dynamic_select("seer", q, k, {"topk": 3}, state={"gate": g})
     assert block_sets(lay2)[3] == {0, 2, 3}
     check_engine(q, k, v, lay2)
-    torch.save({"q_weight": torch.zeros(4, D + 1, 8), "k_weight": torch.zeros(2, 3 * D, 8)}, tmp_path / "bad.pt")
+    bad = {"q_weight": torch.zeros(4, D + 1, 8), "k_weight": torch.zeros(2, 3 * D, 8)}
+    torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="q_weight has shape"):
         load_seer_gate(tmp_path / "bad.pt", n_heads=4, n_kv_heads=2, head_dim=D)
 
@@ -265,8 +273,7 @@ def test_hyper_sortlsh_blocks_follow_the_hash():
 
 def test_cca_equals_explicit_core_tokens_and_mask():
     n, g_, s = 96, 8, 24
-    gen = torch.Generator().manual_seed(7)
-    q, k, v = torch.randn(1, 4, n, D, generator=gen), torch.randn(1, 2, n, D, generator=gen), torch.randn(1, 2, n, D, generator=gen)
+    q, k, v = qkv(1, 4, n, 7)
     k[:, :, 8:16] = k[:, :, 8:9]  # a group of identical keys: its core key is that key, whatever the weights
     kc, vc = cca_core_tokens(k, v, g_, SCALE)
     assert torch.allclose(kc[:, :, 1], k[:, :, 8], atol=1e-6)
@@ -316,8 +323,7 @@ FULL = {
 
 @pytest.mark.parametrize("name", [m.name for m in DYNAMIC_METHODS])
 def test_full_budget_equals_causal(name):
-    g = torch.Generator().manual_seed(8)
-    q, k, v = torch.randn(2, 4, 300, D, generator=g), torch.randn(2, 2, 300, D, generator=g), torch.randn(2, 2, 300, D, generator=g)
+    q, k, v = qkv(2, 4, 300, 8)
     ref = causal_ref(q, k, v)
     state: dict = {"tidal": TidalState(), "layer": 1, "n_layers": 4, "spans": [(0, 10)]}
     out = dynamic_attention(name, q, k, v, FULL[name], scale=SCALE, state=state)
@@ -332,8 +338,7 @@ def test_full_budget_equals_causal(name):
 
 
 def test_score_mods_against_explicit_formulas():
-    g = torch.Generator().manual_seed(9)
-    q, k, v = torch.randn(1, 2, 40, D, generator=g), torch.randn(1, 2, 40, D, generator=g), torch.randn(1, 2, 40, D, generator=g)
+    q, k, v = qkv(1, 2, 40, 9)
     s = (q @ k.transpose(-1, -2)) * SCALE
     causal = torch.ones(40, 40, dtype=torch.bool).tril()
 
@@ -365,7 +370,8 @@ def test_registry_lists_dynamic_methods_and_validates():
         assert m.name in names and get_method(m.name).kind == "dynamic"
     assert {"quest", "seer", "tokenselect", "hip", "squeezed", "routing", "hyper", "longheads", "landmark",
             "cca", "recycled", "tidal", "selective", "tempscale", "entropy_abf", "pasta"} <= set(names)
-    with pytest.raises(ValueError, match=r"'page_size' = 8 is out of range; allowed: 16 <= page_size <= 4096"):
+    allowed = r"'page_size' = 8 is out of range; allowed: 16 <= page_size <= 4096"
+    with pytest.raises(ValueError, match=allowed):
         validate_params("quest", {"page_size": 8})
     with pytest.raises(ValueError, match="threshold"):
         validate_params("seer", {"threshold": 2.0})

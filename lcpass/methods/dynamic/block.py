@@ -12,7 +12,8 @@ Query blocks and KV blocks have the same size (``page_size`` / ``block_size`` / 
 
 >>> import torch
 >>> q = torch.randn(1, 8, 1024, 64); k = torch.randn(1, 2, 1024, 64)
->>> p = {"token_budget": 256, "page_size": 128, "sink_pages": 1, "share_kv_heads": True}
+>>> from lcpass.methods import validate_params
+>>> p = validate_params("quest", {"token_budget": 256, "page_size": 128})
 >>> lay = quest_select(q, k, params=p, state=None, mask_mod=None)
 >>> int(lay.full_kv_num_blocks.max() + lay.kv_num_blocks.max())   # 2 pages per query block
 2
@@ -23,7 +24,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor

@@ -86,7 +86,8 @@ def cca_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict | N
 
 CCA = DynamicMethod(
     name="cca",
-    paper="Core Context Aware Attention for Long Context Language Modeling (CCA-Attention, Chen et al., 2024)",
+    paper="Core Context Aware Attention for Long Context Language Modeling "
+          "(CCA-Attention, Chen et al., 2024)",
     summary="Groups merged into importance-weighted core tokens + local window, one fused softmax.",
     params=(
         Param("group_size", "int", 16, 1, None, "tokens merged into one core token (g)"),

@@ -136,7 +136,8 @@ def squeezed_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
 SQUEEZED = DynamicMethod(
     name="squeezed",
     paper="Squeezed Attention: Accelerating Long Context Length LLM Inference (Hooper et al., 2024)",
-    summary="Offline k-means of a fixed context's keys; two-level centroid lookup; exact attention on kept clusters.",
+    summary="Offline k-means of a fixed context's keys; two-level centroid lookup; exact attention on "
+            "the kept clusters.",
     params=(
         Param("n_clusters", "int", 256, 1, None, "fine key clusters per head"),
         Param("n_coarse", "int", 16, 1, None, "coarse clusters (level 1) per head"),
@@ -202,7 +203,8 @@ def routing_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict
     """Routing Transformer (Roy et al., TACL 2021): queries and keys are routed to the nearest of
     ``n_clusters`` centroids (cosine, per head: ``state["routing_centroids"] [Hq, C, D]``, initialised
     from evenly spaced keys); a query attends the keys of its cluster before its local chunk plus its
-    local chunk (chunks of ``window`` queries cut from the first query, causal), one softmax. ``update=True`` moves the centroids towards the mean of
+    local chunk (chunks of ``window`` queries cut from the first query, causal), one softmax.
+    ``update=True`` moves the centroids towards the mean of
     their assigned (normalised) queries and keys by an exponential moving average with ``decay``.
     """
     check_causal(mask_mod, "routing")
@@ -239,7 +241,8 @@ def routing_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict
         c = F.normalize(cent.float(), dim=-1)
         qn = F.normalize(q.float(), dim=-1).transpose(0, 1).reshape(Hq, -1, D)
         kn = F.normalize(k.float(), dim=-1).repeat_interleave(G, 1).transpose(0, 1).reshape(Hq, -1, D)
-        x, lab = torch.cat([qn, kn], 1), torch.cat([cq.transpose(0, 1).reshape(Hq, -1), ck.transpose(0, 1).reshape(Hq, -1)], 1)
+        x = torch.cat([qn, kn], 1)  # [Hq, B * (Sq + Sk), D]
+        lab = torch.cat([cq.transpose(0, 1).reshape(Hq, -1), ck.transpose(0, 1).reshape(Hq, -1)], 1)
         s = torch.zeros_like(c).scatter_add_(1, lab[..., None].expand(-1, -1, D), x)
         n = torch.zeros(c.shape[:2]).scatter_add_(1, lab, torch.ones(lab.shape))
         mean = torch.where(n[..., None] > 0, s / n.clamp(min=1)[..., None], c)

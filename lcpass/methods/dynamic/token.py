@@ -8,10 +8,11 @@ methods keep what they reuse in the per-site ``state`` dict; TidalDecode's posit
 
 >>> import torch
 >>> q = torch.randn(1, 8, 512, 64); k = torch.randn(1, 2, 512, 64)
->>> p = {"k": 64, "n_sink": 4, "n_local": 0, "block_size": 128, "cache_threshold": 0.9}
+>>> from lcpass.methods import validate_params
+>>> p = validate_params("tokenselect", {"k": 64, "n_sink": 4})
 >>> sel = tokenselect_select(q, k, params=p, state=None, mask_mod=None)
->>> tuple(sel.indices.shape)          # [B, Hkv, Mq, K]
-(1, 2, 4, 64)
+>>> tuple(sel.indices.shape)          # [B, Hkv, Mq, K]: k + n_sink tokens
+(1, 2, 4, 68)
 """
 
 from __future__ import annotations
