@@ -1,0 +1,237 @@
+"""``lcpass.export``: a model whose attention runs its planned method, as a torch.export program or ONNX.
+
+The graph route for every model (transformers models included): capture with ``torch.export`` (optionally
+with a symbolic sequence length), canonicalize, lower each planned site to
+``torch.ops.lcpass.planned_attention`` (dense sites keep the exact ``torch.ops.lcpass.attention``), then
+
+* ``format="torch"``: ``torch.export.export`` the lowered graph and ``torch.export.save`` it; the
+  program's attention sites are lcpass custom ops, so ``torch.export.load`` works after ``import lcpass``;
+* ``format="onnx"``: ``torch.onnx.export(dynamo=True, opset_version=23)`` with a custom translation per
+  lcpass op: one ``lcpass``-domain function per site configuration (ONNX ``Attention`` with the method's
+  mask built in-graph from positions, or ``com.microsoft.GroupQueryAttention`` for a pure sliding
+  window); see :mod:`lcpass.onnx_attention`. Dynamic (top-k) methods are not registered yet, so there is
+  no selection + gather lowering.
+
+Example::
+
+    >>> res = lcpass.export(model, {"input_ids": ids}, "model.onnx", method="streaming", sink=4, window=64)
+    >>> import onnxruntime as ort
+    >>> sess = ort.InferenceSession("model.onnx")
+    >>> logits = sess.run(None, {"input_ids": ids.numpy()})[0]
+    >>> ep = lcpass.export(model, {"input_ids": ids}, "model.pt2", format="torch", method="dense").program
+"""
+from __future__ import annotations
+
+import inspect as _inspect
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from lcpass.capture import CaptureError, Captured, capture
+from lcpass.inspect import ExampleInputs, _split
+from lcpass.lower import lower_graph
+from lcpass.patterns import canonicalize
+from lcpass.plan import Plan
+
+__all__ = ["export", "ExportResult", "FORMATS", "check_output_path"]
+
+FORMATS = ("onnx", "torch")
+
+
+@dataclass
+class ExportResult:
+    """What ``lcpass.export`` wrote."""
+
+    path: Path
+    format: str
+    program: Any  # torch.export.ExportedProgram or onnx.ModelProto
+    lowering: dict[str, str] = field(default_factory=dict)  # site -> dense | sparse | dense-masked
+    input_names: list[str] = field(default_factory=list)  # ONNX graph inputs, in order
+    functions: list[str] = field(default_factory=list)  # ONNX: the lcpass functions (or contrib ops) used
+
+
+def check_output_path(path: Union[str, Path], what: str = "lcpass.export") -> Path:
+    """``path`` as a Path whose folder exists and is writable; ValueError naming the path otherwise."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{what}: output path '{p}' is a directory; give a file name such as '{p / 'model.onnx'}'")
+    if not parent.is_dir():
+        raise ValueError(f"{what}: cannot write '{p}': folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{what}: cannot write '{p}': permission denied; choose a writable path")
+    return p
+
+
+def _plan_for(sites, method: Optional[str], plan: Union[Plan, str, Path, None], params: dict[str, Any]) -> Plan:
+    if (method is None) == (plan is None):
+        raise ValueError("lcpass.export: pass exactly one of method='name' (see `lcpass methods`) or plan=...")
+    if method is not None:
+        the_plan = Plan.uniform(sites, method, **params)
+    else:
+        if params:
+            raise ValueError(f"lcpass.export: parameters {sorted(params)} go with method=..., not with plan=")
+        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    the_plan.validate(sites)
+    return the_plan
+
+
+class _PlainOutputs(torch.nn.Module):
+    """The lowered graph with a transformers ``ModelOutput`` returned as a plain dict: a saved program then
+    loads without transformers' pytree registrations (``ep.module()(input_ids=ids)["logits"]``)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, fixed: dict[str, Any]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.fixed = fixed  # non-tensor keyword arguments baked in (use_cache=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.gm(*args, **kwargs, **self.fixed)
+        if isinstance(out, dict) and type(out) is not dict:  # ModelOutput is an OrderedDict subclass
+            return {k: v for k, v in out.items()}
+        return out
+
+
+def _plain_outputs(gm: torch.fx.GraphModule, fixed: dict[str, Any]) -> torch.nn.Module:
+    """A :class:`_PlainOutputs` whose forward shows ``gm``'s own signature less the ``fixed`` arguments."""
+    sig = _inspect.signature(gm.forward)
+    sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name not in fixed])
+    cls = type("LoweredModel", (_PlainOutputs,), {})
+    fwd = lambda self, *args, **kwargs: _PlainOutputs.forward(self, *args, **kwargs)  # noqa: E731
+    self_param = _inspect.Parameter("self", _inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    fwd.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    cls.forward = fwd
+    return cls(gm, fixed)
+
+
+def _dynamic_shapes(fn, args: tuple, kwargs: dict[str, Any], seq: Any) -> dict[str, Any]:
+    """Dim 1 of every tensor input is the sequence length; keyed by the forward's parameter names."""
+    bound = _inspect.signature(fn).bind(*args, **kwargs)
+    return {name: ({1: seq} if isinstance(v, torch.Tensor) and v.dim() > 1 else None)
+            for name, v in bound.arguments.items()}
+
+
+def seq_dim(model: torch.nn.Module) -> Any:
+    """The symbolic sequence length: 2 .. the model's position limit (learned position tables bound it)."""
+    config = getattr(model, "config", None)
+    limit = None
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        limit = limit or getattr(config, attr, None)
+    return torch.export.Dim("seq", min=2, max=int(limit) if limit else 1 << 16)
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_seq: bool) -> Captured:
+    """lcpass.capture's export route, with the sequence bound from the model's position limit."""
+    if not dynamic_seq:
+        return capture(model, args, kwargs)
+    try:
+        params = _inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "use_cache" in params and "use_cache" not in kwargs and hasattr(model, "config"):
+        kwargs = {**kwargs, "use_cache": False}  # a cache object is no exportable output
+    shapes = _dynamic_shapes(model.forward, args, kwargs, seq_dim(model))
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001 - one line naming the model and the way out
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CaptureError(f"lcpass.export: torch.export of {type(model).__name__} with a dynamic sequence length "
+                           f"failed ({type(exc).__name__}: {first}); try dynamic_seq=False") from exc
+    flat = torch.utils._pytree.tree_leaves((tuple(args), kwargs))
+    return Captured(ep.module(), list(flat), "export", frozenset(), ep, {"kwargs": kwargs})
+
+
+def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, method: Optional[str] = None,
+                     plan: Union[Plan, str, Path, None] = None, dynamic_seq: bool = True,
+                     dense_below: Optional[int] = None, **params: Any):
+    """Capture, canonicalize and lower ``model``; returns (captured, lowering, args, kwargs)."""
+    if method is not None:
+        from lcpass.methods import get_method, resolve_params
+
+        resolve_params(get_method(method), params)  # unknown method / bad params fail before capture
+    args, kwargs = _split(example_inputs, model)
+    cap = _capture(model, args, kwargs, dynamic_seq)
+    det = canonicalize(cap.gm, cap.flat_inputs, cap.param_placeholders)
+    if not det.sites:
+        warnings.warn(f"lcpass.export: no attention found in {type(model).__name__}; exporting it unchanged",
+                      stacklevel=3)
+        return cap, {}, args, cap.extra.get("kwargs", kwargs)
+    the_plan = _plan_for(det.sites, method, plan, params)
+    lowering = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below))
+    return cap, lowering, args, cap.extra.get("kwargs", kwargs)
+
+
+def export(
+    model: torch.nn.Module,
+    example_inputs: ExampleInputs,
+    path: Union[str, Path],
+    format: str = "onnx",
+    method: Optional[str] = None,
+    plan: Union[Plan, str, Path, None] = None,
+    dynamic_seq: bool = True,
+    *,
+    dense_below: Optional[int] = None,
+    **params: Any,
+) -> ExportResult:
+    """Export ``model`` with every detected attention site running its planned method.
+
+    Args:
+        model: any module ``torch.export`` captures (transformers models included).
+        example_inputs: keyword arguments (dict) or positional ones (tuple) of one forward.
+        path: the file to write (``.onnx`` or ``.pt2``).
+        format: ``"onnx"`` (opset 23, onnxruntime) or ``"torch"`` (a saved ``torch.export`` program).
+        method, plan, params: as in :func:`lcpass.optimize` (``method="streaming", sink=4, window=64``).
+        dynamic_seq: dim 1 of every tensor input is a symbolic sequence length.
+        dense_below: run dense below this key length instead of each method's crossover.
+
+    Example::
+
+        >>> res = export(model, {"input_ids": ids}, "m.onnx", method="streaming", sink=4, window=64)
+        >>> res.functions   # the lcpass functions in the model
+        ['attention_1a2b3c4d5e6f']
+    """
+    if format not in FORMATS:
+        raise ValueError(f"lcpass.export: format={format!r} is not supported; use one of {FORMATS}")
+    out = check_output_path(path)
+    cap, lowering, args, kwargs = lower_for_export(model, example_inputs, method=method, plan=plan,
+                                                   dynamic_seq=dynamic_seq, dense_below=dense_below, **params)
+    fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor) and (v is None or
+                                                                                    isinstance(v, (bool, int, float)))}
+    kwargs = {k: v for k, v in kwargs.items() if k not in fixed}
+    gm = _plain_outputs(cap.gm, fixed)
+    shapes = None
+    if dynamic_seq:
+        shapes = _dynamic_shapes(gm.forward, args, kwargs, seq_dim(model))
+    with torch.no_grad():
+        ep = torch.export.export(gm, tuple(args), kwargs, dynamic_shapes=shapes, strict=False)
+    if format == "torch":
+        torch.export.save(ep, str(out))
+        return ExportResult(out, format, ep, lowering)
+    return _to_onnx(ep, out, lowering)
+
+
+def _to_onnx(ep: torch.export.ExportedProgram, out: Path, lowering: dict[str, str]) -> ExportResult:
+    import onnx
+
+    from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, attach_functions, \
+        translation_table
+
+    functions: dict[str, AttentionFunction] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+                                 custom_translation_table=translation_table(functions))
+    model = prog.model_proto
+    attach_functions(model, functions)
+    big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to a side file
+    if not big:
+        onnx.checker.check_model(model)
+    onnx.save(model, str(out), save_as_external_data=big)
+    used = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
+    contrib = sorted({f"{n.domain}.{n.op_type}" for f in model.functions for n in f.node if n.domain == MS_DOMAIN})
+    return ExportResult(out, "onnx", model, lowering, [i.name for i in model.graph.input], used + contrib)

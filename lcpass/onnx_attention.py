@@ -1,0 +1,424 @@
+"""ONNX lowering of lcpass attention ops: one model-local function per distinct site configuration.
+
+``torch.onnx.export(..., dynamo=True, custom_translation_table=translation_table(fns))`` turns each
+``torch.ops.lcpass.planned_attention`` / ``torch.ops.lcpass.attention`` node into ONE node of the ``lcpass``
+domain (``lcpass.attention_<hash>(q, k, v[, mask])``); :func:`attach_functions` then appends the
+functions' bodies to the model (the exporter inlines local functions, so they are attached after
+export). A body is either
+
+* ``Attention`` (opset 23) with the method's mask built in-graph from positions: ``Range`` over the
+  query/key positions, comparisons for causal, sinks, windows, strides, dilation and block diagonals,
+  ``Where`` over a head index for per-head plans (a ``[H, Sq, Sk]`` computation); the mask switches to
+  the site's own below the method's crossover length, exactly as the planned op does; or
+* ``com.microsoft.GroupQueryAttention`` with ``local_window_size`` when every head is a pure causal
+  sliding window at every length (no sinks, no mask tensor), which onnxruntime runs natively.
+
+Example::
+
+    >>> fns: dict[str, AttentionFunction] = {}
+    >>> prog = torch.onnx.export(ep, dynamo=True, opset_version=23,
+    ...                          custom_translation_table=translation_table(fns))
+    >>> attach_functions(prog.model_proto, fns)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from lcpass import masks as M
+from lcpass.lower import crossover as _crossover
+from lcpass.lower import _site_mask, lowering_kind
+
+__all__ = ["DOMAIN", "OPSET", "AttentionFunction", "translation_table", "attach_functions", "function_proto",
+           "pure_sliding_window", "ONNXExportError"]
+
+DOMAIN = "lcpass"
+OPSET = 23
+MS_DOMAIN = "com.microsoft"
+NEG_LIMIT = -1e4  # as lcpass.lower: a fill at or below this masks a key out
+_PROBE_LENS = (4099, 65537)  # lengths at which a mask is built to see whether it depends on the length
+
+
+class ONNXExportError(ValueError):
+    """A site that cannot be written as ONNX; the message names the site and what to do instead."""
+
+
+@dataclass(frozen=True)
+class AttentionFunction:
+    """Everything one ``lcpass`` function body depends on (sites that agree share one function)."""
+
+    planned: bool  # planned_attention (spec applies) or the canonical op (exact attention)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float
+    is_causal: bool
+    window: int
+    softcap: float
+    mask: str  # "none" | "bool" | "float": the mask tensor input
+    mask_kind: str  # the detector's mask label (padding, bias ...), planned ops only
+    spec: str  # spec_json of the head specs ("" for the canonical op)
+    same_len: bool  # Sq == Sk symbolically (self-attention without cache)
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return f"attention_{digest}"
+
+
+# ------------------------------------------------------------------------------------ mask algebra
+
+
+def _simplify(mask: M.MaskMod) -> tuple:
+    """('full',), ('causal',), ('sliding', w), ('empty',) or ('other',) for a mask's key tree."""
+    key = mask._key
+    kind = key[0]
+    if kind == "full":
+        return ("full",)
+    if kind == "causal":
+        return ("causal",)
+    if kind == "sliding_window" and isinstance(key[1], int):
+        return ("sliding", key[1])
+    if kind == "sink" and key[1] == 0:
+        return ("empty",)
+    if kind == "or":
+        parts = [p for p in (_simplify(m) for m in key[1]) if p != ("empty",)]
+        if ("full",) in parts:
+            return ("full",)
+        return parts[0] if len(set(parts)) == 1 else (("empty",) if not parts else ("other",))
+    if kind == "and":
+        out: tuple = ("full",)
+        for p in (_simplify(m) for m in key[1]):
+            if p == ("empty",):
+                return p
+            if p == ("other",):
+                return p
+            if out == ("full",):
+                out = p
+            elif p == ("full",):
+                continue
+            elif out == ("causal",):
+                out = p
+            elif p == ("causal",):
+                continue
+            else:  # two windows
+                out = ("sliding", min(out[1], p[1]))
+        return out
+    if kind == "per_head":
+        parts = {_simplify(m) for m in key[1]}
+        return parts.pop() if len(parts) == 1 else ("other",)
+    return ("other",)
+
+
+def _base_mask(is_causal: bool, window: int) -> M.MaskMod:
+    parts = []
+    if is_causal:
+        parts.append(M.causal_mask())
+    if window >= 0:
+        parts.append(M.sliding_window_mask(window))
+    return M.and_masks(*parts) if parts else M.full_mask()
+
+
+def _long_mask(fn: AttentionFunction) -> M.MaskMod:
+    """The mask the planned op applies above its crossover; ONNXExportError when it depends on length."""
+    a, b = (_site_mask(fn.spec, fn.n_heads, n, n, fn.is_causal, fn.window) for n in _PROBE_LENS)
+    if a != b:
+        raise ONNXExportError(
+            f"the plan {fn.spec} builds a mask that depends on the sequence length ({a!r} at {_PROBE_LENS[0]} "
+            f"tokens, {b!r} at {_PROBE_LENS[1]}); export it with dynamic_seq=False or format='torch'")
+    return a
+
+
+def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
+    """The window W when every head is a causal sliding window of W keys at every length, else None
+    (what ``com.microsoft.GroupQueryAttention(local_window_size=W)`` expresses)."""
+    if fn.mask != "none" or not fn.same_len or fn.n_heads % fn.n_kv_heads:
+        return None
+    short = _simplify(_base_mask(fn.is_causal, fn.window))
+    if not fn.planned:
+        return short[1] if short[0] == "sliding" else None
+    long = _simplify(_long_mask(fn))
+    if long[0] != "sliding":
+        return None
+    cross = _crossover(fn.spec, fn.n_heads)
+    # below the crossover the op runs the site's own mask; equal when the window covers every such length
+    if short == long or (short == ("causal",) and cross <= long[1] + 1):
+        return long[1]
+    return None
+
+
+# ------------------------------------------------------------------------------------ node builder
+
+
+class _Body:
+    """Collects the nodes of one function body; every value gets a fresh name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def op(self, op_type: str, *inputs: str, domain: str = "", n_out: int = 1, **attrs: Any):
+        outs = [self._fresh(op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value: Any, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        return self.op("Constant", value=helper.make_tensor(self._fresh("c"), helper.np_dtype_to_tensor_dtype(
+            arr.dtype), arr.shape, arr.flatten().tolist()))
+
+    def _fresh(self, stem: str) -> str:
+        self._n += 1
+        return f"{stem.lower()}_{self._n}"
+
+
+def _per_head(body: _Body, value: Any, n_heads: int) -> str:
+    """An int parameter (scalar) or a per-head tuple as a [1, H, 1, 1] int64 constant."""
+    if isinstance(value, tuple):
+        return body.const(np.asarray(value, dtype=np.int64).reshape(1, n_heads, 1, 1))
+    return body.const(int(value))
+
+
+def _emit_mask(body: _Body, mask: M.MaskMod, h: str, q: str, kv: str, n_heads: int) -> Optional[str]:
+    """Bool value of ``mask`` broadcast over h [1,H,1,1], q [B|1,1,Sq,1], kv [B|1,1,1,Sk]; None = all True."""
+    key = mask._key
+    kind = key[0]
+    if kind == "full":
+        return None
+    if kind == "causal":
+        return body.op("LessOrEqual", kv, q)
+    if kind == "sliding_window":
+        d = body.op("Sub", q, kv)
+        return body.op("And", body.op("GreaterOrEqual", d, body.const(0)),
+                       body.op("Less", d, _per_head(body, key[1], n_heads)))
+    if kind == "sink":
+        return body.op("Less", kv, _per_head(body, key[1], n_heads))
+    if kind == "strided":
+        return body.op("Equal", body.op("Mod", kv, body.const(key[1])), _per_head(body, key[2], n_heads))
+    if kind == "dilated_window":
+        w, dl = key[1], key[2]
+        hi = tuple((a - 1) * b for a, b in zip(*(x if isinstance(x, tuple) else (x,) * n_heads for x in (w, dl)))) \
+            if isinstance(w, tuple) or isinstance(dl, tuple) else (w - 1) * dl
+        d = body.op("Sub", q, kv)
+        band = body.op("And", body.op("GreaterOrEqual", d, body.const(0)),
+                       body.op("LessOrEqual", d, _per_head(body, hi, n_heads)))
+        step = body.op("Equal", body.op("Mod", d, _per_head(body, dl, n_heads)), body.const(0))
+        return body.op("And", band, step)
+    if kind == "block_diagonal":
+        g, sh = body.const(key[1]), _per_head(body, key[2], n_heads)
+        return body.op("Equal", body.op("Div", body.op("Add", q, sh), g), body.op("Div", body.op("Add", kv, sh), g))
+    if kind in ("and", "or"):
+        parts = [_emit_mask(body, m, h, q, kv, n_heads) for m in key[1]]
+        if kind == "or" and any(p is None for p in parts):
+            return None
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        out = parts[0]
+        for p in parts[1:]:
+            out = body.op("And" if kind == "and" else "Or", out, p)
+        return out
+    if kind == "per_head":
+        true = body.const(True, dtype=np.bool_)
+        out = None
+        for i, m in enumerate(key[1]):
+            v = _emit_mask(body, m, h, q, kv, n_heads) or true
+            out = v if out is None else _select(body, body.op("Equal", h, body.const(i)), v, out)
+        return out
+    raise ONNXExportError(f"mask {mask!r} has no ONNX form (a plain callable); export with format='torch'")
+
+
+def _select(body: _Body, cond: str, a: str, b: str) -> str:
+    """``cond ? a : b`` on bools (onnxruntime's CPU Where has no bool kernel)."""
+    return body.op("Or", body.op("And", cond, a), body.op("And", body.op("Not", cond), b))
+
+
+def _and(body: _Body, a: Optional[str], b: Optional[str]) -> Optional[str]:
+    if a is None or b is None:
+        return a if b is None else b
+    return body.op("And", a, b)
+
+
+# ------------------------------------------------------------------------------------ function bodies
+
+
+def function_proto(fn: AttentionFunction) -> onnx.FunctionProto:
+    """The ``lcpass`` function body for one site configuration (see the module docstring)."""
+    body = _Body()
+    inputs = ["q", "k", "v"] + (["mask"] if fn.mask != "none" else [])
+    w = pure_sliding_window(fn)
+    imports = [helper.make_opsetid("", OPSET)]
+    if w is not None:
+        _gqa_body(body, fn, w)
+        imports.append(helper.make_opsetid(MS_DOMAIN, 1))
+    else:
+        _attention_body(body, fn)
+    doc = (f"lcpass {'planned' if fn.planned else 'canonical'} attention: {fn.spec or 'exact'}; scale={fn.scale}, "
+           f"is_causal={fn.is_causal}, window={fn.window}, softcap={fn.softcap}, mask={fn.mask} ({fn.mask_kind})")
+    return helper.make_function(DOMAIN, fn.name, inputs, ["y"], body.nodes, imports, doc_string=doc)
+
+
+def _positions(body: _Body) -> tuple[str, str, str, str]:
+    """q positions [1,1,Sq,1] (absolute: Sk - Sq + i), kv positions [1,1,1,Sk], and Sq, Sk scalars."""
+    sq = body.op("Squeeze", body.op("Shape", "q", start=2, end=3))
+    sk = body.op("Squeeze", body.op("Shape", "k", start=2, end=3))
+    one = body.const(1)
+    qpos = body.op("Range", body.op("Sub", sk, sq), sk, one)
+    kvpos = body.op("Range", body.const(0), sk, one)
+    return (body.op("Unsqueeze", qpos, body.const([0, 1, 3])), body.op("Unsqueeze", kvpos, body.const([0, 1, 2])),
+            sq, sk)
+
+
+def _attention_body(body: _Body, fn: AttentionFunction) -> None:
+    q, kv, _sq, sk = _positions(body)
+    h = body.const(np.arange(fn.n_heads, dtype=np.int64).reshape(1, fn.n_heads, 1, 1))
+    bool_mask = "mask" if fn.mask == "bool" else None
+    # the exact path (canonical op; planned op below its crossover): the site's own mask + the mask tensor
+    keep = _and(body, _emit_mask(body, _base_mask(fn.is_causal, fn.window), h, q, kv, fn.n_heads), bool_mask)
+    bias = "mask" if fn.mask == "float" else None  # a float mask is added to the scores
+    if fn.planned:
+        short, short_bias = keep, bias
+        sparse = fn.mask == "none" or lowering_kind(fn.mask_kind) == "sparse"
+        if fn.mask != "none" and sparse:
+            # padding: a key is valid when any query (of any head) may attend it; when every row's real keys
+            # are one contiguous run [p, e), the row runs alone on it (positions count from p, queries outside
+            # [p, e) output zeros), as lcpass.lower does; otherwise keys are masked at absolute positions
+            valid = bool_mask or body.op("Greater", "mask", body.op("CastLike", body.const(NEG_LIMIT, np.float32),
+                                                                      "mask"))
+            kv_int = body.op("ReduceMax", body.op("Cast", valid, to=TensorProto.INT64), body.const([1, 2]),
+                             keepdims=1)  # [B|1, 1, 1, Sk]
+            kv_keep = body.op("Cast", kv_int, to=TensorProto.BOOL)
+            first = body.op("ArgMax", kv_int, axis=3, keepdims=1)  # [B|1, 1, 1, 1]
+            end = body.op("Add", first, body.op("ReduceSum", kv_int, body.const([3]), keepdims=1))
+            run = body.op("And", body.op("GreaterOrEqual", kv, first), body.op("Less", kv, end))
+            contiguous = body.op("Cast", body.op("ReduceMin", body.op("Cast", body.op("Equal", run, kv_keep),
+                                                                      to=TensorProto.INT64), keepdims=0),
+                                 to=TensorProto.BOOL)
+            offset = body.op("Where", contiguous, first, body.const(0))
+            q_in_run = body.op("And", body.op("GreaterOrEqual", q, first), body.op("Less", q, end))
+            q_valid = body.op("Or", q_in_run, body.op("Not", contiguous))
+            long = _and(body, _emit_mask(body, _long_mask(fn), h, body.op("Sub", q, offset),
+                                         body.op("Sub", kv, offset), fn.n_heads), kv_keep)
+            long = _and(body, long, q_valid)
+            long_bias = None
+        else:
+            # no mask, or a bias / unnamed pattern: the method's mask on absolute positions, the tensor kept
+            long = _and(body, _emit_mask(body, _long_mask(fn), h, q, kv, fn.n_heads), bool_mask)
+            long_bias = bias
+        cross = _crossover(fn.spec, fn.n_heads)
+        if cross <= 0:
+            keep, bias = long, long_bias
+        else:
+            below = body.op("Less", sk, body.const(cross))
+            true = body.const(True, np.bool_)
+            keep = None if short is None and long is None else _select(body, below, short or true, long or true)
+            if short_bias is None and long_bias is None:
+                bias = None
+            elif short_bias == long_bias:
+                bias = short_bias
+            else:  # only the exact path adds the float mask
+                zero = body.op("CastLike", body.const(0.0, np.float32), "q")
+                bias = body.op("Where", below, short_bias or zero, long_bias or zero)
+    attn_mask = keep
+    if bias is not None:
+        neg = body.op("CastLike", body.const(float("-inf"), np.float32), "q")
+        attn_mask = bias if keep is None else body.op("Where", keep, body.op("CastLike", bias, "q"), neg)
+    attrs: dict[str, Any] = {"scale": float(fn.scale), "is_causal": 0}
+    if fn.softcap:
+        attrs["softcap"] = float(fn.softcap)
+    ins = ["q", "k", "v"] + ([attn_mask] if attn_mask is not None else [])
+    y = body.op("Attention", *ins, **attrs)
+    if keep is None:
+        body.nodes.append(helper.make_node("Identity", [y], ["y"]))
+        return
+    # rows that see no key output zeros (as the reference and the engine do)
+    any_key = body.op("Cast", body.op("ReduceMax", body.op("Cast", keep, to=TensorProto.INT64), body.const([-1]),
+                                      keepdims=1), to=TensorProto.BOOL)
+    body.nodes.append(helper.make_node("Where", [any_key, y, body.op("CastLike", body.const(0.0, np.float32), y)],
+                                       ["y"]))
+
+
+def _gqa_body(body: _Body, fn: AttentionFunction, window: int) -> None:
+    """com.microsoft.GroupQueryAttention on [B, S, H*D] with local_window_size = window."""
+    def to3(x: str) -> str:  # [B, H, S, D] -> [B, S, H*D]
+        return body.op("Reshape", body.op("Transpose", x, perm=[0, 2, 1, 3]), body.const([0, 0, -1]))
+
+    sk = body.op("Shape", "k", start=2, end=3)  # [1]
+    batch = body.op("Shape", "q", start=0, end=1)
+    seqlens = body.op("Expand", body.op("Cast", body.op("Sub", sk, body.const([1])), to=TensorProto.INT32), batch)
+    total = body.op("Cast", body.op("Squeeze", sk), to=TensorProto.INT32)
+    attrs: dict[str, Any] = {"num_heads": fn.n_heads, "kv_num_heads": fn.n_kv_heads, "scale": float(fn.scale),
+                             "local_window_size": int(window)}
+    if fn.softcap:
+        attrs["softcap"] = float(fn.softcap)
+    out = body.op("GroupQueryAttention", to3("q"), to3("k"), to3("v"), "", "", seqlens, total, domain=MS_DOMAIN,
+                  **attrs)
+    y4 = body.op("Reshape", out, body.const([0, 0, fn.n_heads, fn.head_dim]))
+    body.nodes.append(helper.make_node("Transpose", [y4], ["y"], perm=[0, 2, 1, 3]))
+
+
+# ------------------------------------------------------------------------------------ exporter glue
+
+
+def _schema(name: str, with_mask: bool) -> onnx.defs.OpSchema:
+    FP = onnx.defs.OpSchema.FormalParameter
+    inputs = [FP("q", "T"), FP("k", "T"), FP("v", "T")] + ([FP("mask", "M")] if with_mask else [])
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    return onnx.defs.OpSchema(name, DOMAIN, 1, inputs=inputs, outputs=[FP("y", "T")],
+                              type_constraints=[("T", floats, "q, k, v, y"), ("M", floats + ["tensor(bool)"], "mask")])
+
+
+def _static(dim: Any, what: str, site: str) -> int:
+    if not isinstance(dim, int):
+        raise ONNXExportError(f"site {site}: {what} is symbolic ({dim}); lcpass ONNX functions need a static count")
+    return dim
+
+
+def translation_table(functions: dict[str, AttentionFunction]) -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``; fills ``functions`` (name -> config)."""
+    import torch
+    from onnxscript import values
+
+    opset = values.Opset(DOMAIN, 1)
+
+    def emit(planned: bool, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec):
+        q_shape, k_shape = q.shape, k.shape
+        mtype = "none" if mask is None else ("bool" if str(mask.dtype).upper().endswith("BOOL") else "float")
+        fn = AttentionFunction(
+            planned, _static(q_shape[1], "the query head count", site), _static(k_shape[1], "the KV head count", site),
+            _static(q_shape[3], "head_dim", site), float(scale), bool(is_causal), int(window), float(softcap), mtype,
+            mask_kind if planned else "", spec if planned else "", q_shape[2] == k_shape[2])
+        function_proto(fn)  # fail now (with the site's name) rather than after the export
+        functions[fn.name] = fn
+        node = values.Op(opset, fn.name, _schema(fn.name, mask is not None))
+        return node(q, k, v, mask) if mask is not None else node(q, k, v)
+
+    def planned_attention(q, k, v, mask=None, scale=1.0, is_causal=False, window=-1, softcap=0.0, dropout_p=0.0,
+                          site="", mask_kind="none", spec=""):
+        return emit(True, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec)
+
+    def attention(q, k, v, mask=None, scale=1.0, is_causal=False, window=-1, softcap=0.0, dropout_p=0.0, site="",
+                  source=""):
+        return emit(False, q, k, v, mask, scale, is_causal, window, softcap, site, "", "")
+
+    return {torch.ops.lcpass.planned_attention.default: planned_attention,
+            torch.ops.lcpass.attention.default: attention}
+
+
+def attach_functions(model: onnx.ModelProto, functions: dict[str, AttentionFunction]) -> None:
+    """Append the bodies of the functions the model calls and import their domains."""
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    have = {f.name for f in model.functions}
+    for name in sorted(used - have):
+        model.functions.append(function_proto(functions[name]))
+    domains = {o.domain for o in model.opset_import}
+    if used and DOMAIN not in domains:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if any(n.domain == MS_DOMAIN for f in model.functions for n in f.node) and MS_DOMAIN not in domains:
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
