@@ -174,6 +174,12 @@ def _patterns(plan_geo: dict, mask_mod: MaskMod, kv_keep: Tensor | None, idx: Te
     g = plan_geo
     Ge, bq, bk, q_off, Sq, Sk = g["Ge"], g["bq"], g["bk"], g["q_off"], g["Sq"], g["Sk"]
     head_free = isinstance(mask_mod, MaskMod) and mask_mod.n_heads is None and mask_mod.has_block_classifier
+    if head_free and kv_keep is None and idx.shape[0]:
+        # factory masks ignore b and (here) h: a block's pattern depends on (mq, mk) only
+        uniq, inv = torch.unique(idx[:, 1:], dim=0, return_inverse=True)
+        if uniq.shape[0] < idx.shape[0]:
+            one = torch.cat([torch.zeros(uniq.shape[0], 1, dtype=idx.dtype), uniq], 1)
+            return _patterns(plan_geo, mask_mod, kv_keep, one)[inv]
     Me = bq if head_free else Ge * bq  # rows evaluated per block
     ar_m = torch.arange(Me)
     head_in = ar_m // bq  # [Me]

@@ -69,10 +69,11 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask_mod: MaskMod | Non
     vf = v.float().repeat_interleave(G, dim=1)
     s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
     if score_mod is not None:
-        b = torch.arange(B).view(-1, 1, 1, 1)
-        h = torch.arange(Hq).view(1, -1, 1, 1)
-        qi = (torch.arange(Sq) + (Sk - Sq)).view(1, 1, -1, 1)
-        ki = torch.arange(Sk).view(1, 1, 1, -1)
+        dev = q.device
+        b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+        h = torch.arange(Hq, device=dev).view(1, -1, 1, 1)
+        qi = (torch.arange(Sq, device=dev) + (Sk - Sq)).view(1, 1, -1, 1)
+        ki = torch.arange(Sk, device=dev).view(1, 1, 1, -1)
         s = score_mod(s, b, h, qi, ki)
     m = element_mask(mask_mod, B, Hq, Sq, Sk, kv_keep, q.device)
     s = s.masked_fill(~m, float("-inf"))

@@ -3,10 +3,16 @@
 Work comes from :func:`lcpass.engine.plan.build_plan` (cached on the layout): per bucket one call of
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (which returns the output and its log-sum-exp) on
 4-D tensors whose head axis holds (row group, query block) rows; GQA heads sharing a block map are
-packed into the query axis so they share the gathered (or strided-view) KV. FULL blocks run without a
-mask, the causal diagonal with ``is_causal``, other partial blocks with an additive mask; partial results
-are merged by log-sum-exp. Below ``dense_below`` keys, or when the layout is plainly causal/full, SDPA
-runs on the whole sequence instead.
+packed into the query axis so they share the gathered (or strided-view) KV. A row with only full blocks
+runs unmasked, one with only the causal diagonal runs ``is_causal``, one with partial blocks and a few
+full ones runs as one masked call; long rows run their full blocks unmasked and merge the partial
+ones by log-sum-exp. Results are written straight into the output tensor. Below ``dense_below`` keys,
+or when the layout is exactly causal / full, SDPA runs on the whole sequence instead.
+
+Measured on the project's 2-core CPU (B=1, 8/2 heads, D=64, fp32, streaming masks): about 6x faster
+than ``F.scaled_dot_product_attention(is_causal=True)`` at 10% of the causal tiles and 16k tokens in
+quiet conditions, and about 2x faster than compiled FlexAttention on the same layout; see
+``benchmarks/engine_density.py`` and ``benchmarks/results/engine_density.json``.
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     applied to the scaled scores before the mask (math path, slower). ``kv_keep: Bool[B, Sk]`` masks
     padded keys on every block. Rows that see no key return zeros. ``dense_below``: below this many
     keys, or when the layout is exactly causal / full, run whole-sequence SDPA; ``0`` always runs the
-    block engine (tests, benchmarks). fp32 and bf16.
+    block engine (tests, benchmarks). fp32 and bf16. The block engine is CPU-only: tensors on other
+    devices take the dense path (correct, O(Sq*Sk) mask) - GPUs use the generated kernels instead.
 
     >>> from lcpass.layout import build_layout
     >>> from lcpass.masks import streaming_mask
@@ -89,8 +96,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     _check_layout(layout, q, k)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    if Sk < dense_below:
-        mask = _dense_mask(layout, mask_mod)
+    if Sk < dense_below or q.device.type != "cpu":  # (other devices: correct, dense; use the kernels)
+        mask = _dense_mask(layout, mask_mod).to(q.device)
         return dense_attention(q, k, v, scale=scale, attn_mask=mask, kv_keep=kv_keep,
                                score_mod=score_mod)
     plan = get_plan(layout, B, Hq, Hkv, mask_mod=mask_mod, kv_keep=kv_keep,
