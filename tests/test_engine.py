@@ -19,6 +19,7 @@ from lcpass.masks import (
     causal_mask,
     dilated_window_mask,
     full_mask,
+    mask_from_callable,
     per_head_mask,
     sink_mask,
     sliding_window_mask,
@@ -215,6 +216,14 @@ def test_coalesced_small_buckets():
     padded = [b for b in plan.buckets if b.kind == "masked" and bool((b.patterns == empty).any())]
     assert len(padded) == 1
     close(run_plan(plan, q, k, v, scale=0.2), reference_attention(q, k, v, m, scale=0.2))
+
+
+def test_batch_dependent_layout():
+    m = mask_from_callable(lambda b, h, q, kv: (kv <= q) & (kv >= 50 * b), "shifted_start")
+    lay = build_layout(m, HQ, 300, 300, 64, batch=2)
+    assert lay.batch == 2
+    q, k, v = qkv(2, 2, 300, 300)
+    close(sparse_attention(q, k, v, lay, scale=0.2, dense_below=0), reference_attention(q, k, v, m, scale=0.2))
 
 
 def test_dense_attention_causal_is_bottom_right():
