@@ -12,6 +12,9 @@ Entry points::
     attention(q, k, v, layout, *, scale, mask_mod=None, score_mod=None) -> Tensor
     decode_attention(q, k, v, layout, *, scale, mask_mod=None, score_mod=None, n_splits=None) -> Tensor
     available(AttentionSpec(head_dim, mask_mod, ...)) -> (bool, reason)
+    prepare_attention(layout, *, head_dim, n_heads, n_kv_heads, dtype, device, scale, ...)
+        -> PreparedAttention, callable (q, k, v) -> out: host work done once, at lowering time
+    prepare_decode(layout, *, ..., batch, n_splits=None) -> PreparedAttention (split-KV decode)
     select_layout(q, k, *, k_blocks, mask_mod, block_size, kind="quest"|"mean") -> BlockLayout
 
 >>> from lcpass.codegen import available, AttentionSpec
@@ -21,6 +24,7 @@ True
 
 from lcpass.codegen.api import (
     AttentionSpec,
+    PreparedAttention,
     attention,
     attention_or_fallback,
     available,
@@ -28,6 +32,8 @@ from lcpass.codegen.api import (
     decode_attention,
     generate_source,
     kernel_specs,
+    prepare_attention,
+    prepare_decode,
 )
 from lcpass.codegen.cache import cache_info, kernel_dir, load_kernel
 from lcpass.codegen.printer import UnsupportedSpec, print_mask_mod, print_score_mod
@@ -37,6 +43,7 @@ from lcpass.codegen.spec import KernelSpec, render, spec_key
 __all__ = [
     "AttentionSpec",
     "KernelSpec",
+    "PreparedAttention",
     "UnsupportedSpec",
     "attention",
     "attention_or_fallback",
@@ -49,6 +56,8 @@ __all__ = [
     "kernel_dir",
     "kernel_specs",
     "load_kernel",
+    "prepare_attention",
+    "prepare_decode",
     "print_mask_mod",
     "print_score_mod",
     "render",

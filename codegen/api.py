@@ -30,8 +30,9 @@ from lcpass.codegen.spec import KernelSpec, check_head_dim, render
 from lcpass.layout import DEFAULT_BLOCK_SIZE, BlockLayout, build_layout
 from lcpass.masks import MaskMod, causal_mask, full_mask
 
-__all__ = ["AttentionSpec", "attention", "decode_attention", "attention_or_fallback", "available",
-           "generate_source", "kernel_specs", "choose_tiles"]
+__all__ = ["AttentionSpec", "PreparedAttention", "attention", "decode_attention",
+           "attention_or_fallback", "available", "generate_source", "kernel_specs", "choose_tiles",
+           "prepare_attention", "prepare_decode"]
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -222,8 +223,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, sc
 
     >>> out = attention(q, k, v, build_layout(causal_mask(), 8, 4096, 4096), scale=0.088)  # doctest: +SKIP
     """
-    import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
-
     _check_inputs(q, k, v, "codegen.attention")
     _backend_ok(q.device)
     B, Hq, Sq, D = q.shape
@@ -235,26 +234,79 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, sc
             return _dense(q, k, v, mm, scale, score_mod, tiles)
         layout = build_layout(mm, Hq, Sq, Sk, DEFAULT_BLOCK_SIZE)
     _check_layout(layout, q, k, "codegen.attention")
+    prep = prepare_attention(layout, head_dim=D, n_heads=Hq, n_kv_heads=Hkv, dtype=q.dtype,
+                             device=q.device, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                             backward=grad, tiles=tiles)
+    return prep(q, k, v)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedAttention:
+    """Everything host-side of one site, resolved once: kernel keys, layout lists and per-head
+    tables on the device. Calling it issues only the custom op (or, in eager, the launch), so a
+    lowering can build it at rewrite time and torch.compile(fullgraph=True) traces one op node.
+
+    >>> prep = prepare_attention(lay, head_dim=128, n_heads=32, n_kv_heads=8,   # doctest: +SKIP
+    ...                          dtype=torch.bfloat16, device="cuda", scale=128 ** -0.5)
+    >>> out = prep(q, k, v)                                                     # doctest: +SKIP
+    """
+
+    key: str
+    bwd_key: str
+    lists: tuple[Tensor, ...]
+    tables: tuple[Tensor, ...]
+    scale: float
+    decode: bool = False
+    n_splits: int = 0
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
+
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if _eager(q, k, v) and not grad:  # same kernels without the custom-op layer
+            from lcpass.codegen import launch
+            from lcpass.codegen.cache import load_by_key
+
+            if self.decode:
+                return launch.decode(load_by_key(self.key), q, k, v, self.lists, self.tables,
+                                     self.scale, self.n_splits)
+            return launch.fwd(load_by_key(self.key), q, k, v, *self.lists, self.tables, self.scale,
+                              store_lse=False)[0]
+        if self.decode:
+            return torch.ops.lcpass_codegen.sparse_decode(
+                q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.n_splits)
+        if grad and not self.bwd_key:
+            raise UnsupportedSpec("inputs require grad but this PreparedAttention has no backward "
+                                  "kernel; prepare it with backward=True")
+        return torch.ops.lcpass_codegen.sparse_attention(
+            q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.bwd_key)[0]
+
+
+def prepare_attention(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_heads: int,
+                      dtype: torch.dtype, device: torch.device | str, scale: float,
+                      mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
+                      backward: bool = False, tiles: tuple[int, int] | None = None
+                      ) -> PreparedAttention:
+    """Resolve the prefill kernels of a site (generated and cached on first use) for ``layout``.
+
+    ``backward=True`` also generates the backward kernel (no score_mod then)."""
+    device = torch.device(device)
+    _backend_ok(device)
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"prepare_attention: n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
     mm = mask_mod if mask_mod is not None else layout.mask_mod
-    key = _kernel_key("attn_fwd", D, Hq // Hkv, q.dtype, layout.block_size, mm, score_mod, tiles=tiles)
+    G = n_heads // n_kv_heads
+    key = _kernel_key("attn_fwd", head_dim, G, dtype, layout.block_size, mm, score_mod, tiles=tiles)
     bwd_key = ""
-    if grad:
+    if backward:
         if score_mod is not None:
             raise UnsupportedSpec("a score_mod in the backward kernel is not supported (its "
                                   "derivative is not generated); train without score_mod or use the "
                                   "CPU engine")
-        bwd_key = _kernel_key("attn_bwd", D, Hq // Hkv, q.dtype, layout.block_size, mm, None,
+        bwd_key = _kernel_key("attn_bwd", head_dim, G, dtype, layout.block_size, mm, None,
                               tiles=tiles)
-    lists = _csr_lists(layout, q.device)
-    tables = _all_tables(mm, score_mod, q.device)
-    if not grad and _eager(q, k, v):  # same kernel without the custom-op layer (host overhead)
-        from lcpass.codegen import launch
-        from lcpass.codegen.cache import load_by_key
-
-        return launch.fwd(load_by_key(key), q, k, v, *lists, tables, scale, store_lse=False)[0]
-    out, _ = torch.ops.lcpass_codegen.sparse_attention(q, k, v, *lists, tables, float(scale), key,
-                                                       bwd_key)
-    return out
+    return PreparedAttention(key, bwd_key, _csr_lists(layout, device),
+                             tuple(_all_tables(mm, score_mod, device)), float(scale))
 
 
 def _eager(*ts: Tensor) -> bool:
@@ -266,6 +318,8 @@ def _eager(*ts: Tensor) -> bool:
 def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod: Any,
            tiles: tuple[int, int] | None) -> Tensor:
     """The dense generated kernel: implicit causal / full tiles, no lists to read."""
+    import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
+
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
     kind = "causal" if mm == causal_mask() else "full"
@@ -293,15 +347,30 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
 
     >>> out = decode_attention(q[:, :, -1:], k, v, lay1, scale=0.088)   # doctest: +SKIP
     """
-    import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
-    from lcpass.codegen import launch
-
     _check_inputs(q, k, v, "codegen.decode_attention")
     _backend_ok(q.device)
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
     _check_layout(layout, q, k, "codegen.decode_attention")
+    prep = prepare_decode(layout, head_dim=D, n_heads=Hq, n_kv_heads=k.shape[1], dtype=q.dtype,
+                          device=q.device, scale=scale, batch=B, mask_mod=mask_mod,
+                          score_mod=score_mod, n_splits=n_splits, block_n=block_n)
+    return prep(q, k, v)
+
+
+def prepare_decode(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_heads: int,
+                   dtype: torch.dtype, device: torch.device | str, scale: float, batch: int = 1,
+                   mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
+                   n_splits: int | None = None, block_n: int | None = None) -> PreparedAttention:
+    """Resolve the split-KV decode kernel of a site for ``layout`` (one query block): kernel key,
+    per-KV-head block lists with per-head bits, tables and the number of splits."""
+    from lcpass.codegen import launch
+
+    device = torch.device(device)
+    _backend_ok(device)
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"prepare_decode: n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+    G = n_heads // n_kv_heads
+    Sq = layout.q_len
     if layout.num_q_blocks != 1:
         raise UnsupportedSpec(f"decode_attention: the layout has {layout.num_q_blocks} query blocks "
                               f"(Sq={Sq} > block {layout.block_size[0]}); use codegen.attention")
@@ -312,20 +381,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     if G > 31:
         raise UnsupportedSpec(f"decode_attention: GQA group {G} > 31 (per-head bits are int32)")
     bm = max(16, 1 << (rows - 1).bit_length())
-    _, bn = choose_tiles(D, q.dtype, layout.block_size[0], layout.block_size[1], kind="decode")
+    _, bn = choose_tiles(head_dim, dtype, layout.block_size[0], layout.block_size[1], kind="decode")
     bn = block_n or bn
     mm = mask_mod if mask_mod is not None else layout.mask_mod
-    key = _kernel_key("attn_decode", D, G, q.dtype, layout.block_size, mm, score_mod, tiles=(bm, bn))
-    lists = _on(layout, q.device, f"decode{Hkv}", lambda: launch.decode_lists(
-        layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices, Hkv))
-    splits = n_splits or launch.decode_splits(B, Hkv, layout.num_kv_blocks)
-    tables = _all_tables(mm, score_mod, q.device)
-    if _eager(q, k, v):  # same kernels without the custom-op layer (decode is launch-bound)
-        from lcpass.codegen.cache import load_by_key
-
-        return launch.decode(load_by_key(key), q, k, v, lists, tables, scale, int(splits))
-    return torch.ops.lcpass_codegen.sparse_decode(q, k, v, *lists, tables, float(scale), key,
-                                                  int(splits))
+    key = _kernel_key("attn_decode", head_dim, G, dtype, layout.block_size, mm, score_mod,
+                      tiles=(bm, bn))
+    lists = _on(layout, device, f"decode{n_kv_heads}", lambda: launch.decode_lists(
+        layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
+        n_kv_heads))
+    splits = n_splits or launch.decode_splits(batch, n_kv_heads, layout.num_kv_blocks)
+    return PreparedAttention(key, "", lists, tuple(_all_tables(mm, score_mod, device)), float(scale),
+                             decode=True, n_splits=int(splits))
 
 
 def attention_or_fallback(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,

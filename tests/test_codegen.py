@@ -296,6 +296,27 @@ def test_export_sees_one_custom_op_node():
     assert (ep.module()(q, k, v) - Site()(q, k, v)).abs().max().item() == 0.0
 
 
+def test_prepared_attention_compiles_to_one_op_node():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    lay = build_layout(M.sliding_window_mask(20), 2, 64, 64, 32)
+    prep = codegen.prepare_attention(lay, head_dim=16, n_heads=2, n_kv_heads=1, dtype=torch.float32,
+                                     device="cpu", scale=0.25, backward=True)
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, h, 64, 16, generator=g) for h in (2, 1, 1))
+    cnt = CompileCounterWithBackend("eager")  # dynamo graph; the interpreter cannot run AOT tracing
+    compiled = torch.compile(lambda q, k, v: prep(q, k, v) * 2, backend=cnt, fullgraph=True)
+    out = compiled(q, k, v)
+    assert (out - prep(q, k, v) * 2).abs().max().item() == 0.0
+    assert "lcpass_codegen.sparse_attention" in cnt.graphs[0].code
+    qg = q.clone().requires_grad_()
+    compiled(qg, k, v).sum().backward()
+    qr = q.clone().requires_grad_()
+    ref = reference_attention(qr, k, v, M.sliding_window_mask(20), scale=0.25) * 2
+    ref.sum().backward()
+    assert (qg.grad - qr.grad).abs().max().item() < TOL
+
+
 # ------------------------------------------------------------------------------------------------
 # unsupported specs
 
