@@ -1,0 +1,210 @@
+"""Verify mode: run every planned attention site once against the dense reference.
+
+:func:`verify_model` runs the model once on the example inputs under a ``TorchDispatchMode`` that records
+the inputs of the first call of ``torch.ops.lcpass.planned_attention`` per site (whichever door issued it:
+the transformers attention hook, a lowered graph, a compiled graph run eagerly). Each recorded call is
+then run again through the planned op and through :func:`lcpass.engine.reference_attention` (plain
+PyTorch, float32) with the site's mask: the method's mask_mod intersected with the site's own causal /
+window, and the key padding read from the mask tensor; below the method's crossover the op is specified
+to be exact dense attention, so the reference is the canonical op's. Sites whose error exceeds the
+bound for their dtype are reported by name.
+
+Example::
+
+    >>> m = lcpass.optimize(model, method="streaming", sink=4, window=64, dense_below=0)
+    >>> rep = verify_model(m, {"input_ids": ids})
+    >>> rep                                   # site -> max abs error
+    {'model.layers.0.self_attn': 2.4e-07, 'model.layers.1.self_attn': 1.8e-07}
+    >>> rep.failed
+    []
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lcpass.engine import reference_attention
+from lcpass.lower import NEG_LIMIT, PLANNED_OP, _parse, _site_mask, crossover, lowering_kind
+from lcpass.patterns.op import reference
+
+__all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "record_planned_calls"]
+
+# max |planned - reference|, relative to max(1, max |reference|): the engine computes exact attention over
+# the blocks it keeps, so what remains is summation order (fp32) or the low-precision output rounding
+DTYPE_BOUNDS = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+_ARGS = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "mask_kind", "spec")
+
+
+class VerifyReport(dict):
+    """site -> max abs error of the planned op against the reference, with the bound per site."""
+
+    def __init__(self, errors: dict[str, float], bounds: dict[str, float],
+                 skipped: Optional[dict[str, str]] = None) -> None:
+        super().__init__(errors)
+        self.bounds = bounds
+        self.skipped = dict(skipped or {})  # site -> why it has no reference
+
+    @property
+    def failed(self) -> list[str]:
+        """Sites whose error exceeds their bound."""
+        return [s for s, e in self.items() if not e <= self.bounds[s]]
+
+
+@dataclass
+class _Call:
+    args: dict[str, Any]
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, _Call] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is PLANNED_OP:
+            values = dict(zip(_ARGS, args))
+            values.update(kwargs)
+            site = str(values["site"])
+            if site not in self.calls:
+                self.calls[site] = _Call({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                                          for k, v in values.items()})
+        return func(*args, **kwargs)
+
+
+def record_planned_calls(model: torch.nn.Module, example_inputs: Any) -> dict[str, dict[str, Any]]:
+    """The arguments of the first ``planned_attention`` call per site when ``model`` runs the inputs once."""
+    rec = _Recorder()
+    with torch.no_grad(), rec:
+        if isinstance(example_inputs, dict):
+            model(**example_inputs)
+        elif isinstance(example_inputs, torch.Tensor):
+            model(example_inputs)
+        else:
+            model(*example_inputs)
+    return {site: call.args for site, call in rec.calls.items()}
+
+
+class _NotVerifiable(Exception):
+    """A site whose method has no static reference (dynamic, content-based selection)."""
+
+
+def _dynamic(specs) -> bool:
+    from lcpass.methods import get_method
+
+    return any(get_method(name).kind == "dynamic" for name, _ in specs)
+
+
+def _softcap_mod(softcap: float):
+    def softcap_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return softcap_mod
+
+
+def _expected(a: dict[str, Any]) -> torch.Tensor:
+    """What the planned op is specified to return, computed densely in float32."""
+    q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
+    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    specs = _parse(a["spec"])
+    if _dynamic(specs):
+        raise _NotVerifiable(f"dynamic (content-selected) methods {sorted({n for n, _ in specs})} have no "
+                             "fixed mask to compare against")
+    if all(n == "dense" for n, _ in specs) or sk < crossover(a["spec"], hq) or a["dropout_p"] > 0:
+        return reference(q.float(), k.float(), v.float(), None if mask is None else
+                         (mask if mask.dtype == torch.bool else mask.float()), a["scale"], a["is_causal"],
+                         a["window"], a["softcap"], 0.0).to(q.dtype)
+    mask_mod = _site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"]))
+    score_mod = _softcap_mod(a["softcap"]) if a["softcap"] else None
+    if mask is not None and lowering_kind(a["mask_kind"]) != "sparse":
+        from lcpass.engine import element_mask
+
+        keep = element_mask(mask_mod, 1, hq, sq, sk, device=q.device)
+        full = mask & keep if mask.dtype == torch.bool else mask.float().masked_fill(~keep, float("-inf"))
+        return reference(q.float(), k.float(), v.float(), full, a["scale"], False, -1, a["softcap"], 0.0).to(q.dtype)
+    kv_keep = None
+    if mask is not None:
+        keep = mask if mask.dtype == torch.bool else mask > NEG_LIMIT
+        kv_keep = keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1).expand(q.shape[0], -1)  # [B, Sk]
+        rows = _runs(kv_keep) if not bool(kv_keep.all()) else None
+        if rows is not None:
+            # each row alone on its one run of real keys [p, e): positions count from p, as unbatched
+            out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+            for b, (p, e) in enumerate(rows):
+                lo, hi = max(0, p - (sk - sq)), e - (sk - sq)
+                if e <= p or hi <= lo:
+                    continue
+                row = _site_mask(a["spec"], hq, hi - lo, e - p, bool(a["is_causal"]), int(a["window"]))
+                out[b:b + 1, :, lo:hi] = reference_attention(q[b:b + 1, :, lo:hi], k[b:b + 1, :, p:e],
+                                                             v[b:b + 1, :, p:e], row, scale=a["scale"],
+                                                             score_mod=score_mod)
+            return out
+    return reference_attention(q, k, v, mask_mod, scale=a["scale"], score_mod=score_mod, kv_keep=kv_keep)
+
+
+def _runs(kv_keep: torch.Tensor) -> Optional[list[tuple[int, int]]]:
+    """Each row's real keys [start, end) when they form one contiguous run per row (left or right padding)."""
+    out = []
+    for row in kv_keep.tolist():
+        idx = [i for i, x in enumerate(row) if x]
+        if idx and idx[-1] - idx[0] + 1 != len(idx):
+            return None
+        out.append((idx[0], idx[-1] + 1) if idx else (0, 0))
+    return out
+
+
+def verify_call(args: dict[str, Any]) -> tuple[float, float]:
+    """(max abs error, bound) of one recorded planned call against the reference."""
+    want = _expected(args)
+    got = PLANNED_OP(*(args[n] for n in _ARGS))
+    err = float((got.float() - want.float()).abs().max().item()) if got.numel() else 0.0
+    bound = DTYPE_BOUNDS.get(args["q"].dtype, 1e-4) * max(1.0, float(want.float().abs().max().item()))
+    return err, bound
+
+
+def verify_model(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False,
+                 bound: Optional[float] = None) -> VerifyReport:
+    """Run each planned site of ``model`` once against the reference on ``example_inputs``.
+
+    Args:
+        model: a model returned by :func:`lcpass.optimize` (either door) or anything that calls
+            ``torch.ops.lcpass.planned_attention``.
+        example_inputs: keyword arguments (dict), positional ones (tuple) or one tensor.
+        strict: raise ValueError naming the sites over their bound (default: a warning).
+        bound: one absolute bound for every site instead of :data:`DTYPE_BOUNDS`.
+
+    Returns:
+        site -> max abs error (a :class:`VerifyReport`; ``.failed`` lists sites over their bound).
+
+    Example::
+
+        >>> verify_model(lcpass.optimize(model, method="streaming", window=64), {"input_ids": ids}).failed
+        []
+    """
+    calls = record_planned_calls(model, example_inputs)
+    if not calls:
+        warnings.warn(f"lcpass.verify: {type(model).__name__} ran no planned attention site on these inputs "
+                      "(dense plans keep the exact op); nothing to verify", stacklevel=2)
+    errors, bounds, skipped = {}, {}, {}
+    with torch.no_grad():
+        for site, args in calls.items():
+            try:
+                errors[site], bounds[site] = verify_call(args)
+            except _NotVerifiable as why:
+                skipped[site] = str(why)
+                continue
+            if bound is not None:
+                bounds[site] = float(bound)
+    rep = VerifyReport(errors, bounds, skipped)
+    if rep.failed:
+        msg = "lcpass.verify: sites over their error bound: " + ", ".join(
+            f"{s} (max abs error {rep[s]:.3g} > {rep.bounds[s]:.3g})" for s in rep.failed)
+        if strict:
+            raise ValueError(msg + "; run them dense (plan 'dense') or report the plan and inputs")
+        warnings.warn(msg, stacklevel=2)
+    return rep
