@@ -402,4 +402,4 @@ def test_methods_cli_json(capsys):
     }
     assert streaming["phases"] == ["prefill", "decode", "kv"] and streaming["needs_calibration"] is False
     assert data[STATIC_NAMES.index("duo")]["needs_calibration"] is True
-    assert LONGLORA.name == data[-1]["name"]
+    assert LONGLORA.name == data[len(STATIC_NAMES) - 1]["name"]
