@@ -72,8 +72,8 @@ def tokenselect_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None
     mq = starts.shape[0]
     K = min(params["k"] + params["n_sink"] + params["n_local"], int(starts[-1]))
     kv = torch.arange(Sk)
-    valid = kv[None] < starts[:, None]  # [Mq, Sk]
-    forced = valid & ((kv[None] < params["n_sink"]) | (kv[None] >= starts[:, None] - params["n_local"]))
+    invalid = kv[None] >= starts[:, None]  # [Mq, Sk]: not strictly before the query block
+    forced = ~invalid & ((kv[None] < params["n_sink"]) | (kv[None] >= starts[:, None] - params["n_local"]))
     qbar = block_pool(q, bq)[0]  # [B, Hq, Mq, D]
     if K == 0:
         return TokenSelection(torch.zeros(B, Hkv, mq, 0, dtype=torch.long), bq, Sq, Sk)
@@ -86,13 +86,19 @@ def tokenselect_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None
             score = torch.full((B, Hkv, 1, Sk + 1), float("-inf"))
             rank = torch.arange(K, 0, -1, dtype=torch.float32).expand(B, Hkv, K)
             score[:, :, 0].scatter_(-1, torch.where(content < 0, Sk, content), rank)
-            score = score[..., :Sk].masked_fill(forced, FORCE).masked_fill(~valid, float("-inf"))
+            score = score[..., :Sk].masked_fill(forced, FORCE).masked_fill(invalid, float("-inf"))
             state["tokenselect_hits"] = state.get("tokenselect_hits", 0) + 1
             return TokenSelection(_topk_tokens(score, K), bq, Sq, Sk)
-    s = qbar.view(B, Hkv, G, mq, D).float() @ k.float()[:, :, None].transpose(-1, -2)  # [B,Hkv,G,Mq,Sk]
-    s = (s * D ** -0.5).masked_fill(~valid, float("-inf"))
-    vote = torch.softmax(s, -1).nan_to_num(0.0).sum(2)  # [B, Hkv, Mq, Sk]
-    vote = vote.masked_fill(~valid, float("-inf"))
+    s = (qbar.reshape(B, Hkv, G * mq, D).float() * D ** -0.5) @ k.float().transpose(-1, -2)
+    s = s.view(B, Hkv, G, mq, Sk)
+    # per-head softmax over the valid past, in place: s [B, Hkv, G, Mq, Sk]
+    s.masked_fill_(invalid, float("-inf"))
+    mx = s.amax(-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # rows without a past: 0
+    s.sub_(mx).exp_()
+    s.div_(s.sum(-1, keepdim=True).clamp_(min=1e-30))
+    vote = s.sum(2)  # [B, Hkv, Mq, Sk]: soft vote of the group's heads
+    del s
+    vote.masked_fill_(invalid, float("-inf"))
     idx = _topk_tokens(vote.masked_fill(forced, FORCE), K)
     if state is not None and Sq == 1:
         content = _topk_tokens(vote.masked_fill(forced, float("-inf")), K)[:, :, 0]
