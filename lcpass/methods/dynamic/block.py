@@ -71,17 +71,17 @@ def _sizes(q: Tensor, k: Tensor, owner: str) -> tuple[int, int]:
 def quest_bounds(q: Tensor, k: Tensor, page_size: int) -> Tensor:
     """Quest's upper bound of q.k over each page, max over the queries of each query block.
 
-    ``sum_d max(q_d * kmin_d, q_d * kmax_d) = q+ . kmax + q- . kmin`` (two matmuls).
+    ``sum_d max(q_d * kmin_d, q_d * kmax_d) = q+ . kmax + q- . kmin`` (one matmul on [q+, q-]).
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> [B, Hkv, G, Mq, Mk].
     """
     _, kmax, kmin = block_pool(k, page_size)
-    qf = q.float()
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    qv = qf.view(B, Hkv, G, Sq, D)
-    s = qv.clamp(min=0) @ kmax[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Sq, Mk]
-    s += qv.clamp(max=0) @ kmin[:, :, None].transpose(-1, -2)
+    qf = q.float().reshape(B, Hkv, G * Sq, D)
+    # one matmul: [q+, q-] . [kmax, kmin]  -> [B, Hkv, G * Sq, Mk]
+    s = torch.cat([qf.clamp(min=0), qf.clamp(max=0)], -1) @ torch.cat([kmax, kmin], -1).transpose(-1, -2)
+    s = s.view(B, Hkv, G, Sq, -1)
     mq = -(-Sq // page_size)
     pad = mq * page_size - Sq
     if pad:
