@@ -17,8 +17,10 @@ from lcpass.inspect import InspectReport, detect, inspect
 from lcpass.lower import planned_attention as _planned  # noqa: F401  registers torch.ops.lcpass.planned_attention
 from lcpass.optimize import OptimizedModule, OptimizeReport, optimize
 from lcpass.plan import Plan
+from lcpass.export import ExportResult, export
+from lcpass.verify import VerifyReport, verify_model
 
 __version__ = "0.1.0"
 
-__all__ = ["CaptureError", "Captured", "InspectReport", "OptimizeReport", "OptimizedModule", "Plan", "capture",
-           "capture_dynamo", "detect", "inspect", "optimize"]
+__all__ = ["CaptureError", "Captured", "ExportResult", "InspectReport", "OptimizeReport", "OptimizedModule", "Plan",
+           "VerifyReport", "capture", "capture_dynamo", "detect", "export", "inspect", "optimize", "verify_model"]
