@@ -152,6 +152,15 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, owner: str) -> None:
         raise ValueError(f"{owner}: q, k, v devices differ ({q.device}, {k.device}, {v.device})")
 
 
+def _check_keep(kv_keep: Tensor | None, q: Tensor, k: Tensor, owner: str) -> None:
+    if kv_keep is None:
+        return
+    want = (q.shape[0], k.shape[2])
+    if kv_keep.dtype != torch.bool or tuple(kv_keep.shape) != want or kv_keep.device != q.device:
+        raise ValueError(f"{owner}: kv_keep must be Bool[B={want[0]}, Sk={want[1]}] on {q.device}, "
+                         f"got {kv_keep.dtype} {tuple(kv_keep.shape)} on {kv_keep.device}")
+
+
 def _check_layout(layout: BlockLayout, q: Tensor, k: Tensor, owner: str) -> None:
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
@@ -210,7 +219,7 @@ def _all_tables(mask_mod: Any, score_mod: Any, device: torch.device) -> list[Ten
 
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, scale: float,
               mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
-              tiles: tuple[int, int] | None = None) -> Tensor:
+              tiles: tuple[int, int] | None = None, kv_keep: Tensor | None = None) -> Tensor:
     """Block-sparse attention with a generated Triton kernel (differentiable when the inputs
     require grad: the generated backward runs; no score_mod then).
 
@@ -219,11 +228,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, sc
     ``mask_mod`` (default ``layout.mask_mod``) is applied on partial blocks only; ``score_mod`` on
     every computed score (natural units, before the mask). ``layout=None`` runs the dense kernel of
     ``mask_mod`` (None/full: every key; causal: the causal triangle; anything else: its layout at the
-    default block size). Raises :class:`UnsupportedSpec` naming what cannot be generated.
+    default block size). ``kv_keep: Bool[B, Sk]`` (True = real key) masks padding on every tile;
+    rows that see no key return zeros. Raises :class:`UnsupportedSpec` naming what cannot be
+    generated.
 
     >>> out = attention(q, k, v, build_layout(causal_mask(), 8, 4096, 4096), scale=0.088)  # doctest: +SKIP
     """
     _check_inputs(q, k, v, "codegen.attention")
+    _check_keep(kv_keep, q, k, "codegen.attention")
     _backend_ok(q.device)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -231,13 +243,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, sc
     if layout is None:
         mm = mask_mod if mask_mod is not None else full_mask()
         if not grad and mm in (full_mask(), causal_mask()):
-            return _dense(q, k, v, mm, scale, score_mod, tiles)
+            return _dense(q, k, v, mm, scale, score_mod, tiles, kv_keep)
         layout = build_layout(mm, Hq, Sq, Sk, DEFAULT_BLOCK_SIZE)
     _check_layout(layout, q, k, "codegen.attention")
     prep = prepare_attention(layout, head_dim=D, n_heads=Hq, n_kv_heads=Hkv, dtype=q.dtype,
                              device=q.device, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
                              backward=grad, tiles=tiles)
-    return prep(q, k, v)
+    return prep(q, k, v, kv_keep)
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,7 +271,7 @@ class PreparedAttention:
     decode: bool = False
     n_splits: int = 0
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, kv_keep: Tensor | None = None) -> Tensor:
         import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
 
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -269,17 +281,19 @@ class PreparedAttention:
 
             if self.decode:
                 return launch.decode(load_by_key(self.key), q, k, v, self.lists, self.tables,
-                                     self.scale, self.n_splits)
+                                     self.scale, self.n_splits, kv_keep=kv_keep)
             return launch.fwd(load_by_key(self.key), q, k, v, *self.lists, self.tables, self.scale,
-                              store_lse=False)[0]
+                              store_lse=False, kv_keep=kv_keep)[0]
         if self.decode:
             return torch.ops.lcpass_codegen.sparse_decode(
-                q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.n_splits)
+                q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.n_splits,
+                _keep_or_empty(kv_keep, q))
         if grad and not self.bwd_key:
             raise UnsupportedSpec("inputs require grad but this PreparedAttention has no backward "
                                   "kernel; prepare it with backward=True")
         return torch.ops.lcpass_codegen.sparse_attention(
-            q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.bwd_key)[0]
+            q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.bwd_key,
+            _keep_or_empty(kv_keep, q))[0]
 
 
 def prepare_attention(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_heads: int,
@@ -316,7 +330,7 @@ def _eager(*ts: Tensor) -> bool:
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod: Any,
-           tiles: tuple[int, int] | None) -> Tensor:
+           tiles: tuple[int, int] | None, kv_keep: Tensor | None = None) -> Tensor:
     """The dense generated kernel: implicit causal / full tiles, no lists to read."""
     import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
 
@@ -330,13 +344,20 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod
     dummy_i = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=q.device)
     out, _ = torch.ops.lcpass_codegen.sparse_attention(
         q, k, v, dummy_n, dummy_i, dummy_n, dummy_i,
-        _all_tables(mm if kind == "causal" else None, score_mod, q.device), float(scale), key, "")
+        _all_tables(mm if kind == "causal" else None, score_mod, q.device), float(scale), key, "",
+        _keep_or_empty(kv_keep, q))
     return out
+
+
+def _keep_or_empty(kv_keep: Tensor | None, q: Tensor) -> Tensor:
+    """The ops take no optional tensors: an empty Bool tensor stands for 'no key padding'."""
+    return kv_keep if kv_keep is not None else q.new_empty((0,), dtype=torch.bool)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,
                      mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
-                     n_splits: int | None = None, block_n: int | None = None) -> Tensor:
+                     n_splits: int | None = None, block_n: int | None = None,
+                     kv_keep: Tensor | None = None) -> Tensor:
     """Split-KV decode with a generated kernel: grid ``(B, Hkv, n_splits)``, the ``G * Sq`` query
     rows of a GQA group packed into one tile (padded to >= 16), the group's selected blocks split
     across programs and merged by log-sum-exp.
@@ -348,13 +369,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     >>> out = decode_attention(q[:, :, -1:], k, v, lay1, scale=0.088)   # doctest: +SKIP
     """
     _check_inputs(q, k, v, "codegen.decode_attention")
+    _check_keep(kv_keep, q, k, "codegen.decode_attention")
     _backend_ok(q.device)
     B, Hq, Sq, D = q.shape
     _check_layout(layout, q, k, "codegen.decode_attention")
     prep = prepare_decode(layout, head_dim=D, n_heads=Hq, n_kv_heads=k.shape[1], dtype=q.dtype,
                           device=q.device, scale=scale, batch=B, mask_mod=mask_mod,
                           score_mod=score_mod, n_splits=n_splits, block_n=block_n)
-    return prep(q, k, v)
+    return prep(q, k, v, kv_keep)
 
 
 def prepare_decode(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_heads: int,
@@ -395,21 +417,24 @@ def prepare_decode(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_hea
 
 
 def attention_or_fallback(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,
-                          mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None) -> Tensor:
+                          mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
+                          kv_keep: Tensor | None = None) -> Tensor:
     """:func:`attention` (or :func:`decode_attention` for one-query-block layouts), and on
     :class:`UnsupportedSpec` a warning naming the reason and the CPU engine's result instead."""
     try:
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         rows = q.shape[2] * (q.shape[1] // k.shape[1])
         if layout.num_q_blocks == 1 and layout.q_len < layout.kv_len and rows <= 128 and not grad:
-            return decode_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod)
-        return attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod)
+            return decode_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod,
+                                    score_mod=score_mod, kv_keep=kv_keep)
+        return attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                         kv_keep=kv_keep)
     except UnsupportedSpec as exc:
         warnings.warn(f"lcpass.codegen: falling back to the CPU engine: {exc}", stacklevel=2)
         from lcpass.engine import sparse_attention
 
         return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
-                                dense_below=0)
+                                kv_keep=kv_keep, dense_below=0)
 
 
 # ------------------------------------------------------------------------------------------------

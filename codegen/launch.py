@@ -24,6 +24,14 @@ def bstride(t: Tensor) -> int:
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
+def _keep_args(kv_keep: Tensor | None, like: Tensor) -> tuple[Tensor, int, bool]:
+    """(KEEP pointer, batch stride, HAS_KEEP) for an optional Bool[B, Sk] key-padding mask."""
+    if kv_keep is None or kv_keep.numel() == 0:  # empty tensor: no padding (the ops' convention)
+        return like, 0, False
+    keep = kv_keep.to(torch.uint8) if kv_keep.dtype == torch.bool else kv_keep
+    return keep, keep.stride(0), True
+
+
 def _wrap(kernel, wrap: bool):
     if wrap:
         from torch.library import wrap_triton
@@ -33,21 +41,23 @@ def _wrap(kernel, wrap: bool):
 
 def fwd(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, kv_num: Tensor, kv_idx: Tensor,
         full_num: Tensor, full_idx: Tensor, tables: Sequence[Tensor], scale: float, *,
-        store_lse: bool, wrap: bool = False) -> tuple[Tensor, Tensor]:
-    """Block-sparse forward. Returns ``(out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32, log2 units)``."""
+        store_lse: bool, wrap: bool = False, kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Block-sparse forward. Returns ``(out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32, log2 units)``.
+    ``kv_keep: Bool[B, Sk]`` masks padded keys on every tile."""
     spec = mod.SPEC
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq) if store_lse else (1,), device=q.device, dtype=torch.float32)
+    keep = _keep_args(kv_keep, q)
     grid = (triton_cdiv(Sq, spec.block_m), B * Hq)
     _wrap(mod.attn_fwd, wrap)[grid](
         q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, *tables, float(scale),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bstride(kv_num), kv_num.stride(1), kv_num.stride(2),
         bstride(kv_idx), kv_idx.stride(1), kv_idx.stride(2),
-        Hq, Sq, Sk, EVEN_N=Sk % spec.sparse_kv == 0, STORE_LSE=store_lse,
-        **_launch_opts(spec))
+        Hq, Sq, Sk, *keep[:2], EVEN_N=Sk % spec.sparse_kv == 0, HAS_KEEP=keep[2],
+        STORE_LSE=store_lse, **_launch_opts(spec))
     return out, lse
 
 
@@ -134,7 +144,8 @@ def decode_splits(B: int, n_kv_heads: int, n_blocks: int, n_sm: int = 132) -> in
 
 
 def decode(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lists: Sequence[Tensor],
-           tables: Sequence[Tensor], scale: float, n_splits: int, *, wrap: bool = False) -> Tensor:
+           tables: Sequence[Tensor], scale: float, n_splits: int, *, wrap: bool = False,
+           kv_keep: Tensor | None = None) -> Tensor:
     """Split-KV decode: grid ``(B, Hkv, n_splits)`` writes partial ``(acc, m, l)``, then the merge
     kernel combines the splits by log-sum-exp. ``lists`` from :func:`decode_lists`."""
     spec = mod.SPEC
@@ -146,11 +157,13 @@ def decode(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lists: Sequence[Ten
     pm = torch.empty((B, Hkv, n_splits, BM), device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
     out = torch.empty_like(q)
+    keep = _keep_args(kv_keep, q)
     _wrap(mod.attn_decode, wrap)[(B, Hkv, n_splits)](
         q, k, v, pacc, pm, pl, fnum, fidx, pnum, pidx, pmem, pfull, *tables, float(scale),
         *q.stride(), *k.stride(), *v.stride(),
         bstride(fnum), fnum.stride(1), bstride(fidx), fidx.stride(1),
-        Hkv, Sq, Sk, n_splits, EVEN_N=Sk % spec.sparse_kv == 0, **_launch_opts(spec))
+        Hkv, Sq, Sk, n_splits, *keep[:2], EVEN_N=Sk % spec.sparse_kv == 0, HAS_KEEP=keep[2],
+        **_launch_opts(spec))
     _wrap(mod.attn_decode_merge, wrap)[(B, Hkv)](
         pacc, pm, pl, out, *out.stride(), Hkv, Sq, n_splits, num_warps=4)
     return out
@@ -158,7 +171,8 @@ def decode(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lists: Sequence[Ten
 
 def bwd(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
         fwd_lists: Sequence[Tensor], bwd_lists: Sequence[Tensor], tables: Sequence[Tensor],
-        scale: float, *, wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        scale: float, *, wrap: bool = False, kv_keep: Tensor | None = None
+        ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of block-sparse attention. ``lse`` from the forward (log2 units); ``fwd_lists``
     the layout's ``(kv_num, kv_idx, full_num, full_idx)``; ``bwd_lists`` from :func:`csr_transpose`."""
     spec = mod.SPEC
@@ -171,17 +185,18 @@ def bwd(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Ten
     dv = torch.empty_like(v)
     kn, ki, fn_, fi = fwd_lists
     qn, qi, fqn, fqi = bwd_lists
-    even = dict(EVEN_N=Sk % spec.sparse_kv == 0, **_launch_opts(spec))
+    keep = _keep_args(kv_keep, q)
+    even = dict(EVEN_N=Sk % spec.sparse_kv == 0, HAS_KEEP=keep[2], **_launch_opts(spec))
     _wrap(mod.attn_bwd_dq, wrap)[(triton_cdiv(Sq, spec.block_m), B * Hq)](
         q, k, v, dout, dq, lse, delta, kn, ki, fn_, fi, *tables, float(scale),
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         bstride(kn), kn.stride(1), kn.stride(2), bstride(ki), ki.stride(1), ki.stride(2),
-        Hq, Sq, Sk, **even)
+        Hq, Sq, Sk, *keep[:2], **even)
     _wrap(mod.attn_bwd_dkdv, wrap)[(triton_cdiv(Sk, spec.block_n), B * Hkv)](
         q, k, v, dout, dk, dv, lse, delta, qn, qi, fqn, fqi, *tables, float(scale),
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         bstride(qn), qn.stride(1), qn.stride(2), bstride(qi), qi.stride(1), qi.stride(2),
-        Hq, Hkv, Sq, Sk, **even)
+        Hq, Hkv, Sq, Sk, *keep[:2], **even)
     return dq, dk, dv
 
 

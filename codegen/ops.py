@@ -5,11 +5,14 @@ named by its spec key (a string argument), so a single op serves every spec and 
 torch.export see one node per call (with a fake implementation for shape propagation)::
 
     lcpass_codegen::sparse_attention(q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale,
-                                     key, bwd_key) -> (out, lse)          # autograd: bwd_key
+                                     key, bwd_key, kv_keep) -> (out, lse)   # autograd: bwd_key
     lcpass_codegen::sparse_attention_bwd(q, k, v, out, dout, lse, kv_num, kv_idx, full_num,
-                                         full_idx, tables, scale, key) -> (dq, dk, dv)
+                                         full_idx, tables, scale, key, kv_keep) -> (dq, dk, dv)
     lcpass_codegen::sparse_decode(q, k, v, full_num, full_idx, part_num, part_idx, part_member,
-                                  part_fullbits, tables, scale, key, n_splits) -> out
+                                  part_fullbits, tables, scale, key, n_splits, kv_keep) -> out
+
+``kv_keep`` is ``Bool[B, Sk]`` (True = real key) or an EMPTY tensor for none (ops take no optional
+tensors so their autograd structure is fixed).
 
 Import this module (``import lcpass.codegen.ops``) before ``torch.export.load`` of a program that
 uses them. Kernels are loaded with :func:`lcpass.codegen.cache.load_by_key`, from this process's
@@ -31,11 +34,13 @@ __all__ = ["sparse_attention", "sparse_attention_bwd", "sparse_decode"]
 @triton_op("lcpass_codegen::sparse_attention", mutates_args=())
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num: Tensor, kv_idx: Tensor,
                      full_num: Tensor, full_idx: Tensor, tables: list[Tensor], scale: float,
-                     key: str, bwd_key: str) -> tuple[Tensor, Tensor]:
+                     key: str, bwd_key: str, kv_keep: Tensor
+                     ) -> tuple[Tensor, Tensor]:
     """Block-sparse forward with the generated kernel ``key``; returns ``(out, lse)`` (lse in log2
-    units, ``[B, Hq, Sq]`` fp32). ``bwd_key`` names the backward kernel ("" = not differentiable)."""
+    units, ``[B, Hq, Sq]`` fp32). ``bwd_key`` names the backward kernel ("" = not differentiable);
+    ``kv_keep: Bool[B, Sk]`` masks padded keys."""
     return launch.fwd(load_by_key(key), q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale,
-                      store_lse=bool(bwd_key), wrap=_traced(q))
+                      store_lse=bool(bwd_key), wrap=_traced(q), kv_keep=kv_keep)
 
 
 def _traced(t: Tensor) -> bool:
@@ -45,7 +50,7 @@ def _traced(t: Tensor) -> bool:
 
 
 @sparse_attention.register_fake
-def _(q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key):
+def _(q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key, kv_keep):
     B, Hq, Sq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq) if bwd_key else (1,), dtype=torch.float32)
 
@@ -53,23 +58,24 @@ def _(q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key):
 @triton_op("lcpass_codegen::sparse_attention_bwd", mutates_args=())
 def sparse_attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
                          kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor,
-                         tables: list[Tensor], scale: float, key: str) -> tuple[Tensor, Tensor, Tensor]:
+                         tables: list[Tensor], scale: float, key: str,
+                         kv_keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv with the generated backward kernel ``key`` (transposed lists built here)."""
     fwd_lists = (kv_num, kv_idx, full_num, full_idx)
     bwd_lists = launch.csr_transpose(*fwd_lists, kv_num.shape[-1])
     return launch.bwd(load_by_key(key), q, k, v, out, dout, lse, fwd_lists, bwd_lists, tables, scale,
-                      wrap=_traced(q))
+                      wrap=_traced(q), kv_keep=kv_keep)
 
 
 @sparse_attention_bwd.register_fake
-def _(q, k, v, out, dout, lse, kv_num, kv_idx, full_num, full_idx, tables, scale, key):
+def _(q, k, v, out, dout, lse, kv_num, kv_idx, full_num, full_idx, tables, scale, key, kv_keep):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key = inputs
+    q, k, v, kv_num, kv_idx, full_num, full_idx, tables, scale, key, bwd_key, kv_keep = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, *tables)
+    ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, kv_keep, *tables)
     ctx.scale = scale
     ctx.bwd_key = bwd_key
     ctx.n_tables = len(tables)
@@ -79,10 +85,11 @@ def _backward(ctx, dout, dlse):
     if not ctx.bwd_key:
         raise RuntimeError("lcpass_codegen::sparse_attention was called without a backward kernel "
                            "(bwd_key=''); call lcpass.codegen.attention with inputs that require grad")
-    q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, *tables = ctx.saved_tensors
+    q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, kv_keep, *tables = ctx.saved_tensors
     dq, dk, dv = torch.ops.lcpass_codegen.sparse_attention_bwd(
-        q, k, v, out, dout, lse, kv_num, kv_idx, full_num, full_idx, tables, ctx.scale, ctx.bwd_key)
-    return dq, dk, dv, None, None, None, None, [None] * ctx.n_tables, None, None, None
+        q, k, v, out, dout, lse, kv_num, kv_idx, full_num, full_idx, tables, ctx.scale, ctx.bwd_key,
+        kv_keep)
+    return dq, dk, dv, None, None, None, None, [None] * ctx.n_tables, None, None, None, None
 
 
 sparse_attention.register_autograd(_backward, setup_context=_setup)
@@ -91,13 +98,15 @@ sparse_attention.register_autograd(_backward, setup_context=_setup)
 @triton_op("lcpass_codegen::sparse_decode", mutates_args=())
 def sparse_decode(q: Tensor, k: Tensor, v: Tensor, full_num: Tensor, full_idx: Tensor,
                   part_num: Tensor, part_idx: Tensor, part_member: Tensor, part_fullbits: Tensor,
-                  tables: list[Tensor], scale: float, key: str, n_splits: int) -> Tensor:
+                  tables: list[Tensor], scale: float, key: str, n_splits: int,
+                  kv_keep: Tensor) -> Tensor:
     """Split-KV decode with the generated kernel ``key`` over per-KV-head block lists."""
     lists = (full_num, full_idx, part_num, part_idx, part_member, part_fullbits)
-    return launch.decode(load_by_key(key), q, k, v, lists, tables, scale, n_splits, wrap=_traced(q))
+    return launch.decode(load_by_key(key), q, k, v, lists, tables, scale, n_splits, wrap=_traced(q),
+                         kv_keep=kv_keep)
 
 
 @sparse_decode.register_fake
 def _(q, k, v, full_num, full_idx, part_num, part_idx, part_member, part_fullbits, tables, scale,
-      key, n_splits):
+      key, n_splits, kv_keep):
     return torch.empty_like(q)

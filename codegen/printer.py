@@ -462,7 +462,8 @@ def _call(fn: Callable, args: tuple, b: _Builder) -> Any:
     except UnsupportedSpec:
         raise
     except Exception as exc:  # the callable did something the tracer cannot follow
-        raise b.unsupported(f"an operation that failed under tracing ({type(exc).__name__}: {exc})") from exc
+        what = f"an operation that failed under tracing ({type(exc).__name__}: {exc})"
+        raise b.unsupported(what) from exc
 
 
 def print_mask_mod(mask_mod: Callable, prefix: str = "mm_") -> PrintedFn:

@@ -70,8 +70,9 @@ def reference_block_scores(q: Tensor, k: Tensor, *, block_size: int | tuple[int,
     qbar = qp.view(B, Hq, mq, bq, D).sum(3) / cnt * scale  # [B, Hq, Mq, D]
     kf = k.float()
     pad = mk * bk - Sk
-    kmin = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")).view(B, Hkv, mk, bk, D).amin(3)
-    kmax = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(B, Hkv, mk, bk, D).amax(3)
+    pad_k = torch.nn.functional.pad
+    kmin = pad_k(kf, (0, 0, 0, pad), value=float("inf")).view(B, Hkv, mk, bk, D).amin(3)
+    kmax = pad_k(kf, (0, 0, 0, pad), value=float("-inf")).view(B, Hkv, mk, bk, D).amax(3)
     kcnt = torch.clamp(Sk - torch.arange(mk) * bk, max=bk).to(k.device).view(1, 1, mk, 1)
     kmean = torch.nn.functional.pad(kf, (0, 0, 0, pad)).view(B, Hkv, mk, bk, D).sum(3) / kcnt
     G = Hq // Hkv

@@ -167,14 +167,38 @@ def test_backward_matches_autograd_of_reference(name):
         mm = M.sliding_window_mask(48)
     lay = build_layout(mm, Hq, n, n, BLOCK)
     q, k, v = _qkv(2, Hq, Hkv, n, n, seed=7, grad=True)
-    out = codegen.attention(q, k, v, lay, scale=D ** -0.5, tiles=TILES)
+    keep = None
+    if name == "sliding":  # with key padding: batch 1 has its last 20 keys padded
+        keep = torch.ones(2, n, dtype=torch.bool)
+        keep[1, -20:] = False
+    out = codegen.attention(q, k, v, lay, scale=D ** -0.5, tiles=TILES, kv_keep=keep)
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), dout)
-    ref = reference_attention(q, k, v, mm, scale=D ** -0.5)
+    ref = reference_attention(q, k, v, mm, scale=D ** -0.5, kv_keep=keep)
     want = torch.autograd.grad(ref, (q, k, v), dout)
     assert (out - ref).abs().max().item() < TOL
     for g, w, what in zip(got, want, "qkv"):
         assert (g - w).abs().max().item() < TOL, f"d{what}"
+
+
+def test_key_padding_prefill_and_decode():
+    # kv_keep masks padded keys on every tile (full blocks too); rows left without keys give zeros
+    q, k, v = _qkv(2, 4, 1, N, N, seed=14)
+    keep = torch.ones(2, N, dtype=torch.bool)
+    keep[0, :70] = False  # left padding: the first queries of batch 0 see no key at all
+    keep[1, 150:] = False  # right padding
+    mm = M.streaming_mask(4, 48)
+    lay = build_layout(mm, 4, N, N, BLOCK)
+    out = codegen.attention(q, k, v, lay, scale=D ** -0.5, tiles=BIG_TILES, kv_keep=keep)
+    ref = reference_attention(q, k, v, mm, scale=D ** -0.5, kv_keep=keep)
+    assert (out - ref).abs().max().item() < TOL and out[0, :, :70].abs().max().item() == 0.0
+    qd = q[:, :, -1:]
+    lay1 = build_layout(M.causal_mask(), 4, 1, N, BLOCK)
+    got = codegen.decode_attention(qd, k, v, lay1, scale=D ** -0.5, kv_keep=keep, n_splits=2)
+    want = reference_attention(qd, k, v, M.causal_mask(), scale=D ** -0.5, kv_keep=keep)
+    assert (got - want).abs().max().item() < TOL
+    with pytest.raises(ValueError, match=r"kv_keep must be Bool\[B=2, Sk=200\]"):
+        codegen.attention(q, k, v, lay, scale=1.0, kv_keep=keep[:, :10])
 
 
 def test_floor_division_semantics_on_negative_offsets():
