@@ -22,6 +22,16 @@ warnings.filterwarnings("ignore")
 NEW = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Decode is hundreds of tiny ops: on a shared CPU a second OpenMP thread that gets descheduled makes each
+    one wait (measured 20x slower generate on the 2-core CI machine). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(model, ids, n=NEW, **kw):
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)

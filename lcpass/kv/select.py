@@ -138,15 +138,35 @@ def dense_group_attend(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor],
 
 def gather_attend(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, idx: Tensor, scale: float) -> Tensor:
     """Attention over the slots ``idx`` only: q [B, h, G, D], k/v [B, h, L, D], pos [B, L],
-    idx [B, h, K] (-1 = unused). Reads K slots per KV head. Returns [B, h, G, D]."""
+    idx [B, h, K] (-1 = unused). Reads K slots per KV head (one ``index_select`` of rows: advanced
+    indexing is ~100x slower on CPU). Returns [B, h, G, D]."""
     B, h, L, D = k.shape
     K = idx.shape[-1]
     safe = idx.clamp(min=0)
-    rows = (torch.arange(B * h, device=k.device).view(B, h, 1))
-    kg = k.reshape(B * h, L, D)[rows, safe]  # [B, h, K, D]
-    vg = v.reshape(B * h, L, v.shape[-1])[rows, safe]
+    flat = (safe + torch.arange(B * h, device=k.device).view(B, h, 1) * L).reshape(-1)  # [B*h*K]
+    kg = torch.index_select(k.reshape(B * h * L, D), 0, flat, out=_scratch("k", (B * h * K, D), k))
+    vg = torch.index_select(v.reshape(B * h * L, v.shape[-1]), 0, flat,
+                            out=_scratch("v", (B * h * K, v.shape[-1]), v))
+    kg, vg = kg.view(B, h, K, D), vg.view(B, h, K, v.shape[-1])
     valid = (idx >= 0) & (pos.gather(1, safe.view(B, h * K)).view(B, h, K) >= 0)
     return dense_group_attend(q, kg, vg, valid[:, :, None, :], scale)
+
+
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A reusable gather buffer (working memory shared by every layer, not part of any cache).
+
+    Fresh multi-MB outputs each step cost page faults that dominate a gather on a busy CPU.
+    """
+    key = (name, shape, like.dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) > 16:
+            _SCRATCH.clear()
+        buf = _SCRATCH[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
 
 
 def _valid_slots(pos: Tensor) -> Tensor:
@@ -186,26 +206,68 @@ def _quest_pages(group, page: int) -> tuple[Tensor, Tensor, int]:
     return kmax, kmin, n_full
 
 
-def quest_indices(q: Tensor, group, p: Mapping[str, Any]) -> Optional[Tensor]:
-    """Quest's slot indices [B, h, K] for decode queries q [B, h, G, D]; None = attend everything."""
+def quest_pages(q: Tensor, group, p: Mapping[str, Any]) -> Optional[Tensor]:
+    """Quest's chosen full pages [B, h, n_pages] (sorted) for decode queries q [B, h, G, D]; None = all."""
     page = p["page_size"]
-    L = group.length
     n_pages = max(1, -(-p["token_budget"] // page))
     kmax, kmin, n_full = _quest_pages(group, page)
     if n_full <= n_pages:
         return None
     qf = q.float()
-    # bound per (query head, page), max over the G heads of the KV head: [B, h, P]
     s = (qf.clamp(min=0) @ kmax.float().transpose(-1, -2) + qf.clamp(max=0) @ kmin.float().transpose(-1, -2))
-    s = s.amax(2)
+    s = s.amax(2)  # [B, h, P]: bound of the best query head of each KV head
     if p["sink_pages"]:
         s[..., :p["sink_pages"]] = math.inf
-    top = s.topk(n_pages, dim=-1).indices  # [B, h, n_pages]
-    top = torch.sort(top, dim=-1).values
-    tok = (top[..., None] * page + torch.arange(page, device=q.device)).flatten(-2)  # [B, h, n_pages*page]
+    return torch.sort(s.topk(n_pages, dim=-1).indices, dim=-1).values
+
+
+def page_attend(q: Tensor, group, pages: Tensor, page: int, scale: float) -> Tensor:
+    """Attention over the chosen pages plus the unfinished tail, one KV head at a time: its pages are copied
+    by one ``index_select`` of whole pages (rows of page x D values; per-token rows cost ~1 us each on CPU)
+    into a small buffer that is attended while still in cache. q [B, h, G, D] -> [B, h, G, D]."""
+    k, v, pos = group.keys, group.values, group.pos
+    B, h, L, D = k.shape
+    dv = v.shape[-1]
+    n_full = L // page
+    n_sel = pages.shape[-1]
+    tail = L - n_full * page
+    n = n_sel * page + tail
+    kb = _scratch("pk", (n, D), k)
+    vb = _scratch("pv", (n, dv), v)
+    out = q.new_empty(B, h, q.shape[2], dv)
+    for b in range(B):
+        valid = None
+        if not bool((pos[b] >= 0).all()):  # padded row: which gathered slots are real
+            pb = torch.cat([pos[b, :n_full * page].view(n_full, page).index_select(0, pages[b].reshape(-1))
+                            .view(h, n_sel * page), pos[b, None, n_full * page:].expand(h, tail)], 1)  # [h, n]
+            valid = pb >= 0
+        for j in range(h):
+            idx = pages[b, j]
+            torch.index_select(k[b, j, :n_full * page].view(n_full, page * D), 0, idx,
+                               out=kb[:n_sel * page].view(n_sel, page * D))
+            torch.index_select(v[b, j, :n_full * page].view(n_full, page * dv), 0, idx,
+                               out=vb[:n_sel * page].view(n_sel, page * dv))
+            if tail:
+                kb[n_sel * page:] = k[b, j, n_full * page:]
+                vb[n_sel * page:] = v[b, j, n_full * page:]
+            if valid is None:
+                out[b, j] = F.scaled_dot_product_attention(q[b, j][None, None], kb[None, None], vb[None, None],
+                                                           scale=scale)[0, 0]
+            else:
+                out[b, j] = dense_group_attend(q[b, j][None, None], kb[None, None], vb[None, None],
+                                               valid[j][None, None, None], scale)[0, 0]
+    return out
+
+
+def quest_indices(q: Tensor, group, p: Mapping[str, Any]) -> Optional[Tensor]:
+    """Quest's slot indices [B, h, K] (chosen pages, then the unfinished tail); None = attend everything."""
+    pages = quest_pages(q, group, p)
+    if pages is None:
+        return None
+    page = p["page_size"]
+    tok = (pages[..., None] * page + torch.arange(page, device=q.device)).flatten(-2)  # [B, h, n_pages*page]
     B, h = q.shape[:2]
-    tail = _tail_indices(n_full * page, L, B, h, q.device)
-    return torch.cat([tok, tail], -1)
+    return torch.cat([tok, _tail_indices(group.length // page * page, group.length, B, h, q.device)], -1)
 
 
 def _head_probs(q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
@@ -281,8 +343,12 @@ def select_attend(sel: Selector, q: Tensor, group, scale: float, *, layer_idx: i
     """Decode attention of ``group`` under ``sel``: q [B, h, G, D] -> [B, h, G, D]."""
     p = sel.params
     if sel.name == "quest":
-        idx = quest_indices(q, group, p)
-    elif sel.name == "tokenselect":
+        pages = quest_pages(q, group, p)
+        if pages is None:
+            return dense_group_attend(q, group.keys, group.values, _valid_slots(group.pos), scale)
+        group.state["last_selected"] = pages.shape[-1] * p["page_size"] + group.length % p["page_size"]
+        return page_attend(q, group, pages, p["page_size"], scale)
+    if sel.name == "tokenselect":
         idx = tokenselect_indices(q, group, p, scale)
     elif sel.name == "recycled":
         idx = recycled_indices(q, group, p, scale)
