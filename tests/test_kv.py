@@ -4,6 +4,7 @@ a cache reused across plans."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 
@@ -116,7 +117,20 @@ def _greedy_no_cache(model, ids, n=NEW):
 
 
 def _sites(z):
-    return lcpass.detect(z.model, z.example_inputs)[0][1].sites
+    """The model's attention sites from its config (saves a capture per test)."""
+    from lcpass.plan import SiteInfo
+
+    c = z.model.config
+    return [SiteInfo(f"model.layers.{i}.self_attn", c.num_attention_heads, c.num_key_value_heads,
+                     getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, True)
+            for i in range(c.num_hidden_layers)]
+
+
+@functools.lru_cache(maxsize=None)
+def _opt(name: str, method: str, dense_below=None, **params):
+    """An optimized zoo model, shared by the tests that only run it (generate does not change it)."""
+    z = get_zoo_model(name)
+    return lcpass.optimize(z.model, method=method, dense_below=dense_below, example_inputs=z.example_inputs, **params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,18 +140,14 @@ def test_streaming_wide_window_equals_dense_and_small_window_equals_reference(na
     z = get_zoo_model(name)
     ids = z.example_inputs["input_ids"][:1]
     dense = _gen(z.model, ids)
-    wide = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=4, window=200,
-                           example_inputs=z.example_inputs)
-    out = _gen(wide, ids, return_dict_in_generate=True)
+    out = _gen(_opt(name, "streaming", sink=4, window=200), ids, return_dict_in_generate=True)
     assert torch.equal(out.sequences, dense)
     cache = out.past_key_values
     assert isinstance(cache, CompressedCache)
     assert all(g.length == cache.layers[0].seen for layer in cache.layers for g in layer.groups)  # nothing evicted
 
     sink, window = 2, 8
-    small = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=sink, window=window, dense_below=0,
-                            example_inputs=z.example_inputs)
-    out = _gen(small, ids, return_dict_in_generate=True)
+    out = _gen(_opt(name, "streaming", 0, sink=sink, window=window), ids, return_dict_in_generate=True)
     ref = _with_attention(z.model, "kv_test_streaming",
                           _mask_reference(lambda h, q, kv: (kv < sink) | (q - kv < window)))
     want = _greedy_no_cache(ref, ids)
@@ -175,8 +185,7 @@ def test_duo_mixed_groups_and_razor_compensation_match_references():
 
 def test_left_padded_batch_rows_equal_unbatched_runs():
     z = get_zoo_model("llama-tiny")
-    m = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=2, window=6, dense_below=0,
-                        example_inputs=z.example_inputs)
+    m = _opt("llama-tiny", "streaming", 0, sink=2, window=8)
     full = z.example_inputs["input_ids"][0]
     prompts = [full[:19], full[3:15], full[5:9]]
     L = max(len(p) for p in prompts)
@@ -209,8 +218,7 @@ def test_budget_beyond_context_is_dense_and_by_hand_cache_and_plan_reuse():
     assert torch.allclose(a, want_a, atol=1e-5) and torch.allclose(b, want_b, atol=1e-5)
     assert cache.nbytes() >= cache.dense_nbytes()  # nothing evicted: dense (plus positions)
 
-    other = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=2, window=4,
-                            example_inputs=z.example_inputs)
+    other = _opt("qwen3-tiny", "streaming", 0, sink=2, window=8)
     with pytest.raises(ValueError, match=r"streaming plan #\w+.*streaming plan #\w+"):
         with torch.no_grad():
             other(ids[:, :1], past_key_values=cache, use_cache=True)
