@@ -218,9 +218,10 @@ def export(
 def _to_onnx(ep: torch.export.ExportedProgram, out: Path, lowering: dict[str, str]) -> ExportResult:
     import onnx
 
-    from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, attach_functions, \
+    from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, attach_functions, precheck, \
         translation_table
 
+    precheck(ep.graph)
     functions: dict[str, AttentionFunction] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -36,7 +36,7 @@ from lcpass.lower import crossover as _crossover
 from lcpass.lower import _site_mask, lowering_kind
 
 __all__ = ["DOMAIN", "OPSET", "AttentionFunction", "translation_table", "attach_functions", "function_proto",
-           "pure_sliding_window", "ONNXExportError"]
+           "pure_sliding_window", "precheck", "ONNXExportError"]
 
 DOMAIN = "lcpass"
 OPSET = 23
@@ -65,6 +65,7 @@ class AttentionFunction:
     mask_kind: str  # the detector's mask label (padding, bias ...), planned ops only
     spec: str  # spec_json of the head specs ("" for the canonical op)
     same_len: bool  # Sq == Sk symbolically (self-attention without cache)
+    static_len: tuple[int, ...] = ()  # (Sq, Sk) when the export has a fixed sequence length
 
     @property
     def name(self) -> str:
@@ -126,7 +127,18 @@ def _base_mask(is_causal: bool, window: int) -> M.MaskMod:
 
 
 def _long_mask(fn: AttentionFunction) -> M.MaskMod:
-    """The mask the planned op applies above its crossover; ONNXExportError when it depends on length."""
+    """The mask the planned op applies above its crossover; ONNXExportError when it depends on length or
+    on the content (dynamic methods)."""
+    from lcpass.lower import _parse
+    from lcpass.methods import get_method
+
+    dynamic = sorted({name for name, _ in _parse(fn.spec) if get_method(name).kind == "dynamic"})
+    if dynamic:
+        raise ONNXExportError(
+            f"dynamic (content-selected) methods {dynamic} have no ONNX lowering yet (selection + gather); "
+            f"export them with format='torch', or plan those sites with a static method")
+    if fn.static_len:
+        return _site_mask(fn.spec, fn.n_heads, fn.static_len[0], fn.static_len[1], fn.is_causal, fn.window)
     a, b = (_site_mask(fn.spec, fn.n_heads, n, n, fn.is_causal, fn.window) for n in _PROBE_LENS)
     if a != b:
         raise ONNXExportError(
@@ -393,7 +405,8 @@ def translation_table(functions: dict[str, AttentionFunction]) -> dict:
         fn = AttentionFunction(
             planned, _static(q_shape[1], "the query head count", site), _static(k_shape[1], "the KV head count", site),
             _static(q_shape[3], "head_dim", site), float(scale), bool(is_causal), int(window), float(softcap), mtype,
-            mask_kind if planned else "", spec if planned else "", q_shape[2] == k_shape[2])
+            mask_kind if planned else "", spec if planned else "", q_shape[2] == k_shape[2],
+            (q_shape[2], k_shape[2]) if isinstance(q_shape[2], int) and isinstance(k_shape[2], int) else ())
         function_proto(fn)  # fail now (with the site's name) rather than after the export
         functions[fn.name] = fn
         node = values.Op(opset, fn.name, _schema(fn.name, mask is not None))
@@ -409,6 +422,27 @@ def translation_table(functions: dict[str, AttentionFunction]) -> dict:
 
     return {torch.ops.lcpass.planned_attention.default: planned_attention,
             torch.ops.lcpass.attention.default: attention}
+
+
+def precheck(graph) -> None:
+    """Refuse, before the (slow) ONNX export, planned sites that have no ONNX form; names the site."""
+    import torch
+
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.lcpass.planned_attention.default:
+            continue
+        q, k = node.args[0], node.args[1]
+        qv, kv = (x.meta.get("val") if hasattr(x, "meta") else None for x in (q, k))
+        n_heads = int(qv.shape[1]) if qv is not None else 1
+        static = ()
+        if qv is not None and kv is not None and isinstance(qv.shape[2], int) and isinstance(kv.shape[2], int):
+            static = (int(qv.shape[2]), int(kv.shape[2]))
+        fn = AttentionFunction(True, n_heads, 1, 1, 1.0, bool(node.args[5]), int(node.args[6]), 0.0, "none",
+                               str(node.args[10]), str(node.args[11]), False, static)
+        try:
+            _long_mask(fn)
+        except ONNXExportError as exc:
+            raise ONNXExportError(f"lcpass.export: site {node.args[9]}: {exc}") from None
 
 
 def attach_functions(model: onnx.ModelProto, functions: dict[str, AttentionFunction]) -> None:

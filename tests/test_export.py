@@ -16,7 +16,7 @@ import torch
 
 import lcpass
 from lcpass.export import export
-from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, AttentionFunction, pure_sliding_window
+from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, AttentionFunction, function_proto, pure_sliding_window
 from lcpass.lower import spec_json
 from lcpass.plan import HeadSpec, Plan, SitePlan
 from lcpass.zoo import get_zoo_model
@@ -115,6 +115,13 @@ def test_which_sites_are_pure_sliding_windows():
     assert pure_sliding_window(fn("", window=8, mask="bool", planned=False)) is None
 
 
+def test_dynamic_methods_refused_by_name():
+    spec = spec_json([HeadSpec("quest", {})], 0)
+    fn = AttentionFunction(True, 4, 2, 16, 0.25, True, -1, 0.0, "none", "causal", spec, True)
+    with pytest.raises(ValueError, match=r"dynamic .*\['quest'\].*format='torch'"):
+        function_proto(fn)
+
+
 def test_torch_format_round_trips_in_a_fresh_process(tmp_path):
     z = get_zoo_model("llama-tiny")
     kw = {"method": "streaming", "sink": 2, "window": 5, "dense_below": 0}
@@ -151,6 +158,8 @@ def test_bad_input(tmp_path):
         export(z.model, z.example_inputs, tmp_path / "m.onnx", method="nope")
     with pytest.raises(ValueError, match="exactly one of"):
         export(z.model, z.example_inputs, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"site model\.layers\.0\.self_attn: dynamic .*quest"):
+        export(z.model, z.example_inputs, tmp_path / "m.onnx", method="quest", dense_below=0)
 
 
 @pytest.mark.slow
