@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/lcpass inspect smollm2
+	$(VENV)/bin/lcpass demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra tests
+	$(VENV)/bin/python -m pytest -q -ra --durations=25 tests

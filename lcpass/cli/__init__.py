@@ -1,7 +1,13 @@
 """The ``lcpass`` command line: one sub-command per job.
 
+    lcpass demo                                   the end-to-end demo on SmolLM2 (the README's main command)
     lcpass inspect MODEL [--route export|dynamo|fx] [--core-aten] [--json]
     lcpass methods [--json]
+    lcpass optimize MODEL --method M [--param k=v ...] --out plan.json
+    lcpass export MODEL --format onnx|torch --method M --out FILE
+    lcpass calibrate MODEL --method duo --out plan.json
+    lcpass eval MODEL --methods duo,streaming
+    lcpass kernels MODEL --show SITE --method M
 
 Bad input (an unknown model, a path with no model, a model with no attention, bad parameters) prints
 one line ``lcpass: error: ...`` and exits with code 2, never a traceback.
@@ -12,7 +18,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lcpass.cli import inspect_cmd, methods_cmd
+from lcpass.cli import (calibrate_cmd, demo_cmd, eval_cmd, export_cmd, inspect_cmd, kernels_cmd, methods_cmd,
+                        optimize_cmd)
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -28,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    inspect_cmd.add_parser(sub)
-    methods_cmd.add_parser(sub)
+    for cmd in (demo_cmd, inspect_cmd, methods_cmd, optimize_cmd, export_cmd, calibrate_cmd, eval_cmd, kernels_cmd):
+        cmd.add_parser(sub)
     return parser
 
 
