@@ -1,0 +1,57 @@
+"""Print the README's benchmark tables (markdown) from the JSON the benchmark scripts wrote.
+
+    python benchmarks/readme_tables.py            # after benchmarks/engine_density.py etc.
+
+Only numbers present in benchmarks/results/*.json are printed; a missing file prints nothing for it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def engine_density() -> str:
+    path = RESULTS / "engine_density.json"
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    m = d["meta"]
+    lines = [f"CPU, {m['nproc']} cores, torch {m['torch']}, B={m['B']}, Hq={m['Hq']}, Hkv={m['Hkv']}, D={m['D']}, "
+             f"{m['dtype']}, causal, sinks + sliding window sized to the density; medians "
+             "(`python benchmarks/engine_density.py`):", "",
+             "| N | density of causal tiles | SDPA causal (s) | flex_attention compiled, same layout (s) "
+             "| lcpass engine (s) | vs SDPA | vs flex |", "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['n']} | {r['density'] * 100:.0f}% | {r['sdpa_causal_s']:.3f} | {r['flex_s']:.3f} | "
+                     f"{r['engine_s']:.3f} | {r['speedup_vs_sdpa']:.2f}x | {r['speedup_vs_flex']:.2f}x |")
+    return "\n".join(lines)
+
+
+def gpu_kernels() -> str:
+    path = RESULTS / "gpu_kernels.json"
+    if not path.exists():
+        return ""
+    g = json.loads(path.read_text())
+    s = g["shape"]
+    lines = [f"{g['device']}, torch {g['torch']}, B={s['B']}, Hq={s['Hq']}, Hkv={s['Hkv']}, D={s['D']}, "
+             f"{s['dtype'].replace('torch.', '')}, causal (`python benchmarks/gpu_kernels.py`):", "",
+             "| N | kernel | target density | ms | TFLOP/s computed | vs dense generated | vs SDPA flash | vs flex |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in g["prefill"]:
+        if r["N"] != g["summary"]["N"] or r.get("target_density", 1.0) not in (1.0, 0.1):
+            continue
+
+        def ratio(key: str) -> str:
+            return f"{r[key]:.2f}x" if key in r else "-"
+
+        lines.append(f"| {r['N']} | {r['kernel']} | {r.get('target_density', 1.0):.0%} | {r['ms']:.2f} | "
+                     f"{r['tflops_computed']:.0f} | {ratio('vs_dense')} | {ratio('vs_sdpa')} | {ratio('vs_flex')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for table in (engine_density(), gpu_kernels()):
+        if table:
+            print(table, end="\n\n")
