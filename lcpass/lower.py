@@ -38,23 +38,41 @@ __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lower
 NEG_LIMIT = -1e4
 
 
-def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None) -> str:
+BACKENDS = ("auto", "cpu", "triton")
+
+
+def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None, backend: str = "auto") -> str:
     """A site's per-head method specs as the planned op's ``spec`` string (stable, hashable).
 
     ``dense_below`` overrides the methods' crossover (the key length below which the site runs
-    dense); None keeps each method's own.
+    dense); None keeps each method's own. ``backend``: ``"cpu"`` (the block engine), ``"triton"``
+    (generated kernels; the CPU engine with a warning where a spec is unsupported) or ``"auto"``
+    (Triton for CUDA tensors, the CPU engine otherwise).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"lcpass: backend={backend!r}; use one of {BACKENDS}")
     items = []
     for spec in head_specs:
         name, params = spec_parts(spec)
         items.append({"method": name, "params": dict(sorted(params.items()))})
-    return json.dumps({"heads": items, "dense_below": dense_below}, sort_keys=True, separators=(",", ":"))
+    return json.dumps({"heads": items, "dense_below": dense_below, "backend": backend}, sort_keys=True,
+                      separators=(",", ":"))
 
 
 @lru_cache(maxsize=1024)
 def _parse_full(spec: str) -> tuple[tuple[tuple[str, dict[str, Any]], ...], Optional[int]]:
     data = json.loads(spec)
     return tuple((d["method"], d["params"]) for d in data["heads"]), data.get("dense_below")
+
+
+@lru_cache(maxsize=1024)
+def _backend(spec: str) -> str:
+    return json.loads(spec).get("backend", "auto")
+
+
+def _use_triton(spec: str, q: torch.Tensor) -> bool:
+    backend = _backend(spec)
+    return backend == "triton" or (backend == "auto" and q.is_cuda)
 
 
 def _parse(spec: str) -> tuple[tuple[str, dict[str, Any]], ...]:
@@ -151,8 +169,14 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
     if not _is_dynamic(specs):
         mask_mod = _site_mask(spec, hq, sq, sk, bool(is_causal), int(window))
         layout = build_layout(mask_mod, hq, sq, sk)
-        return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod,
-                                score_mod=_softcap_mod(softcap) if softcap else None, kv_keep=kv_keep)
+        score_mod = _softcap_mod(softcap) if softcap else None
+        if _use_triton(spec, q):
+            from lcpass.codegen import attention_or_fallback
+
+            return attention_or_fallback(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                                         kv_keep=kv_keep)
+        return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                                kv_keep=kv_keep)
     from lcpass.methods.dynamic import dynamic_attention
 
     keys = [json.dumps(s, sort_keys=True) for s in specs]
@@ -167,7 +191,7 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         by_spec.setdefault(key, []).append(h)
     for key, heads in by_spec.items():
         idx = torch.tensor(heads, device=q.device)
-        sub = spec_json([tuple(json.loads(key))])
+        sub = spec_json([tuple(json.loads(key))], backend=_backend(spec))
         out[:, idx] = _run_specs(q[:, idx], k[:, idx // group], v[:, idx // group], spec=sub, scale=scale,
                                  is_causal=is_causal, window=window, softcap=softcap, site=f"{site}/{key}",
                                  kv_keep=kv_keep)
@@ -241,8 +265,8 @@ def _planned_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, s
 PLANNED_OP = torch.ops.lcpass.planned_attention.default
 
 
-def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Optional[int] = None
-                ) -> list[tuple[str, str]]:
+def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Optional[int] = None,
+                backend: str = "auto") -> list[tuple[str, str]]:
     """Replace each canonical node of ``gm`` by its planned method.
 
     ``resolve(site_name, n_heads) -> list of head specs``. Sites whose heads are all dense keep the
@@ -260,7 +284,7 @@ def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Op
             continue
         args = list(node.args)
         # (q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source) -> planned op
-        new_args = (*args[:10], site.mask, spec_json(specs, dense_below))
+        new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(PLANNED_OP, new_args)
         new.meta.update(node.meta)

@@ -25,13 +25,11 @@ import torch
 from lcpass.capture import CaptureError
 from lcpass.hf import SiteRuntime, install, is_transformers_model
 from lcpass.inspect import ExampleInputs, detect
-from lcpass.lower import is_dense_spec, lower_graph, seed_site_states, spec_json
+from lcpass.lower import BACKENDS, is_dense_spec, lower_graph, seed_site_states, spec_json
 from lcpass.patterns import Site
 from lcpass.plan import Plan
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "SiteReport", "BACKENDS"]
-
-BACKENDS = ("auto", "cpu")
 
 
 @dataclass(frozen=True)
@@ -170,8 +168,9 @@ def optimize(
         method: a method name from ``lcpass methods`` applied to every head of every site, with
             ``**params`` (e.g. ``sink=4, window=1024``). Mutually exclusive with ``plan``.
         plan: a :class:`~lcpass.plan.Plan` or the path of a plan JSON file.
-        backend: ``"auto"`` (the CPU block-sparse engine; generated Triton kernels on CUDA when
-            available) or ``"cpu"``.
+        backend: ``"auto"`` (generated Triton kernels for CUDA tensors, the CPU block-sparse engine
+            otherwise), ``"cpu"`` or ``"triton"`` (a spec the kernels cannot express falls back to the
+            CPU engine with a warning, never a wrong result).
         example_inputs: inputs used to capture and detect (default for transformers models: 32 token ids).
         dense_below: run dense below this key length instead of each method's own crossover.
         report: print the report (it is always available as ``result.lcpass_report``).
@@ -216,15 +215,15 @@ def optimize(
         for s in det.sites:
             specs = the_plan.resolve(s.name, s.n_heads)
             dense = is_dense_spec(specs)
-            runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below), dense, s.is_causal, s.window,
-                                           s.scale, s.softcap, s.mask)
+            runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below, backend), dense, s.is_causal,
+                                           s.window, s.scale, s.softcap, s.mask)
             lowering = "dense" if dense else ("sparse" if s.mask.split("+")[-1] != "bias" else "dense-masked")
             rep.sites.append(_site_report(s, specs, lowering, report_len))
         install(model, runtimes)
         model.lcpass_report = rep
         out: torch.nn.Module = model
     else:
-        lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below))
+        lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below, backend))
         for s in det.sites:
             rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), lowered[s.name], report_len))
         out = OptimizedModule(model, cap.gm, cap.route, rep)
