@@ -48,6 +48,7 @@ class OptimizeReport:
     model: str
     report_len: int
     sites: list[SiteReport] = field(default_factory=list)
+    verify: Optional[dict[str, float]] = None  # site -> max abs error vs the reference (verify=True)
 
     @property
     def rewritten(self) -> int:
@@ -156,6 +157,7 @@ def optimize(
     example_inputs: ExampleInputs = None,
     *,
     dense_below: Optional[int] = None,
+    verify: bool = False,
     report: bool = False,
     report_len: int = 8192,
     **params: Any,
@@ -173,6 +175,9 @@ def optimize(
             CPU engine with a warning, never a wrong result).
         example_inputs: inputs used to capture and detect (default for transformers models: 32 token ids).
         dense_below: run dense below this key length instead of each method's own crossover.
+        verify: run each rewritten site once against the reference on the example inputs; the max
+            error per site lands in ``result.lcpass_report.verify`` and sites over their method's bound
+            are reported by name (a warning).
         report: print the report (it is always available as ``result.lcpass_report``).
         report_len: sequence length at which the report's expected work and KV bytes are computed.
 
@@ -227,6 +232,11 @@ def optimize(
         for s in det.sites:
             rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), lowered[s.name], report_len))
         out = OptimizedModule(model, cap.gm, cap.route, rep)
+    if verify:
+        from lcpass.verify import verify_model
+
+        args = found[0][0].extra.get("kwargs") if found[0][0].route == "export" else None
+        rep.verify = verify_model(out, args if args is not None else example_inputs)
     if report:
         rep.print()
     return out

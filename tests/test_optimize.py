@@ -233,3 +233,12 @@ def test_triton_backend_generated_kernels():
         cg.attention_or_fallback = real
     assert len(calls) == z.n_attention
     assert (got - _run(cpu, z.example_inputs)).abs().max().item() <= 1e-4
+
+
+def test_verify_reports_every_rewritten_site():
+    z = get_zoo_model("mistral-tiny")
+    m = lcpass.optimize(z.model, method="streaming", sink=SINK, window=WINDOW, dense_below=0, verify=True,
+                        example_inputs=z.example_inputs)
+    errors = m.lcpass_report.verify
+    assert set(errors) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    assert all(0 <= e <= 1e-5 for e in errors.values()) and not errors.failed
