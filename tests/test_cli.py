@@ -41,3 +41,11 @@ def test_methods_listed(capsys):
     assert main(["methods", "--json"]) == 0
     names = [m["name"] for m in json.loads(capsys.readouterr().out)]
     assert {"dense", "streaming", "duo"} <= set(names)
+
+
+def test_inspect_heads_scores_every_head(capsys):
+    assert main(["inspect", "llama-tiny", "--heads", "--prompts", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    scores = data["retrieval_scores"]
+    assert len(scores) == 2 and all(len(row) == 4 for row in scores)
+    assert all(0.0 <= x <= 1.0 for row in scores for x in row)

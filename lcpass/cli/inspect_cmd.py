@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   lcpass inspect ./my-hf-model --json       a local Hugging Face folder, JSON for machines
   lcpass inspect mypkg.models:build         a factory returning a module (or module, inputs)
   lcpass inspect t5-tiny --route dynamo     the graphs torch.compile would hand a backend
+  lcpass inspect smollm2 --heads            also score every head's retrieval (copy-paste) behaviour
 """
 
 
@@ -31,6 +32,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="capture route (default: export)")
     p.add_argument("--core-aten", action="store_true", help="inspect the graph after run_decompositions()")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--heads", action="store_true",
+                   help="score each head with the Retrieval Head paper's copy-paste score on synthetic needle "
+                        "prompts (causal LMs; heads near 1 copy from the context, heads near 0 do not)")
+    p.add_argument("--prompts", type=int, default=4, help="needle prompts for --heads (default 4)")
     p.set_defaults(func=run)
     return p
 
@@ -69,8 +74,37 @@ def run(args: argparse.Namespace) -> int:
     if not report.sites:
         reasons = "; ".join(f"{r.node}: {r.reason}" for r in report.rejected[:3])
         raise UserError(f"no attention found in {args.model!r}" + (f" (softmaxes left alone: {reasons})" if reasons else ""))
+    scores = None
+    if args.heads:
+        from lcpass.methods.dynamic import retrieval_head_scores
+
+        if not hasattr(getattr(resolved.model, "config", None), "vocab_size"):
+            raise UserError(f"--heads needs a transformers causal LM; {args.model!r} is "
+                            f"{type(resolved.model).__name__}")
+        scores = retrieval_head_scores(resolved.model, resolved.tokenizer, n_prompts=args.prompts)
     if args.json:
-        print(report.to_json())
+        import json
+
+        data = report.as_dict()
+        if scores is not None:
+            data["retrieval_scores"] = scores.tolist()
+        print(json.dumps(data, indent=2))
     else:
         render(report)
+        if scores is not None:
+            render_heads(scores)
     return 0
+
+
+def render_heads(scores, file=None) -> None:
+    """One row per layer: each head's retrieval score (copy-paste hits / copy steps)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="retrieval-head scores (Retrieval Head paper, copy-paste on synthetic needles)")
+    table.add_column("layer", justify="right")
+    for h in range(scores.shape[1]):
+        table.add_column(f"h{h}", justify="right")
+    for layer, row in enumerate(scores.tolist()):
+        table.add_row(str(layer), *(f"{x:.2f}" for x in row))
+    Console(file=file or sys.stdout, width=200).print(table)
