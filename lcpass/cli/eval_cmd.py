@@ -57,6 +57,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="perplexity text file (default: /usr/share/common-licenses/GPL-3)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of the text used (default 2048)")
     p.add_argument("--calib-lengths", default="1024", help="calibration prompt lengths (default 1024)")
+    p.add_argument("--dense-below", type=int, default=None,
+                   help="sites run dense below this many keys (default: each method's crossover, as deployed; "
+                        "0 = always run the method)")
+    p.add_argument("--timing-repeats", type=int, default=1, help="prefill runs per method, fastest kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(
         resolved.model, resolved.tokenizer, methods, lengths=lengths, depths=depths,
         needle_trials=args.needle_trials, hops=args.hops, text=text, ppl_tokens=args.ppl_tokens,
-        calibration={"lengths": calib}, seed=args.seed, progress=not args.no_progress, out_dir=args.out,
+        calibration={"lengths": calib}, seed=args.seed, dense_below=args.dense_below,
+        timing_repeats=args.timing_repeats, progress=not args.no_progress, out_dir=args.out,
         name=resolved.name,
     )
     print(Path(res["files"]["markdown"]).read_text())

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,73 @@ __all__ = [
 ]
 
 
+def _run_method(
+    row: dict[str, Any],
+    spec: MethodSpec,
+    model: nn.Module,
+    tokenizer: Any,
+    sites: list[SiteInfo],
+    plans: dict[str, Plan],
+    calibration: dict[str, Any] | None,
+    ppl_ids: torch.Tensor,
+    dense_ref: dict[str, Any],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    needle_trials: int,
+    hops: int,
+    distractors: int,
+    seed: int,
+    timing_repeats: int,
+    dense_below: int | None,
+    step: Any,
+) -> None:
+    """Fill `row` with every measurement of one method (see `evaluate`); `dense_ref` is filled by dense."""
+    t0 = time.perf_counter()
+    plan = plans.get(spec.label)
+    if plan is None and spec.method != "plan":
+        plan = build_plan(spec, model, sites, tokenizer, calibration, progress=False)
+        if plan is not None:
+            plans[spec.label] = plan
+    row["calibration_s"] = round(time.perf_counter() - t0, 2)
+    row["kv_ratio_policy"] = kv_ratio(plan, sites, ppl_ids.shape[1])
+    if plan is not None and any(h.method in ("duo", "razor") for sp in plan.sites.values() for h in sp.heads):
+        row["retrieval_heads"] = sum(
+            bool(h.params.get("retrieval")) for s in sites for h in plan.resolve(s.name, s.n_heads)
+        )
+    evaluated = apply_method(model, plan, dense_below=dense_below)
+    report = getattr(evaluated, "lcpass_report", None)
+    if plan is not None and report is not None and hasattr(report, "as_dict"):
+        rep = report.as_dict()
+        row["optimize_report"] = {k: rep[k] for k in ("report_len", "rewritten", "attention_flops_ratio",
+                                                      "kv_bytes_ratio") if k in rep}
+    m = prefill_measure(evaluated, ppl_ids, [s.name for s in sites], timing_repeats)
+    pred = m["logits"][0].argmax(-1)
+    row["perplexity"] = perplexity(m["logits"], ppl_ids)
+    row["prefill_s"] = round(m["prefill_s"], 3)
+    row["attention_s"] = None if m["attention_s"] is None else round(m["attention_s"], 3)
+    row["kv_bytes"] = m["kv_bytes"]
+    step()
+    if spec.method == "dense" and not dense_ref:
+        dense_ref.update(pred=pred, **row)
+    row["agreement"] = float((pred == dense_ref["pred"]).float().mean())
+    row["perplexity_delta_pct"] = 100.0 * (row["perplexity"] / dense_ref["perplexity"] - 1.0)
+    if row["attention_s"] and dense_ref.get("attention_s"):
+        row["attention_speedup"] = dense_ref["attention_s"] / row["attention_s"]
+    if row["kv_bytes"] and dense_ref.get("kv_bytes"):
+        row["kv_ratio_measured"] = row["kv_bytes"] / dense_ref["kv_bytes"]
+    row["passkey"] = run_passkey(evaluated, tokenizer, lengths, depths, seed, on_case=step)
+    row["passkey_accuracy"] = _accuracy(row["passkey"])
+    if spec.method == "dense":
+        dense_ref["passkey"] = row["passkey"]
+    row["passkey_matches_dense"] = sum(
+        a["correct"] == b["correct"] for a, b in zip(row["passkey"], dense_ref["passkey"])
+    )
+    row["multi_needle"] = run_multi_needle(
+        evaluated, tokenizer, lengths, needle_trials, hops, distractors, seed, on_case=step
+    )
+    row["multi_needle_accuracy"] = _accuracy(row["multi_needle"])
+
+
 def kv_ratio(plan: Plan | None, sites: Sequence[SiteInfo], length: int) -> float:
     """KV-cache bytes under `plan` / dense bytes for a `length`-token context (per-KV-head policies).
 
@@ -107,6 +175,7 @@ def evaluate(
     calibration: dict[str, Any] | None = None,
     seed: int = 0,
     timing_repeats: int = 1,
+    dense_below: int | None = None,
     progress: bool = True,
     out_dir: str | Path | None = None,
     name: str = "",
@@ -121,6 +190,12 @@ def evaluate(
         text, ppl_tokens: the perplexity / agreement text file and how many of its tokens to use.
         calibration: keyword arguments for `lcpass.calibrate` of calibrated methods (e.g. lengths).
         timing_repeats: prefill runs per method; the fastest is reported (perplexity is identical).
+        dense_below: handed to ``lcpass.optimize``: None = each method's own crossover (sites run dense
+            on shorter inputs, as deployed); 0 = always run the method (measures its effect on short
+            prompts too).
+
+    A method that fails to calibrate, to be applied or to run is recorded with its error (and the
+    numbers measured before the failure); it never aborts the other methods.
 
     Raises:
         FileNotFoundError: `text` or a plan file does not exist.
@@ -135,12 +210,18 @@ def evaluate(
     specs.sort(key=lambda s: s.method != "dense")
     ppl_ids = load_text_ids(tokenizer, text, ppl_tokens)  # missing file -> FileNotFoundError now
     sites = model_sites(model)
-    names = [s.name for s in sites]
     plans: dict[str, Plan] = {}
     for spec in specs:  # plan files first: corrupt / foreign plans fail before any long run
         if spec.method == "plan":
             plans[spec.label] = build_plan(spec, model, sites)  # type: ignore[assignment]
     model.eval()
+    settings = {
+        "lengths": list(lengths), "depths": list(depths), "needle_trials": needle_trials, "hops": hops,
+        "distractors": distractors, "text": str(text), "ppl_tokens": ppl_tokens, "seed": seed,
+        "calibration": {k: list(v) if isinstance(v, tuple) else v for k, v in (calibration or {}).items()},
+        "timing_repeats": timing_repeats, "dense_below": dense_below, "torch": torch.__version__,
+    }
+    label = name or str(getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__))
     n_cases = len(lengths) * len(depths) + len(lengths) * needle_trials + 1
     rows: list[dict[str, Any]] = []
     dense_ref: dict[str, Any] = {}
@@ -151,64 +232,24 @@ def evaluate(
             row: dict[str, Any] = {"method": spec.label, "error": None}
             t0 = time.perf_counter()
             try:
-                plan = plans.get(spec.label)
-                if plan is None and spec.method != "plan":
-                    plan = build_plan(spec, model, sites, tokenizer, calibration, progress=False)
-                    if plan is not None:
-                        plans[spec.label] = plan
-                row["calibration_s"] = round(time.perf_counter() - t0, 2)
-                row["kv_ratio_policy"] = kv_ratio(plan, sites, ppl_tokens)
-                if plan is not None and any(h.method == "duo" for sp in plan.sites.values() for h in sp.heads):
-                    row["retrieval_heads"] = sum(
-                        bool(h.params.get("retrieval")) for s in sites for h in plan.resolve(s.name, s.n_heads)
-                    )
-                evaluated = apply_method(model, plan)
-            except RuntimeError as e:
-                row["error"] = " ".join(str(e).split())
-                rows.append(row)
-                bar.advance(task, n_cases)
-                continue
-            step = lambda: bar.advance(task)  # noqa: E731
-            m = prefill_measure(evaluated, ppl_ids, names, timing_repeats)
-            pred = m["logits"][0].argmax(-1)
-            row["perplexity"] = perplexity(m["logits"], ppl_ids)
-            row["prefill_s"] = round(m["prefill_s"], 3)
-            row["attention_s"] = None if m["attention_s"] is None else round(m["attention_s"], 3)
-            row["kv_bytes"] = m["kv_bytes"]
-            step()
-            if spec.method == "dense" and not dense_ref:
-                dense_ref = {"pred": pred, **row}
-            row["agreement"] = float((pred == dense_ref["pred"]).float().mean())
-            row["perplexity_delta_pct"] = 100.0 * (row["perplexity"] / dense_ref["perplexity"] - 1.0)
-            if row["attention_s"] and dense_ref.get("attention_s"):
-                row["attention_speedup"] = dense_ref["attention_s"] / row["attention_s"]
-            if row["kv_bytes"] and dense_ref.get("kv_bytes"):
-                row["kv_ratio_measured"] = row["kv_bytes"] / dense_ref["kv_bytes"]
-            row["passkey"] = run_passkey(evaluated, tokenizer, lengths, depths, seed, on_case=step)
-            row["passkey_accuracy"] = _accuracy(row["passkey"])
-            row["multi_needle"] = run_multi_needle(
-                evaluated, tokenizer, lengths, needle_trials, hops, distractors, seed, on_case=step
-            )
-            row["multi_needle_accuracy"] = _accuracy(row["multi_needle"])
-            if spec.method == "dense":
-                dense_ref["passkey"] = row["passkey"]
-            row["passkey_matches_dense"] = sum(
-                a["correct"] == b["correct"] for a, b in zip(row["passkey"], dense_ref["passkey"])
-            )
+                _run_method(
+                    row, spec, model, tokenizer, sites, plans, calibration, ppl_ids, dense_ref, lengths,
+                    depths, needle_trials, hops, distractors, seed, timing_repeats, dense_below,
+                    lambda: bar.advance(task),
+                )
+            except Exception as e:  # noqa: BLE001 - recorded in the results, never turned into numbers
+                if spec.method == "dense":
+                    raise
+                row["error"] = f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
             row["wall_s"] = round(time.perf_counter() - t0, 1)
+            bar.update(task, completed=n_cases * (len(rows) + 1))
             rows.append(row)
-            if evaluated is not model:
-                del evaluated
-    results = {
-        "model": name or str(getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)),
-        "settings": {
-            "lengths": list(lengths), "depths": list(depths), "needle_trials": needle_trials, "hops": hops,
-            "distractors": distractors, "text": str(text), "ppl_tokens": ppl_tokens, "seed": seed,
-            "calibration": calibration or {}, "timing_repeats": timing_repeats,
-            "torch": torch.__version__,
-        },
-        "methods": rows,
-    }
+            if out_dir is not None:  # partial results survive an interrupted long run
+                out = Path(out_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                partial = {"model": label, "settings": settings, "methods": rows, "partial": True}
+                (out / "results.partial.json").write_text(json.dumps(partial, indent=2) + "\n")
+    results = {"model": label, "settings": settings, "methods": rows}
     if out_dir is not None:
         results["files"] = {k: str(v) for k, v in write_results(results, out_dir, plans).items()}
     return results

@@ -7,7 +7,8 @@ A method spec is a string:
     duo | duo:ratio=0.25,sink=64,recent=256 DuoAttention with retrieval heads from calibration
     duo-opt:ratio=0.5,steps=8               DuoAttention with heads from the gate optimisation
     duo-random:ratio=0.5,seed=0             the same number of retrieval heads, chosen at random
-    razor:ratio=0.25 | moa:density=0.5      RazorAttention / MoA calibrated
+    razor:ratio=0.25,compression=8          RazorAttention (ratio = head share, compression = its C)
+    moa:density=0.5                         MoA windows profiled for a target density
     path/to/plan.json                        a saved plan (refused when made for another model)
 
 `apply_method(model, plan)` returns the model to evaluate: the model itself for dense (no plan), else a
@@ -118,7 +119,9 @@ def build_plan(
             kwargs.update({k: int(p.pop(k)) for k in ("sink", "recent") if k in p})
         elif method == "moa":
             kwargs.update({k: int(p.pop(k)) for k in ("sink",) if k in p})
-        else:
+        else:  # razor: its own compression ratio C is spelled `compression` (`ratio` is the head share)
+            if "compression" in p:
+                p["ratio"] = p.pop("compression")
             kwargs["razor_params"] = {**kwargs.get("razor_params", {}), **p}
             p = {}
         if p:
@@ -128,9 +131,18 @@ def build_plan(
     return Plan(plan.sites, model_fingerprint(model, sites))
 
 
-def apply_method(model: nn.Module, plan: Plan | None, *, example_inputs: dict[str, Any] | None = None) -> nn.Module:
+def apply_method(
+    model: nn.Module,
+    plan: Plan | None,
+    *,
+    example_inputs: dict[str, Any] | None = None,
+    dense_below: int | None = None,
+) -> nn.Module:
     """The model to evaluate under `plan`: `model` itself when `plan` is None (dense), otherwise a deep
     copy optimized with ``lcpass.optimize(copy, plan=plan)`` (the original is never modified).
+
+    `dense_below` is handed to optimize: sites run dense below that many keys (None = each method's
+    own crossover, as deployed; 0 = always run the method, to measure its effect at short lengths).
 
     Raises:
         RuntimeError: this lcpass has no ``lcpass.optimize`` yet (then only dense can be evaluated).
@@ -149,6 +161,8 @@ def apply_method(model: nn.Module, plan: Plan | None, *, example_inputs: dict[st
     kwargs: dict[str, Any] = {"plan": plan}
     if example_inputs is not None:
         kwargs["example_inputs"] = example_inputs
+    if dense_below is not None:
+        kwargs["dense_below"] = dense_below
     out = optimize(fresh, **kwargs)
     return fresh if out is None else out
 
