@@ -15,7 +15,8 @@ Two parts, one JSON (``benchmarks/results/decode.json``) and one plot (``decode.
 2. **SmolLM2-135M** (30 layers, 9/3 heads, D=64): one dense prefill of a GPL-3 prompt of N tokens
    (N = 4096, and 8000 without ``--quick``), then for each method the same prefix K/V is bound into a
    CompressedCache of the optimized model and 6 greedy decode tokens are timed end to end (whole model
-   forward per token), with cache bytes.
+   forward per token, CPU time), with cache bytes and TokenSelect's selection-cache hit rate on real
+   decode queries.
 
 Timing: the methods' caches for one N live side by side and are timed round-robin (one decode step of
 each method per round, medians over the rounds) after a warm-up, on the same tensors, one torch thread
@@ -202,16 +203,23 @@ def bench_smollm2(ns) -> list[dict]:
                 cache.check_plan(binding.site, binding.heads_key, binding.label, hq)
                 cache.layers[i].bind(binding, sp, None)
             toks = [first]
-            times = []
+            times, walls = [], []
             with torch.no_grad():
                 for _ in range(6):
-                    t0 = time.perf_counter()
+                    c0, t0 = time.thread_time(), time.perf_counter()
                     out = m(toks[-1], past_key_values=cache, use_cache=True).logits[:, -1]
-                    times.append(time.perf_counter() - t0)
+                    times.append(time.thread_time() - c0)
+                    walls.append(time.perf_counter() - t0)
                     toks.append(out.argmax(-1, keepdim=True))
             times.sort()
+            walls.sort()
+            groups = [gr for layer in cache.layers for gr in layer.groups]
+            hits = sum(gr.state.get("hits", 0) for gr in groups)
+            misses = sum(gr.state.get("misses", 0) for gr in groups)
             rows.append({"part": "smollm2", "n": n, "method": method, "prefill_s": prefill_s,
-                         "s_per_token": times[len(times) // 2], "cache_bytes": cache.nbytes(),
+                         "s_per_token": times[len(times) // 2], "wall_s_per_token": walls[len(walls) // 2],
+                         "selection_cache_hit_rate": hits / (hits + misses) if hits + misses else None,
+                         "cache_bytes": cache.nbytes(),
                          "dense_bytes": cache.dense_nbytes(),
                          "predicted_bytes": predicted_bytes(specs, hq, hkv, n + 6, 64, len(sites)),
                          "text": tok.decode(torch.cat(toks, 1)[0])})
