@@ -127,15 +127,14 @@ def _kv_keep(mask: Optional[torch.Tensor], batch: int, kv_len: int) -> Optional[
 
 
 def _binding(rt: Optional[SiteRuntime], query: torch.Tensor, key: torch.Tensor, kv_len: int):
-    from lcpass.kv.cache import LayerBinding, _heads_key
-    from lcpass.lower import _parse
+    from lcpass.kv.cache import LayerBinding, _heads_key, parse_spec
 
     n_heads, n_kv = query.shape[1], key.shape[1]
     if rt is None or rt.dense:
         specs: list = []
         return LayerBinding(rt.site if rt else "", rt.plan if rt else "", _heads_key([("dense", {})]), "", n_heads,
                             n_kv, kv_len, True, -1, 0.0), specs
-    specs = [(m, p) for m, p in _parse(rt.spec)]
+    specs = parse_spec(rt.spec)
     return LayerBinding(rt.site, rt.plan, _heads_key(specs), rt.spec, n_heads, n_kv, kv_len, rt.is_causal,
                         rt.window, rt.softcap), specs
 
@@ -186,10 +185,9 @@ def install(model: torch.nn.Module, runtimes: dict[str, SiteRuntime]) -> None:
         except AttributeError as exc:
             raise ValueError(f"lcpass.optimize: site {name!r} is not a submodule of {type(model).__name__}") from exc
         setattr(module, _ATTR, rt)
-    from lcpass.kv.cache import plan_label
-    from lcpass.lower import _parse
+    from lcpass.kv.cache import parse_spec, plan_label
 
-    label = plan_label({n: [(m, p) for m, p in _parse(rt.spec)] for n, rt in runtimes.items() if not rt.dense})
+    label = plan_label({n: parse_spec(rt.spec) for n, rt in runtimes.items() if not rt.dense})
     for name, rt in runtimes.items():
         setattr(model.get_submodule(name), _ATTR, replace(rt, plan=label))
     model._lcpass_plan_label = label

@@ -62,7 +62,7 @@ def attend_layer(layer, query: Tensor, scale: float, softcap: float = 0.0) -> Te
 
     Returns [B, Hq, Sq, Dv]. Rows that see no slot output zeros.
     """
-    from lcpass.lower import _site_mask
+    from lcpass.kv.cache import lower_site_mask
 
     b = layer.binding
     B, Hq, Sq, D = query.shape
@@ -74,7 +74,7 @@ def attend_layer(layer, query: Tensor, scale: float, softcap: float = 0.0) -> Te
     mask_mod = None
     if (Sq > 1 or b.window >= 0) and b.spec:
         # the method's mask on row-relative positions; kv_len = the length the policies were made for
-        mask_mod = _site_mask(b.spec, Hq, 1, b.kv_len, b.is_causal, b.window)
+        mask_mod = lower_site_mask(b.spec, Hq, 1, b.kv_len, b.is_causal, b.window)
     qpos = layer.n_real[:, None] - Sq + torch.arange(Sq, device=query.device)[None]  # [B, Sq]
     for g in layer.groups:
         qi = _q_heads(g.heads, G, query.device)

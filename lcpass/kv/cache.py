@@ -497,6 +497,22 @@ def _heads_key(head_specs: Sequence[Any]) -> str:
     return json.dumps(out, sort_keys=True)
 
 
+def lower_site_mask(spec: str, n_heads: int, q_len: int, kv_len: int, is_causal: bool, window: int):
+    """The planned op's site mask (``lcpass.lower.site_mask``; ``_site_mask`` before it became public)."""
+    from lcpass import lower
+
+    fn = getattr(lower, "site_mask", None) or getattr(lower, "_site_mask")
+    return fn(spec, n_heads, q_len, kv_len, is_causal, window)
+
+
+def parse_spec(spec: str) -> list[tuple[str, dict]]:
+    """The (method, params) of each head of a planned op's spec string (``lcpass.lower.parse_spec``)."""
+    from lcpass import lower
+
+    fn = getattr(lower, "parse_spec", None) or getattr(lower, "_parse")
+    return [(m, p) for m, p in fn(spec)]
+
+
 def razor_bias(n: Tensor) -> Tensor:
     """log |D| of the compensation token (-inf where nothing was dropped). n: [B] -> [B]."""
     return torch.where(n > 0, torch.log(n.clamp(min=1.0)), torch.full_like(n, -math.inf))
