@@ -78,8 +78,10 @@ def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, An
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any], seq_dim: int):
-    """One symbolic ``seq`` for dim ``seq_dim`` of every tensor input, keyed by parameter name."""
-    seq = torch.export.Dim("seq", min=2, max=1 << 20)
+    """One symbolic ``seq`` for dim ``seq_dim`` of every tensor input, keyed by parameter name (bounded by
+    the model's position table when it has one, e.g. BERT's learned positions)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or (1 << 20)
+    seq = torch.export.Dim("seq", min=2, max=int(limit))
 
     def spec(x):
         if isinstance(x, torch.Tensor) and x.dim() > seq_dim:

@@ -33,7 +33,7 @@ from lcpass.patterns import CANONICAL_OP, Site, canonical_nodes
 from lcpass.patterns.op import reference
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
-           "site_state", "seed_site_states"]
+           "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS"]
 
 NEG_LIMIT = -1e4
 
@@ -75,8 +75,12 @@ def _use_triton(spec: str, q: torch.Tensor) -> bool:
     return backend == "triton" or (backend == "auto" and q.is_cuda)
 
 
-def _parse(spec: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+def parse_spec(spec: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The (method, params) of each head from a planned op's ``spec`` string."""
     return _parse_full(spec)[0]
+
+
+_parse = parse_spec
 
 
 def crossover(spec: str, n_heads: int) -> int:
@@ -90,7 +94,7 @@ def is_dense_spec(head_specs: Sequence[Any]) -> bool:
 
 
 @lru_cache(maxsize=256)
-def _site_mask(spec: str, n_heads: int, q_len: int, kv_len: int, is_causal: bool, window: int):
+def site_mask(spec: str, n_heads: int, q_len: int, kv_len: int, is_causal: bool, window: int):
     """The method's mask for the site, intersected with what the site itself already imposes."""
     mask = site_mask_mod(list(_parse(spec)), n_heads, q_len, kv_len)
     extra = []
@@ -167,7 +171,7 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
     specs = _parse(spec)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     if not _is_dynamic(specs):
-        mask_mod = _site_mask(spec, hq, sq, sk, bool(is_causal), int(window))
+        mask_mod = site_mask(spec, hq, sq, sk, bool(is_causal), int(window))
         layout = build_layout(mask_mod, hq, sq, sk)
         score_mod = _softcap_mod(softcap) if softcap else None
         if _use_triton(spec, q):
@@ -211,7 +215,7 @@ def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dro
         if dynamic:
             return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
         # A bias or an unnamed pattern: exact dense attention with the method's mask on top.
-        keep = element_mask(_site_mask(spec, hq, sq, sk, bool(is_causal), int(window)), 1, hq, sq, sk,
+        keep = element_mask(site_mask(spec, hq, sq, sk, bool(is_causal), int(window)), 1, hq, sq, sk,
                             device=q.device)
         mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
         return reference(q, k, v, mask, scale, False, -1, softcap, 0.0)

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper
 
 from lcpass import masks as M
 from lcpass.lower import crossover as _crossover
-from lcpass.lower import _site_mask, lowering_kind
+from lcpass.lower import lowering_kind, site_mask
 
 __all__ = ["DOMAIN", "OPSET", "AttentionFunction", "translation_table", "attach_functions", "function_proto",
            "pure_sliding_window", "precheck", "ONNXExportError"]
@@ -129,17 +129,17 @@ def _base_mask(is_causal: bool, window: int) -> M.MaskMod:
 def _long_mask(fn: AttentionFunction) -> M.MaskMod:
     """The mask the planned op applies above its crossover; ONNXExportError when it depends on length or
     on the content (dynamic methods)."""
-    from lcpass.lower import _parse
+    from lcpass.lower import parse_spec
     from lcpass.methods import get_method
 
-    dynamic = sorted({name for name, _ in _parse(fn.spec) if get_method(name).kind == "dynamic"})
+    dynamic = sorted({name for name, _ in parse_spec(fn.spec) if get_method(name).kind == "dynamic"})
     if dynamic:
         raise ONNXExportError(
             f"dynamic (content-selected) methods {dynamic} have no ONNX lowering yet (selection + gather); "
             f"export them with format='torch', or plan those sites with a static method")
     if fn.static_len:
-        return _site_mask(fn.spec, fn.n_heads, fn.static_len[0], fn.static_len[1], fn.is_causal, fn.window)
-    a, b = (_site_mask(fn.spec, fn.n_heads, n, n, fn.is_causal, fn.window) for n in _PROBE_LENS)
+        return site_mask(fn.spec, fn.n_heads, fn.static_len[0], fn.static_len[1], fn.is_causal, fn.window)
+    a, b = (site_mask(fn.spec, fn.n_heads, n, n, fn.is_causal, fn.window) for n in _PROBE_LENS)
     if a != b:
         raise ONNXExportError(
             f"the plan {fn.spec} builds a mask that depends on the sequence length ({a!r} at {_PROBE_LENS[0]} "

@@ -122,13 +122,13 @@ def _methods_label(specs: Sequence[Any]) -> str:
 
 def _site_report(site: Site, specs: Sequence[Any], lowering: str, n: int) -> SiteReport:
     from lcpass.layout import build_layout
-    from lcpass.lower import _site_mask
+    from lcpass.lower import site_mask
     from lcpass.methods import kv_head_policies
 
     if is_dense_spec(specs):
         return SiteReport(site.name, _methods_label(specs), "dense", 1.0, 1.0)
     spec = spec_json(specs)
-    mask = _site_mask(spec, site.n_heads, n, n, site.is_causal, site.window)
+    mask = site_mask(spec, site.n_heads, n, n, site.is_causal, site.window)
     lay = build_layout(mask, site.n_heads, n, n)
     base = build_layout(_dense_mask(site), site.n_heads, n, n)
     computed = float((lay.kv_num_blocks.sum() + lay.full_kv_num_blocks.sum()).item())
@@ -199,12 +199,18 @@ def optimize(
         raise ValueError(f"lcpass.optimize: parameters {sorted(params)} go with method=..., not with plan=")
     the_plan = _load_plan(plan)
     hf = is_transformers_model(model)
-    try:
+    if hf:
         found = detect(model, example_inputs)
-    except CaptureError:
-        if hf:
-            raise
-        found = detect(model, example_inputs, route="fx")
+    else:  # the lowered graph must run at other lengths: a symbolic sequence dim where export allows one
+        found = None
+        for kwargs in ({"dynamic_seq": True}, {}, {"route": "fx"}):
+            try:
+                found = detect(model, example_inputs, **kwargs)
+                break
+            except CaptureError as exc:
+                error = exc
+        if found is None:
+            raise error
     cap, det = found[0]
     name = type(model).__name__
     if not det.sites:

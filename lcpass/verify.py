@@ -28,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcpass.engine import reference_attention
-from lcpass.lower import NEG_LIMIT, PLANNED_OP, _parse, _site_mask, crossover, lowering_kind
+from lcpass.lower import NEG_LIMIT, PLANNED_OP, crossover, lowering_kind, parse_spec, site_mask
 from lcpass.patterns.op import reference
 
 __all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "record_planned_calls"]
@@ -111,7 +111,7 @@ def _expected(a: dict[str, Any]) -> torch.Tensor:
     """What the planned op is specified to return, computed densely in float32."""
     q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
-    specs = _parse(a["spec"])
+    specs = parse_spec(a["spec"])
     if _dynamic(specs):
         raise _NotVerifiable(f"dynamic (content-selected) methods {sorted({n for n, _ in specs})} have no "
                              "fixed mask to compare against")
@@ -119,7 +119,7 @@ def _expected(a: dict[str, Any]) -> torch.Tensor:
         return reference(q.float(), k.float(), v.float(), None if mask is None else
                          (mask if mask.dtype == torch.bool else mask.float()), a["scale"], a["is_causal"],
                          a["window"], a["softcap"], 0.0).to(q.dtype)
-    mask_mod = _site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"]))
+    mask_mod = site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"]))
     score_mod = _softcap_mod(a["softcap"]) if a["softcap"] else None
     if mask is not None and lowering_kind(a["mask_kind"]) != "sparse":
         from lcpass.engine import element_mask
@@ -139,7 +139,7 @@ def _expected(a: dict[str, Any]) -> torch.Tensor:
                 lo, hi = max(0, p - (sk - sq)), e - (sk - sq)
                 if e <= p or hi <= lo:
                     continue
-                row = _site_mask(a["spec"], hq, hi - lo, e - p, bool(a["is_causal"]), int(a["window"]))
+                row = site_mask(a["spec"], hq, hi - lo, e - p, bool(a["is_causal"]), int(a["window"]))
                 out[b:b + 1, :, lo:hi] = reference_attention(q[b:b + 1, :, lo:hi], k[b:b + 1, :, p:e],
                                                              v[b:b + 1, :, p:e], row, scale=a["scale"],
                                                              score_mod=score_mod)

@@ -87,6 +87,7 @@ def is_neg_inf_like(x: Optional[float]) -> bool:
 
 
 _BRACKET = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+_FRAME = re.compile(r"^L\.(?:args\.\d+\.|kwargs\.\w+\.|self\.)")
 
 
 def normalise_path(path: str) -> str:
@@ -100,6 +101,8 @@ def normalise_path(path: str) -> str:
     p = p.replace("._modules", "")
     p = _BRACKET.sub(lambda m: "." + m.group(1), p)
     p = p.replace("..", ".").strip(".")
+    # dynamo roots paths reached through *args / self at the traced frame: L.args.0.model... -> model...
+    p = _FRAME.sub("", p)
     return p
 
 

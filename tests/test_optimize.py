@@ -242,3 +242,14 @@ def test_verify_reports_every_rewritten_site():
     errors = m.lcpass_report.verify
     assert set(errors) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     assert all(0 <= e <= 1e-5 for e in errors.values()) and not errors.failed
+
+
+def test_plain_module_runs_at_other_lengths():
+    """A lowered plain module was captured with a symbolic sequence length: other lengths run too."""
+    z = get_zoo_model("einsum-attn")
+    m = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=4, window=64, dense_below=0,
+                        example_inputs=z.example_inputs)
+    (name, x), = z.example_inputs.items()
+    for n in (7, 25):
+        inputs = {name: x[:, :n] if n <= x.shape[1] else torch.cat([x, x], 1)[:, :n]}
+        assert (_run(m, inputs) - _run(z.model, inputs)).abs().max().item() <= TOL
