@@ -22,5 +22,20 @@ from lcpass.verify import VerifyReport, verify_model
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``lcpass.calibrate`` and ``lcpass.eval`` (the quality harness) load on first use."""
+    if name == "calibrate":
+        from lcpass.calibration import calibrate
+
+        return calibrate
+    if name == "eval":
+        from lcpass.quality import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'lcpass' has no attribute {name!r}")
+
+
 __all__ = ["CaptureError", "Captured", "ExportResult", "InspectReport", "OptimizeReport", "OptimizedModule", "Plan",
-           "VerifyReport", "capture", "capture_dynamo", "detect", "export", "inspect", "optimize", "verify_model"]
+           "VerifyReport", "calibrate", "capture", "capture_dynamo", "detect", "eval", "export", "inspect", "optimize",
+           "verify_model"]

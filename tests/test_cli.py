@@ -49,3 +49,13 @@ def test_inspect_heads_scores_every_head(capsys):
     scores = data["retrieval_scores"]
     assert len(scores) == 2 and all(len(row) == 4 for row in scores)
     assert all(0.0 <= x <= 1.0 for row in scores for x in row)
+
+
+def test_top_level_api_names():
+    import lcpass
+    from lcpass.calibration import calibrate
+    from lcpass.quality import evaluate
+
+    assert lcpass.calibrate is calibrate and lcpass.eval is evaluate
+    for name in ("inspect", "optimize", "export", "capture", "Plan", "verify_model"):
+        assert callable(getattr(lcpass, name))
