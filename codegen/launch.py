@@ -13,7 +13,10 @@ from types import ModuleType
 from typing import Sequence
 
 import torch
+
 from torch import Tensor
+
+from lcpass.layout import csr_to_map, map_to_csr
 
 __all__ = ["fwd", "decode", "bwd", "key_stats", "block_scores", "csr_transpose", "decode_lists",
            "decode_splits", "bstride"]
@@ -77,30 +80,16 @@ def triton_cdiv(a: int, b: int) -> int:
 # layout conversions (torch ops only: no host synchronisation, fixed shapes)
 
 
-def _maps(num: Tensor, idx: Tensor) -> Tensor:
-    # num [B, H, M], idx [B, H, M, N] -> Bool[B, H, M, N]
-    n = idx.shape[-1]
-    valid = torch.arange(n, device=idx.device) < num[..., None].long()
-    out = torch.zeros(idx.shape, dtype=torch.int8, device=idx.device)
-    out.scatter_add_(-1, idx.long().clamp(0, n - 1), valid.to(torch.int8))
-    return out > 0
-
-
-def _csr(m: Tensor) -> tuple[Tensor, Tensor]:
-    # Bool[..., N] -> (num [...], idx [..., N]) listed entries first, ascending
-    num = m.sum(-1).to(torch.int32)
-    idx = torch.sort((~m).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
-    return num.contiguous(), idx.contiguous()
 
 
 def csr_transpose(kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor,
                   num_q_blocks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per key block, the query blocks that read it: ``(q_num, q_idx, full_q_num, full_q_idx)``
     with shapes ``[B|1, Hq, Mk]`` and ``[B|1, Hq, Mk, Mq]`` (the backward's dK/dV loop)."""
-    part = _maps(kv_num, kv_idx)[..., :num_q_blocks, :].transpose(-1, -2)
-    full = _maps(full_num, full_idx)[..., :num_q_blocks, :].transpose(-1, -2)
-    qn, qi = _csr(part.contiguous())
-    fqn, fqi = _csr(full.contiguous())
+    part = csr_to_map(kv_num, kv_idx)[..., :num_q_blocks, :].transpose(-1, -2)
+    full = csr_to_map(full_num, full_idx)[..., :num_q_blocks, :].transpose(-1, -2)
+    qn, qi = map_to_csr(part.contiguous())
+    fqn, fqi = map_to_csr(full.contiguous())
     return qn, qi, fqn, fqi
 
 
@@ -113,8 +102,8 @@ def decode_lists(kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Ten
     on the partial list with ``member`` bits (which of the G heads list it) and ``fullbits`` (which
     list it as full) so the kernel reproduces each head's layout exactly.
     """
-    part = _maps(kv_num, kv_idx)[:, :, 0]  # [Bl, Hq, Mk] (decode: one query block)
-    full = _maps(full_num, full_idx)[:, :, 0]
+    part = csr_to_map(kv_num, kv_idx)[:, :, 0]  # [Bl, Hq, Mk] (decode: one query block)
+    full = csr_to_map(full_num, full_idx)[:, :, 0]
     Bl, Hq, Mk = part.shape
     G = Hq // n_kv_heads
     if G > 31:
@@ -127,8 +116,8 @@ def decode_lists(kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Ten
     mbits = (member.to(torch.int32) * weights).sum(2)  # [Bl, Hkv, Mk]
     fbits = (full.to(torch.int32) * weights).sum(2)
     pmap = member.any(2) & ~all_full
-    fn_, fi = _csr(all_full)
-    pn, pi = _csr(pmap)
+    fn_, fi = map_to_csr(all_full)
+    pn, pi = map_to_csr(pmap)
     pm = torch.gather(mbits, -1, pi.long()).to(torch.int32).contiguous()
     pf = torch.gather(fbits, -1, pi.long()).to(torch.int32).contiguous()
     return fn_, fi, pn, pi, pm, pf

@@ -106,8 +106,8 @@ class BlockLayout:
     def block_maps(self) -> tuple[Tensor, Tensor]:
         """``(partial, full)`` boolean maps ``[B|1, H, Mq, Mk]`` (disjoint). Cached."""
         if "maps" not in self._cache:
-            self._cache["maps"] = (_csr_to_map(self.kv_num_blocks, self.kv_indices),
-                                   _csr_to_map(self.full_kv_num_blocks, self.full_kv_indices))
+            self._cache["maps"] = (csr_to_map(self.kv_num_blocks, self.kv_indices),
+                                   csr_to_map(self.full_kv_num_blocks, self.full_kv_indices))
         return self._cache["maps"]
 
     def num_computed_blocks(self) -> int:
@@ -166,8 +166,8 @@ class BlockLayout:
 # helpers
 
 
-def _csr_to_map(num: Tensor, idx: Tensor) -> Tensor:
-    # num: [B, H, Mq], idx: [B, H, Mq, Mk] -> Bool[B, H, Mq, Mk]
+def csr_to_map(num: Tensor, idx: Tensor) -> Tensor:
+    """Padded CSR -> block map. num: [B, H, Mq], idx: [B, H, Mq, Mk] -> Bool[B, H, Mq, Mk]."""
     mk = idx.shape[-1]
     valid = torch.arange(mk, device=idx.device) < num[..., None].long()
     out = torch.zeros(idx.shape, dtype=torch.int8, device=idx.device)
@@ -175,8 +175,9 @@ def _csr_to_map(num: Tensor, idx: Tensor) -> Tensor:
     return out > 0
 
 
-def _map_to_csr(m: Tensor) -> tuple[Tensor, Tensor]:
-    # m: Bool[B, H, Mq, Mk] -> (num [B, H, Mq], indices [B, H, Mq, Mk]) listed blocks first, ascending
+def map_to_csr(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Block map -> padded CSR. m: Bool[B, H, Mq, Mk] -> (num [B, H, Mq], indices [B, H, Mq, Mk]), listed
+    blocks first, ascending."""
     num = m.sum(-1).to(torch.int32)
     idx = torch.sort((~m).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
     return num.contiguous(), idx.contiguous()
@@ -186,8 +187,8 @@ def _from_maps(partial: Tensor, full: Tensor, block_size: tuple[int, int], q_len
                mask_mod: MaskMod) -> BlockLayout:
     full = full.contiguous()
     partial = (partial & ~full).contiguous()
-    pn, pi = _map_to_csr(partial)
-    fn, fi = _map_to_csr(full)
+    pn, pi = map_to_csr(partial)
+    fn, fi = map_to_csr(full)
     return BlockLayout(pn, pi, fn, fi, block_size, q_len, kv_len, mask_mod)
 
 

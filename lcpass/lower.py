@@ -142,6 +142,8 @@ def seed_site_states(site_names: Sequence[str]) -> None:
 def _kv_keep(mask: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
     """Per-key validity [B, Sk] of a padding mask: a key is valid when any query of any head sees it."""
     keep = mask if mask.dtype == torch.bool else mask > NEG_LIMIT
+    if keep.dim() < 4:  # [Sq, Sk] or [B|H, Sq, Sk]: broadcast like the scores do
+        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
     kv_keep = keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1)  # [B|1, Sk]
     if kv_keep.shape[0] != batch:
         kv_keep = kv_keep.expand(batch, -1)

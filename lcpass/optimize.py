@@ -235,6 +235,9 @@ def optimize(
         out: torch.nn.Module = model
     else:
         lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below, backend))
+        from lcpass.kv.functional import bound_cache_appends
+
+        bound_cache_appends(cap.gm, det.sites, the_plan.resolve)  # tensor KV caches returned by forward
         for s in det.sites:
             rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), lowered[s.name], report_len))
         out = OptimizedModule(model, cap.gm, cap.route, rep)
