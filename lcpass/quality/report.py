@@ -60,8 +60,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"\nModel `{results.get('model', '?')}`; passkey lengths {s.get('lengths')} × depths {s.get('depths')}; "
         f"multi-needle {s.get('needle_trials')} per length (hops {s.get('hops')}, distractors "
         f"{s.get('distractors')}); perplexity on `{s.get('text')}` at {s.get('ppl_tokens')} tokens. "
-        "Speed = dense attention-module time / method's, in the same prefill; KV ratio (plan) from the "
-        "plan's per-KV-head policies at the perplexity length, (cache) from the bytes the returned cache holds."
+        "Speed = dense attention-module prefill time / the method's, dense re-timed right after each "
+        "method; KV ratio (plan) from the plan's per-KV-head policies at the perplexity length, (cache) "
+        "from the bytes the returned cache holds."
     )
     out = "\n".join(lines) + "\n" + note + "\n"
     if errors:
