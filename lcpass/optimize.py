@@ -218,7 +218,13 @@ def optimize(
         return model
     if the_plan is None:
         the_plan = Plan.uniform(det.sites, method, **params)
-    the_plan.validate(det.sites)
+    if the_plan.fingerprint is not None and getattr(the_plan.fingerprint, "weights", None):
+        from lcpass.plan import ModelFingerprint
+
+        # a calibrated plan names the weights it was measured on: refuse other weights by name
+        the_plan.validate(ModelFingerprint.of_model(model, det.sites))
+    else:
+        the_plan.validate(det.sites)
     seed_site_states([s.name for s in det.sites])
     rep = OptimizeReport(name, report_len)
     if hf:
