@@ -69,8 +69,14 @@ def head_specs(method: str, n: int, hq: int, hkv: int) -> list[tuple[str, dict]]
 
 
 def predicted_bytes(specs, hq: int, hkv: int, n: int, d: int, layers: int, itemsize: int = 4) -> int:
+    """The plan's KV (``KVPolicy.kept``) plus the decode selector's working set (TokenSelect keeps its
+    selection's K/V rows gathered: ``Selector.working_slots()`` per KV head)."""
+    from lcpass.kv.select import selector_from_spec
+
     pols = kv_head_policies(specs, hq, hkv, n)
-    return layers * sum(p.kept(n) for p in pols) * 2 * d * itemsize
+    sel = selector_from_spec(specs[0]) if len(specs) == 1 else None
+    extra = hkv * sel.working_slots() if sel is not None and n > sel.working_slots() else 0
+    return layers * (sum(p.kept(n) for p in pols) + extra) * 2 * d * itemsize
 
 
 def build_cache(k: torch.Tensor, v: torch.Tensor, specs, hq: int, layers: int) -> CompressedCache:

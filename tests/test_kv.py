@@ -398,3 +398,47 @@ def test_functional_tensor_cache_append_is_bounded():
     full, full_sizes = _decode(cap.gm, ids, 30)
     assert torch.equal(got, full) and full_sizes[-1] == 41
     assert not torch.equal(got, dense)
+
+
+def test_tokenselect_selection_cache_is_per_kv_head():
+    """A KV head whose queries stay similar reuses its selection (plus the slots added since); a head whose
+    query drifted is re-selected alone. The output equals dense attention restricted to those slots."""
+    from lcpass.kv.cache import KVGroup
+    from lcpass.kv.select import select_attend, tokenselect_indices
+    from lcpass.methods import KVPolicy
+
+    torch.manual_seed(1)
+    B, h, G, L, D = 2, 2, 3, 300, 16
+    k, v = torch.randn(B, h, L + 3, D), torch.randn(B, h, L + 3, D)
+    pos = torch.arange(L + 3, dtype=torch.int32)[None].repeat(B, 1)
+    pos[1, :5] = -1  # left padding on row 1
+    sel = Selector("tokenselect", {"k": 40, "n_sink": 2, "n_local": 4, "cache_threshold": 0.9})
+    q1 = torch.randn(B, h, G, D)
+    g = KVGroup([0, 1], KVPolicy.all(), sel, k[:, :, :L], v[:, :, :L], pos[:, :L])
+    select_attend(sel, q1, g, 0.25, layer_idx=0, n_layers=1, shared={})
+    assert g.state["misses"] == B * h and g.state.get("hits", 0) == 0
+    first = g.state["tokenselect"]["idx"].clone()
+    g.append(k[:, :, L:], v[:, :, L:], pos[:, L:])  # three decode tokens later
+    q2 = q1 + 0.01 * torch.randn(B, h, G, D)
+    q2[0, 1] = torch.randn(G, D)  # row 0, KV head 1 drifted
+    got = select_attend(sel, q2, g, 0.25, layer_idx=0, n_layers=1, shared={})
+    assert g.state["misses"] == B * h + 1 and g.state["hits"] == B * h - 1
+    fresh = tokenselect_indices(q2, KVGroup([0, 1], KVPolicy.all(), sel, k, v, pos), sel.params, 0.25)
+    keep = torch.zeros(B, h, L + 3, dtype=torch.bool)
+    keep.scatter_(2, first.clamp(min=0), first >= 0)
+    keep[:, :, L:] = True
+    keep[0, 1] = False
+    keep[0, 1, fresh[0, 1][fresh[0, 1] >= 0]] = True
+    keep &= (pos >= 0)[:, None]
+    assert not torch.equal(keep[0, 1, :L], keep[0, 0, :L])
+    s = (q2 @ k.transpose(-1, -2)) * 0.25
+    want = torch.softmax(s.masked_fill(~keep[:, :, None], -math.inf), -1) @ v
+    assert torch.allclose(got, want, atol=1e-5)
+    # the indices view of the same state: each head's selection, then its newer slots
+    idx = tokenselect_indices(q2, g, sel.params, 0.25)
+    mine = torch.zeros_like(keep)
+    mine.scatter_(2, idx.clamp(min=0), idx >= 0)
+    assert torch.equal(mine & (pos >= 0)[:, None], keep)
+    # the gathered selection is memory the cache holds
+    st = g.state["tokenselect"]
+    assert any(t is st["kg"] for t in g.tensors()) and any(t is st["vg"] for t in g.tensors())

@@ -96,11 +96,9 @@ class KVGroup:
 
     def tensors(self) -> list[Tensor]:
         out = [t for t in (self.keys, self.values, self.pos, self.comp_k, self.comp_v, self.comp_n) if t is not None]
-        for v in self.state.values():
-            if isinstance(v, Tensor):
-                out.append(v)
-            elif isinstance(v, (tuple, list)):
-                out.extend(x for x in v if isinstance(x, Tensor))
+        for v in self.state.values():  # selector state (page statistics, gathered selections) is memory too
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (tuple, list)) else (v,)
+            out.extend(x for x in items if isinstance(x, Tensor))
         return out
 
     def append(self, k: Tensor, v: Tensor, pos: Tensor) -> None:

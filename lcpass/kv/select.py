@@ -8,8 +8,10 @@ Four selectors, named and parameterised as the dynamic methods of :mod:`lcpass.m
   unfinished last page. Reads 2/page_size of the keys for scoring, then only the chosen pages.
 * ``tokenselect`` (TokenSelect, 2024) — per-head ``q.k`` criticality, softmax per head, summed over the
   group (soft vote), top ``k`` tokens plus ``n_sink`` first and ``n_local`` last; the *selection
-  cache* reuses the previous token's selection (plus the tokens added since) while every head's query
-  has cosine similarity >= ``cache_threshold`` with the query that made it.
+  cache* is kept per KV head: a head reuses its selection (plus the tokens added since) while each of
+  its query heads has cosine similarity >= ``cache_threshold`` with the query that made it, and keeps
+  the selected K/V rows gathered (working memory of ``k + n_sink + n_local + 1`` slots per KV head,
+  counted by ``cache.nbytes()``), so a reuse reads ~``k`` rows instead of the whole cache.
 * ``recycled`` (Recycled Attention, 2024) — full attention every ``S`` steps, recording the ``K`` most
   attended tokens; the steps in between attend those plus the tokens generated since.
 * ``tidal`` (TidalDecode, 2024) — layers before ``selection_layer`` and the two selection layers attend
@@ -86,6 +88,11 @@ class Selector:
         """Tokens one decode step attends (besides the sinks/local extras)."""
         p = self.params
         return {"quest": p["token_budget"], "tokenselect": p["k"], "recycled": p["K"], "tidal": p["k"]}[self.name]
+
+    def working_slots(self) -> int:
+        """KV slots per KV head the selector keeps beside the cache (TokenSelect's gathered selection)."""
+        p = self.params
+        return p["k"] + p["n_sink"] + p["n_local"] + 1 if self.name == "tokenselect" else 0
 
 
 def selector_from_spec(spec: Any) -> Optional[Selector]:
@@ -277,29 +284,96 @@ def _head_probs(q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
     return torch.softmax(s, -1).nan_to_num(0.0).sum(2)
 
 
-def tokenselect_indices(q: Tensor, group, p: Mapping[str, Any], scale: float) -> Optional[Tensor]:
-    """TokenSelect's slot indices [B, h, K] (selection cache in ``group.state``); None = everything."""
-    k, pos = group.keys, group.pos
+def _tokenselect_state(q: Tensor, group, p: Mapping[str, Any], scale: float) -> Optional[dict]:
+    """TokenSelect's selection cache for decode queries q [B, h, G, D], per KV head; None = attend everything.
+
+    Each KV head keeps its own selection: the slot indices ``idx`` [B, h, K] it chose, the gathered keys
+    and values of those slots ``kg``/``vg`` [B, h, K, D] (so a reuse reads only K rows, contiguously),
+    the unit queries ``q`` [B, h, G, D] that made it and the cache length ``len`` [B, h] at that time.
+    A head reuses its selection (plus every slot added since) while each of its G query heads has cosine
+    similarity >= ``cache_threshold`` with the query that made it; only the heads that drifted are
+    re-selected (soft vote over their G heads, top ``k`` plus ``n_sink`` first and ``n_local`` last).
+    ``state["hits"]``/``["misses"]`` count per-head reuses / re-selections.
+    """
+    k, v, pos = group.keys, group.values, group.pos
     B, h, L, D = k.shape
-    budget = p["k"] + p["n_sink"] + p["n_local"]
-    if L <= budget:
+    K = p["k"] + p["n_sink"] + p["n_local"] + 1
+    if L <= K:
         return None
-    st = group.state.get("tokenselect")
     qn = F.normalize(q.float(), dim=-1)
-    if st is not None and st[0].shape == qn.shape and st[2] <= L:
-        cos = (qn * st[0]).sum(-1)  # [B, h, G]
-        if bool((cos >= p["cache_threshold"]).all()):
-            group.state["hits"] = group.state.get("hits", 0) + 1
-            return torch.cat([st[1], _tail_indices(st[2], L, B, h, q.device)], -1)
-    valid = (pos >= 0)[:, None, None, :]
-    score = _head_probs(q, k, valid, scale)  # [B, h, L]
-    ar = torch.arange(L, device=q.device)
-    forced = (ar < p["n_sink"]) | (ar >= L - p["n_local"] - 1)
-    score = score.masked_fill(forced, math.inf).masked_fill(~(pos >= 0)[:, None, :], -math.inf)
-    idx = _topk(score, budget + 1)
-    group.state["tokenselect"] = (qn, idx, L)
-    group.state["misses"] = group.state.get("misses", 0) + 1
-    return idx
+    st = group.state.get("tokenselect")
+    if st is None or st["q"].shape != qn.shape or int(st["len"].max()) > L or st["kg"].dtype != k.dtype:
+        st = {"q": qn.clone(), "idx": torch.full((B, h, K), -1, dtype=torch.long, device=k.device),
+              "kg": k.new_zeros(B, h, K, D), "vg": v.new_zeros(B, h, K, v.shape[-1]),
+              "len": torch.zeros(B, h, dtype=torch.long, device=k.device)}
+        group.state["tokenselect"] = st
+        miss = torch.ones(B, h, dtype=torch.bool, device=k.device)
+    else:
+        miss = (qn * st["q"]).sum(-1).amin(-1) < p["cache_threshold"]  # [B, h]
+    pairs = miss.nonzero().tolist()
+    group.state["hits"] = group.state.get("hits", 0) + B * h - len(pairs)
+    group.state["misses"] = group.state.get("misses", 0) + len(pairs)
+    if pairs:
+        all_valid = bool((pos >= 0).all())
+        forced = torch.zeros(L, dtype=torch.bool, device=k.device)
+        forced[:p["n_sink"]] = True
+        forced[L - p["n_local"] - 1:] = True
+        for b, j in pairs:
+            s = (q[b, j].float() * scale) @ k[b, j].float().transpose(0, 1)  # [G, L]
+            if not all_valid:
+                s = s.masked_fill(pos[b] < 0, -math.inf)
+            score = torch.softmax(s, -1).nan_to_num_(0.0).sum(0).masked_fill_(forced, math.inf)  # soft vote
+            if not all_valid:
+                score = score.masked_fill_(pos[b] < 0, -math.inf)
+            idx = _topk(score, K)
+            st["idx"][b, j] = idx
+            safe = idx.clamp(min=0)
+            torch.index_select(k[b, j], 0, safe, out=st["kg"][b, j])
+            torch.index_select(v[b, j], 0, safe, out=st["vg"][b, j])
+            st["q"][b, j] = qn[b, j]
+            st["len"][b, j] = L
+    return st
+
+
+def _tokenselect_tail(st: dict, L: int) -> tuple[int, Tensor]:
+    """Slots added since the oldest selection: (first slot, validity [B, h, T] per head)."""
+    lo = int(st["len"].min())
+    ar = torch.arange(lo, L, device=st["len"].device)
+    return lo, ar[None, None] >= st["len"][..., None]
+
+
+def tokenselect_indices(q: Tensor, group, p: Mapping[str, Any], scale: float) -> Optional[Tensor]:
+    """TokenSelect's slot indices [B, h, K + T] (each head's selection, then the slots added since it;
+    -1 = unused); None = attend everything. Updates the selection cache as :func:`tokenselect_attend`."""
+    st = _tokenselect_state(q, group, p, scale)
+    if st is None:
+        return None
+    L = group.length
+    lo, ok = _tokenselect_tail(st, L)
+    tail = torch.arange(lo, L, device=q.device).expand_as(ok).masked_fill(~ok, -1)
+    return torch.cat([st["idx"], tail], -1)
+
+
+def tokenselect_attend(q: Tensor, group, p: Mapping[str, Any], scale: float) -> Optional[Tensor]:
+    """Decode attention over each head's TokenSelect selection + the slots added since (q [B, h, G, D] ->
+    [B, h, G, Dv]); None = the context fits the budget (attend everything). Reads the K gathered rows of
+    each head's selection cache and the new tail only: the two parts share one softmax."""
+    st = _tokenselect_state(q, group, p, scale)
+    if st is None:
+        return None
+    k, v, pos = group.keys, group.values, group.pos
+    L = group.length
+    lo, ok = _tokenselect_tail(st, L)
+    ok = ok & (pos[:, None, lo:] >= 0)
+    qs = q.float() * scale
+    s1 = qs @ st["kg"].float().transpose(-1, -2)  # [B, h, G, K]
+    s2 = qs @ k[:, :, lo:].float().transpose(-1, -2)  # [B, h, G, T]
+    valid = torch.cat([st["idx"] >= 0, ok], -1)[:, :, None]
+    pr = torch.softmax(torch.cat([s1, s2], -1).masked_fill(~valid, -math.inf), -1).nan_to_num_(0.0)
+    K = s1.shape[-1]
+    out = pr[..., :K].to(v.dtype) @ st["vg"] + pr[..., K:].to(v.dtype) @ v[:, :, lo:]
+    group.state["last_selected"] = int(valid.sum(-1).max())
+    return out.to(q.dtype)
 
 
 def recycled_indices(q: Tensor, group, p: Mapping[str, Any], scale: float) -> Optional[Tensor]:
@@ -349,8 +423,9 @@ def select_attend(sel: Selector, q: Tensor, group, scale: float, *, layer_idx: i
         group.state["last_selected"] = pages.shape[-1] * p["page_size"] + group.length % p["page_size"]
         return page_attend(q, group, pages, p["page_size"], scale)
     if sel.name == "tokenselect":
-        idx = tokenselect_indices(q, group, p, scale)
-    elif sel.name == "recycled":
+        o = tokenselect_attend(q, group, p, scale)
+        return dense_group_attend(q, group.keys, group.values, _valid_slots(group.pos), scale) if o is None else o
+    if sel.name == "recycled":
         idx = recycled_indices(q, group, p, scale)
     else:
         idx = tidal_indices(q, group, p, scale, layer_idx, n_layers, shared)
