@@ -9,7 +9,7 @@ Four selectors, named and parameterised as the dynamic methods of :mod:`lcpass.m
 * ``tokenselect`` (TokenSelect, 2024) — per-head ``q.k`` criticality, softmax per head, summed over the
   group (soft vote), top ``k`` tokens plus ``n_sink`` first and ``n_local`` last; the *selection
   cache* is kept per KV head: a head reuses its selection (plus the tokens added since) while each of
-  its query heads has cosine similarity >= ``cache_threshold`` with the query that made it, and keeps
+  its query heads has cosine similarity >= ``cache_threshold`` with its previous query, and keeps
   the selected K/V rows gathered (working memory of ``k + n_sink + n_local + 1`` slots per KV head,
   counted by ``cache.nbytes()``), so a reuse reads ~``k`` rows instead of the whole cache.
 * ``recycled`` (Recycled Attention, 2024) — full attention every ``S`` steps, recording the ``K`` most
@@ -289,9 +289,10 @@ def _tokenselect_state(q: Tensor, group, p: Mapping[str, Any], scale: float) -> 
 
     Each KV head keeps its own selection: the slot indices ``idx`` [B, h, K] it chose, the gathered keys
     and values of those slots ``kg``/``vg`` [B, h, K, D] (so a reuse reads only K rows, contiguously),
-    the unit queries ``q`` [B, h, G, D] that made it and the cache length ``len`` [B, h] at that time.
-    A head reuses its selection (plus every slot added since) while each of its G query heads has cosine
-    similarity >= ``cache_threshold`` with the query that made it; only the heads that drifted are
+    the previous step's unit queries ``q`` [B, h, G, D] and the cache length ``len`` [B, h] when the
+    selection was made. A head reuses its selection (plus every slot added since) while each of its G
+    query heads has cosine similarity >= ``cache_threshold`` with its query of the previous step
+    (consecutive queries, as in the paper); only the heads that drifted are
     re-selected (soft vote over their G heads, top ``k`` plus ``n_sink`` first and ``n_local`` last).
     ``state["hits"]``/``["misses"]`` count per-head reuses / re-selections.
     """
@@ -310,6 +311,7 @@ def _tokenselect_state(q: Tensor, group, p: Mapping[str, Any], scale: float) -> 
         miss = torch.ones(B, h, dtype=torch.bool, device=k.device)
     else:
         miss = (qn * st["q"]).sum(-1).amin(-1) < p["cache_threshold"]  # [B, h]
+        st["q"].copy_(qn)  # the paper compares consecutive queries: the next step compares with this one
     pairs = miss.nonzero().tolist()
     group.state["hits"] = group.state.get("hits", 0) + B * h - len(pairs)
     group.state["misses"] = group.state.get("misses", 0) + len(pairs)
@@ -330,7 +332,6 @@ def _tokenselect_state(q: Tensor, group, p: Mapping[str, Any], scale: float) -> 
             safe = idx.clamp(min=0)
             torch.index_select(k[b, j], 0, safe, out=st["kg"][b, j])
             torch.index_select(v[b, j], 0, safe, out=st["vg"][b, j])
-            st["q"][b, j] = qn[b, j]
             st["len"][b, j] = L
     return st
 
