@@ -9,8 +9,10 @@ with a symbolic sequence length), canonicalize, lower each planned site to
 * ``format="onnx"``: ``torch.onnx.export(dynamo=True, opset_version=23)`` with a custom translation per
   lcpass op: one ``lcpass``-domain function per site configuration (ONNX ``Attention`` with the method's
   mask built in-graph from positions, or ``com.microsoft.GroupQueryAttention`` for a pure sliding
-  window); see :mod:`lcpass.onnx_attention`. Dynamic (top-k) methods are not registered yet, so there is
-  no selection + gather lowering.
+  window); see :mod:`lcpass.onnx_attention`. The block top-k dynamic methods (``quest``, ``landmark``,
+  ``seer`` without a learned gate) compute their selection in standard ops (block min/max/mean,
+  ``MatMul``, ``TopK``, ``Gather``) and feed it to ``Attention`` as a bool mask (:mod:`lcpass.onnx_dynamic`);
+  other dynamic methods are refused by name.
 
 Example::
 

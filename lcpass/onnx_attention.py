@@ -34,6 +34,7 @@ from onnx import TensorProto, helper
 from lcpass import masks as M
 from lcpass.lower import crossover as _crossover
 from lcpass.lower import lowering_kind, site_mask
+from lcpass.onnx_dynamic import dynamic_method, emit_dynamic_mask
 
 __all__ = ["DOMAIN", "OPSET", "AttentionFunction", "translation_table", "attach_functions", "function_proto",
            "pure_sliding_window", "precheck", "ONNXExportError"]
@@ -133,10 +134,8 @@ def _long_mask(fn: AttentionFunction) -> M.MaskMod:
     from lcpass.methods import get_method
 
     dynamic = sorted({name for name, _ in parse_spec(fn.spec) if get_method(name).kind == "dynamic"})
-    if dynamic:
-        raise ONNXExportError(
-            f"dynamic (content-selected) methods {dynamic} have no ONNX lowering yet (selection + gather); "
-            f"export them with format='torch', or plan those sites with a static method")
+    if dynamic:  # callers check lcpass.onnx_dynamic.dynamic_method first
+        raise ONNXExportError(f"dynamic methods {dynamic} select by content: no static mask; see lcpass.onnx_dynamic")
     if fn.static_len:
         return site_mask(fn.spec, fn.n_heads, fn.static_len[0], fn.static_len[1], fn.is_causal, fn.window)
     a, b = (site_mask(fn.spec, fn.n_heads, n, n, fn.is_causal, fn.window) for n in _PROBE_LENS)
@@ -155,6 +154,8 @@ def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
     short = _simplify(_base_mask(fn.is_causal, fn.window))
     if not fn.planned:
         return short[1] if short[0] == "sliding" else None
+    if dynamic_method(fn) is not None:
+        return None
     long = _simplify(_long_mask(fn))
     if long[0] != "sliding":
         return None
@@ -297,7 +298,16 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
     if fn.planned:
         short, short_bias = keep, bias
         sparse = fn.mask == "none" or lowering_kind(fn.mask_kind) == "sparse"
-        if fn.mask != "none" and sparse:
+        dynamic = dynamic_method(fn)
+        if dynamic is not None:
+            # content selection on plain causal attention without a mask tensor (dynamic_method refuses
+            # padding); anything else runs exactly dense at every length, as planned_attention does
+            if fn.is_causal and fn.window < 0 and not fn.softcap and fn.mask == "none":
+                long = emit_dynamic_mask(body, fn, dynamic[0], dynamic[1], q, kv, _sq, sk)
+            else:
+                long = short
+            long_bias = short_bias
+        elif fn.mask != "none" and sparse:
             # padding: a key is valid when any query (of any head) may attend it; when every row's real keys
             # are one contiguous run [p, e), the row runs alone on it (positions count from p, queries outside
             # [p, e) output zeros), as lcpass.lower does; otherwise keys are masked at absolute positions
@@ -437,10 +447,12 @@ def precheck(graph) -> None:
         static = ()
         if qv is not None and kv is not None and isinstance(qv.shape[2], int) and isinstance(kv.shape[2], int):
             static = (int(qv.shape[2]), int(kv.shape[2]))
-        fn = AttentionFunction(True, n_heads, 1, 1, 1.0, bool(node.args[5]), int(node.args[6]), 0.0, "none",
+        fn = AttentionFunction(True, n_heads, 1, 1, 1.0, bool(node.args[5]), int(node.args[6]), float(node.args[7]),
+                               "none" if node.args[3] is None else "bool",
                                str(node.args[10]), str(node.args[11]), False, static)
         try:
-            _long_mask(fn)
+            if dynamic_method(fn) is None:
+                _long_mask(fn)
         except ONNXExportError as exc:
             raise ONNXExportError(f"lcpass.export: site {node.args[9]}: {exc}") from None
 

@@ -115,10 +115,10 @@ def test_which_sites_are_pure_sliding_windows():
     assert pure_sliding_window(fn("", window=8, mask="bool", planned=False)) is None
 
 
-def test_dynamic_methods_refused_by_name():
-    spec = spec_json([HeadSpec("quest", {})], 0)
+def test_dynamic_methods_without_onnx_lowering_refused_by_name():
+    spec = spec_json([HeadSpec("routing", {})], 0)
     fn = AttentionFunction(True, 4, 2, 16, 0.25, True, -1, 0.0, "none", "causal", spec, True)
-    with pytest.raises(ValueError, match=r"dynamic .*\['quest'\].*format='torch'"):
+    with pytest.raises(ValueError, match=r"dynamic .*\['routing'\].*'quest', 'landmark', 'seer'.*format='torch'"):
         function_proto(fn)
 
 
@@ -158,8 +158,8 @@ def test_bad_input(tmp_path):
         export(z.model, z.example_inputs, tmp_path / "m.onnx", method="nope")
     with pytest.raises(ValueError, match="exactly one of"):
         export(z.model, z.example_inputs, tmp_path / "m.onnx")
-    with pytest.raises(ValueError, match=r"site model\.layers\.0\.self_attn: dynamic .*quest"):
-        export(z.model, z.example_inputs, tmp_path / "m.onnx", method="quest", dense_below=0)
+    with pytest.raises(ValueError, match=r"site model\.layers\.0\.self_attn: dynamic .*tokenselect"):
+        export(z.model, z.example_inputs, tmp_path / "m.onnx", method="tokenselect", dense_below=0)
 
 
 @pytest.mark.slow
