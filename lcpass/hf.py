@@ -215,6 +215,21 @@ def set_kv_cache(model: torch.nn.Module, enabled: bool = True, select: Any = Non
         del model._prepare_cache_for_generation
 
 
+def new_cache(model: torch.nn.Module) -> Any:
+    """The cache ``generate()`` would give ``model``: a fresh :class:`lcpass.kv.CompressedCache` (with the
+    decode selector set by :func:`set_kv_cache`) for an ``lcpass.optimize``-d model, else None (the model's
+    own default). Pass it to a plain forward to keep only the KV the plan keeps::
+
+        >>> out = model(ids, cache=lcpass.hf.new_cache(model), use_cache=True)
+    """
+    opts = getattr(model, _KV_ATTR, None) or {}
+    if not opts.get("enabled"):
+        return None
+    from lcpass.kv.cache import CompressedCache
+
+    return CompressedCache(select=opts.get("select"))
+
+
 def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
     """generate()'s cache hook: a CompressedCache unless the caller passed a cache or asked for another kind."""
     opts = getattr(self, _KV_ATTR, None) or {}

@@ -183,6 +183,13 @@ def prefill_measure(
     return best
 
 
+def _cache_kwargs(model: nn.Module) -> dict[str, Any]:
+    from lcpass.hf import new_cache
+
+    cache = new_cache(model)
+    return {} if cache is None else {"cache": cache}
+
+
 def _prefill_once(model: nn.Module, ids: torch.Tensor, site_names: Sequence[str]) -> dict[str, Any]:
     spent = [0.0]
     starts: dict[int, float] = {}
@@ -204,7 +211,8 @@ def _prefill_once(model: nn.Module, ids: torch.Tensor, site_names: Sequence[str]
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            # an optimized model's own cache (CompressedCache: evicted KV is freed), as generate() uses
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **_cache_kwargs(model))
         wall = time.perf_counter() - t0
     finally:
         for h in handles:
