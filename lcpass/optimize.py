@@ -226,6 +226,10 @@ def optimize(
     else:
         the_plan.validate(det.sites)
     seed_site_states([s.name for s in det.sites])
+    from lcpass.rope import apply_entropy_abf
+
+    # entropy_abf's other half: the RoPE base (the model in place for transformers, else the graph)
+    apply_entropy_abf(model if hf else cap.gm, the_plan, det.sites, model_name=name)
     rep = OptimizeReport(name, report_len)
     if hf:
         runtimes = {}

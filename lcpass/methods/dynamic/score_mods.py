@@ -67,8 +67,9 @@ def selective_score_mod(alpha: float, q_temperature: Tensor | None = None, q_off
 
 def entropy_abf_rope(rope_base: float, *, abf_base: float = 500000.0) -> float:
     """Entropy-ABF's RoPE base (Zhang et al., 2024, "Extending LLMs' Context Window with 100 Samples"):
-    the adjusted base frequency, ``max(rope_base, abf_base)`` (500,000 in the paper). The lead's graph
-    rewrite sets the rotary embedding's base to it; :func:`entropy_abf_score_mod` scales the logits."""
+    the adjusted base frequency, ``max(rope_base, abf_base)`` (500,000 in the paper).
+    :func:`lcpass.rope.set_rope_base` rewrites the rotary embedding to it (``lcpass.optimize`` does so for
+    every plan using ``entropy_abf``); :func:`entropy_abf_score_mod` scales the logits."""
     if rope_base <= 0 or abf_base <= 0:
         raise ValueError(f"entropy_abf_rope: rope_base={rope_base}, abf_base={abf_base}; both must be > 0")
     return max(float(rope_base), float(abf_base))
@@ -156,8 +157,10 @@ TEMPSCALE = DynamicMethod(
 ENTROPY_ABF = DynamicMethod(
     name="entropy_abf",
     paper="Extending LLMs' Context Window with 100 Samples (Entropy-ABF, Zhang et al., 2024)",
-    summary="Entropy-aware logit scaling past the trained length (+ RoPE base change by graph rewrite).",
-    params=(Param("trained_length", "int", 4096, 2, None, "context length the model was trained on"),),
+    summary="Entropy-aware logit scaling past the trained length + RoPE base raised to abf_base (rewrite).",
+    params=(Param("trained_length", "int", 4096, 2, None, "context length the model was trained on"),
+            Param("abf_base", "float", 500000.0, 0.0, None,
+                  "RoPE base lcpass.optimize sets (max(model's base, abf_base)); 0 = logit scaling only")),
     attend=_attend_with(lambda p, s, q, k: entropy_abf_score_mod(p["trained_length"])),
     score_mod=lambda p, *, head, n_heads: entropy_abf_score_mod(p["trained_length"]), **_COMMON)
 
