@@ -8,7 +8,10 @@ Llama-3-8B-shaped attention layer: B=1, Hq=32, Hkv=8, D=128, bf16, causal, N in 
     sinks, Quest top-k (generated block scoring + torch.topk) and DuoAttention (half the heads
     retrieval = causal, the others sinks + the window of that density);
   * flex_attention (compiled) on the SAME layout (``BlockLayout.to_block_mask()``) at 10%;
-  * split-KV decode at 32k and 128k keys with a 10% Quest selection per KV head (B=1 and B=8).
+  * split-KV decode at 32k and 128k keys with a 10% Quest selection per KV head (B=1 and B=8);
+  * token-granular kernels (TokenSelect-style lists gathered in the kernel): prefill with 10% of
+    the past per (KV head, query block) plus the causal local block, and split-KV decode over 10%
+    of the keys per KV head (GB/s on the gathered K+V bytes).
 Prints TFLOP/s (computed = FLOPs of the visited blocks; dense-equivalent = causal FLOPs / time),
 GB/s for decode (K+V bytes of the selected blocks), the ratios against the issue's targets, and
 writes JSON. Without CUDA it prints a message and exits 0 (``--smoke`` runs a tiny shape through
@@ -147,6 +150,21 @@ def quest_layout(q, k, density: float, block: int, Hkv: int | None = None):
 # ------------------------------------------------------------------------------------------------
 
 
+def token_lists_10(B: int, Hkv: int, N: int, block: int, dev: str) -> tuple[Any, float]:
+    """TokenSelect-shaped prefill lists: per (batch, KV head, query block of ``block``) 10% of the
+    sequence chosen at random among the keys before the block (all of them where fewer), -1 padded.
+    Returns (indices [B, Hkv, Mq, K], number of listed keys in total)."""
+    mq = -(-N // block)
+    K = max(1, N // 10)
+    g = torch.Generator(device=dev).manual_seed(3)
+    score = torch.rand(B, Hkv, mq, N, device=dev, generator=g)
+    starts = torch.arange(mq, device=dev)[:, None] * block
+    score.masked_fill_(torch.arange(N, device=dev)[None, :] >= starts, float("-inf"))
+    top = score.topk(K, -1)
+    idx = torch.where(torch.isfinite(top.values), top.indices, -1)
+    return idx, float((idx >= 0).sum())
+
+
 def run(args: argparse.Namespace) -> dict:
     from lcpass import codegen
     from lcpass.masks import causal_mask, streaming_mask
@@ -247,6 +265,14 @@ def run(args: argparse.Namespace) -> dict:
                     except Exception as exc:  # report, never crash the whole benchmark
                         extra["flex_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 row(name, N, ms, lay.num_computed_blocks(), real, extra)
+        if time.time() - t0 < BUDGET_S - 60:
+            idx, n_sel = token_lists_10(B, Hkv, N, block, dev)
+            fn = (lambda idx=idx: codegen.token_attention(q, k, v, idx, block_q=block, scale=sc))
+            ms = bench(fn, smoke)
+            # FLOPs as block-equivalents: per q head and query block, (listed + block/2) keys x block
+            eq_blocks = Hq / Hkv * (n_sel + 0.5 * block * idx.shape[2] * B * Hkv) / block
+            row("tokenselect10_gather", N, ms, eq_blocks, 0.10,
+                {"vs_dense": ms_dense / ms, "vs_sdpa": ms_sdpa / ms, "listed_per_block": idx.shape[-1]})
         del q, k, v, kx, vx
         if not smoke:
             torch.cuda.empty_cache()
@@ -284,6 +310,21 @@ def run(args: argparse.Namespace) -> dict:
             res["decode"].append(r)
             print(f"decode N={N:>6} B={Bd}: {ms * 1e3:8.1f} us  {r['GBps']:8.1f} GB/s on "
                   f"{r['selected_MB']:.1f} MB selected  ({ms_full / ms:.2f}x dense SDPA)", flush=True)
+            # token lists: 10% of the keys per KV head, gathered by the kernel
+            n_tok = max(1, N // 10)
+            tg = torch.Generator(device=dev).manual_seed(2)
+            tidx = torch.rand(Bd, Hkv, N, device=dev, generator=tg).topk(n_tok, -1).indices
+            ms_tok = bench(lambda: codegen.token_decode_attention(q, k, v, tidx, scale=sc), smoke)
+            tbytes = Bd * Hkv * n_tok * D * 2 * q.element_size()
+            rt = {"kernel": "decode_token10", "N": N, "B": Bd, "ms": ms_tok, "us": ms_tok * 1e3,
+                  "selected_MB": tbytes / 1e6, "GBps": tbytes / (ms_tok * 1e-3) / 1e9,
+                  "sdpa_dense_ms": ms_full, "vs_sdpa_dense": ms_full / ms_tok, "density": 0.10}
+            if "hbm_copy_GBps" in res:
+                rt["hbm_fraction"] = rt["GBps"] / res["hbm_copy_GBps"]
+            res["decode"].append(rt)
+            print(f"decode N={N:>6} B={Bd} token lists: {ms_tok * 1e3:8.1f} us  {rt['GBps']:8.1f} GB/s "
+                  f"on {rt['selected_MB']:.1f} MB gathered  ({ms_full / ms_tok:.2f}x dense SDPA)",
+                  flush=True)
             del q, k, v, kx, vx
 
     res["summary"] = summarize(res)

@@ -16,6 +16,10 @@ Entry points::
         -> PreparedAttention, callable (q, k, v) -> out: host work done once, at lowering time
     prepare_decode(layout, *, ..., batch, n_splits=None) -> PreparedAttention (split-KV decode)
     select_layout(q, k, *, k_blocks, mask_mod, block_size, kind="quest"|"mean") -> BlockLayout
+    token_attention(q, k, v, indices, *, block_q, scale, local=True) -> Tensor   (token lists, prefill)
+    token_decode_attention(q, k, v, indices, *, scale, n_splits=None) -> Tensor  (token lists, decode)
+    gather_decode(q, k, v, pos, idx, scale) -> Tensor     drop-in for lcpass.kv.select.gather_attend
+    selection_attention(q, k, v, sel, *, scale) -> Tensor  a dynamic method's selection (any kind)
 
 >>> from lcpass.codegen import available, AttentionSpec
 >>> available(AttentionSpec(head_dim=64, device="cuda"))[0] in (True, False)
@@ -39,6 +43,9 @@ from lcpass.codegen.cache import cache_info, kernel_dir, load_kernel
 from lcpass.codegen.printer import UnsupportedSpec, print_mask_mod, print_score_mod
 from lcpass.codegen.select import block_scores, select_layout
 from lcpass.codegen.spec import KernelSpec, render, spec_key
+from lcpass.codegen.token import (gather_decode, prepare_token_attention, prepare_token_decode,
+                                  selection_attention, token_attention, token_decode_attention,
+                                  token_lists)
 
 __all__ = [
     "AttentionSpec",
@@ -52,15 +59,22 @@ __all__ = [
     "cache_info",
     "choose_tiles",
     "decode_attention",
+    "gather_decode",
     "generate_source",
     "kernel_dir",
     "kernel_specs",
     "load_kernel",
     "prepare_attention",
     "prepare_decode",
+    "prepare_token_attention",
+    "prepare_token_decode",
     "print_mask_mod",
     "print_score_mod",
     "render",
     "select_layout",
+    "selection_attention",
     "spec_key",
+    "token_attention",
+    "token_decode_attention",
+    "token_lists",
 ]

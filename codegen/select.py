@@ -90,6 +90,6 @@ def select_layout(q: Tensor, k: Tensor, *, k_blocks: int, mask_mod: MaskMod | No
     :class:`~lcpass.layout.BlockLayout` restricted to what ``mask_mod`` (default causal) touches."""
     mm = mask_mod if mask_mod is not None else causal_mask()
     scores = block_scores(q, k, block_size=block_size, kind=kind, scale=scale)
-    # layout_from_topk builds its block maps on the CPU: score there (one small transfer)
-    return layout_from_topk(scores.cpu(), k_blocks, q_len=q.shape[2], kv_len=k.shape[2], mask_mod=mm,
+    # on the scores' device: no transfer, no host sync
+    return layout_from_topk(scores, k_blocks, q_len=q.shape[2], kv_len=k.shape[2], mask_mod=mm,
                             block_size=_bs(block_size))

@@ -32,7 +32,7 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 TEMPLATES = ("attn_fwd", "attn_bwd", "attn_decode", "block_scores")
 MAX_HEAD_DIM = 256  # one [BLOCK_M, BLOCK_D] fp32 accumulator per program must fit on chip
 DTYPES = ("float32", "float16", "bfloat16")
-LAYOUTS = ("csr", "causal", "full")
+LAYOUTS = ("csr", "causal", "full", "token")
 
 
 def _pow2(n: int) -> bool:
@@ -70,7 +70,9 @@ class KernelSpec:
     """What one generated kernel module depends on (plain data, hashable).
 
     ``template``: one of :data:`TEMPLATES`; ``group``: GQA group size G = Hq // Hkv; ``layout``:
-    ``"csr"`` (padded-CSR lists), ``"causal"`` or ``"full"`` (dense, implicit tiles; forward only);
+    ``"csr"`` (padded-CSR lists), ``"causal"`` or ``"full"`` (dense, implicit tiles; forward only),
+    ``"token"`` (per-KV-head lists of key positions gathered in the kernel; options ``local`` and
+    ``mask_tokens``);
     ``dtype``: the q/k/v element type; ``mask`` / ``score``: printed mask_mod / score_mod (None =
     none); ``options``: template-specific extras as sorted ``(name, value)`` pairs (e.g. the
     selection score kind).
@@ -99,6 +101,15 @@ class KernelSpec:
             raise UnsupportedSpec(f"KernelSpec.layout={self.layout!r}; known: {LAYOUTS}")
         if self.group < 1:
             raise UnsupportedSpec(f"KernelSpec.group={self.group}; the GQA group must be >= 1")
+        if self.layout == "token":
+            need = {"attn_fwd": ("local", "mask_tokens"), "attn_decode": ("mask_tokens",)}
+            if self.template not in need:
+                raise UnsupportedSpec(f"layout 'token' has no {self.template!r} kernel; token lists "
+                                      f"run forward (attn_fwd) and decode (attn_decode) only")
+            missing = [o for o in need[self.template] if o not in dict(self.options)]
+            if missing:
+                raise UnsupportedSpec(f"KernelSpec(layout='token', template={self.template!r}) needs "
+                                      f"the options {missing}")
         check_head_dim(self.head_dim)
         if self.template != "block_scores":
             check_tiles(self.block_m, self.block_n, self.sparse_q, self.sparse_kv)

@@ -138,12 +138,13 @@ class BlockLayout:
         part, full = self.block_maps()
         pe = part.repeat_interleave(bq, 2)[:, :, : self.q_len].repeat_interleave(bk, 3)[..., : self.kv_len]
         fe = full.repeat_interleave(bq, 2)[:, :, : self.q_len].repeat_interleave(bk, 3)[..., : self.kv_len]
-        b = torch.arange(self.batch).view(-1, 1, 1, 1)
-        h = torch.arange(self.n_heads).view(1, -1, 1, 1)
-        q = torch.arange(self.q_len).view(1, 1, -1, 1) + self.q_offset
-        kv = torch.arange(self.kv_len).view(1, 1, 1, -1)
+        dev = part.device  # a layout built on the scores' device stays there
+        b = torch.arange(self.batch, device=dev).view(-1, 1, 1, 1)
+        h = torch.arange(self.n_heads, device=dev).view(1, -1, 1, 1)
+        q = torch.arange(self.q_len, device=dev).view(1, 1, -1, 1) + self.q_offset
+        kv = torch.arange(self.kv_len, device=dev).view(1, 1, 1, -1)
         elem = (mask_mod if mask_mod is not None else self.mask_mod)(b, h, q, kv)
-        return fe | (pe & elem)
+        return fe | (pe & elem.to(dev))
 
     def to_block_mask(self):
         """A ``torch.nn.attention.flex_attention.BlockMask`` over the same blocks and ``mask_mod``
@@ -340,13 +341,33 @@ def layout_from_selection(selected: Tensor, *, q_len: int, kv_len: int, mask_mod
     if int(selected.max()) >= mk:
         raise ValueError(f"layout_from_selection: block index {int(selected.max())} >= Mk={mk} "
                          f"for kv_len={kv_len}, block {bs[1]}")
+    return _layout_from_hits(selected, q_len, kv_len, mask_mod, bs)
+
+
+def _maps_on(mask_mod: MaskMod, n_heads: int, q_len: int, kv_len: int, bs: tuple[int, int],
+             device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (partial, full) block maps of ``mask_mod`` on ``device``: built once (CPU, cached) and
+    uploaded once per device (cached on the layout), so per-call selection work stays on device."""
+    base = build_layout(mask_mod, n_heads, q_len, kv_len, bs)
+    if device.type == "cpu":
+        return base.block_maps()
+    key = ("maps", str(device))
+    got = base._cache.get(key)
+    if got is None:
+        got = base._cache[key] = tuple(m.to(device) for m in base.block_maps())
+    return got
+
+
+def _layout_from_hits(selected: Tensor, q_len: int, kv_len: int, mask_mod: MaskMod,
+                      bs: tuple[int, int]) -> BlockLayout:
+    """Layout of block lists ``int[B|1, H, Mq, K]`` (-1 ignored, indices < Mk) on their device."""
+    mq, mk = -(-q_len // bs[0]), -(-kv_len // bs[1])
     B, H = selected.shape[:2]
     sel = selected.long()
     hit = torch.zeros(B, H, mq, mk + 1, dtype=torch.int8, device=selected.device)
     hit.scatter_add_(-1, torch.where(sel < 0, mk, sel), torch.ones_like(sel, dtype=torch.int8))
     hit = hit[..., :mk] > 0
-    base = build_layout(mask_mod, H, q_len, kv_len, bs)
-    part, full = base.block_maps()
+    part, full = _maps_on(mask_mod, H, q_len, kv_len, bs, selected.device)
     return _from_maps(hit & part, hit & full, bs, q_len, kv_len, mask_mod)
 
 
@@ -355,7 +376,9 @@ def layout_from_topk(block_scores: Tensor, k: int, *, q_len: int, kv_len: int, m
     """Keep the ``k`` highest-scoring kv blocks per (batch, head, query block) among those
     ``mask_mod`` touches (fewer where fewer are touched).
 
-    ``block_scores: float[B|1, H, Mq, Mk]`` (e.g. Quest bounds, pooled q.k).
+    ``block_scores: float[B|1, H, Mq, Mk]`` (e.g. Quest bounds, pooled q.k). Everything runs on the
+    scores' device with torch ops (no host transfer or sync; the mask's static block maps are
+    uploaded once per device), so a CUDA selection feeds the kernels directly.
 
     >>> s = torch.randn(1, 2, 4, 4)
     >>> lay = layout_from_topk(s, 2, q_len=512, kv_len=512, mask_mod=causal_mask(), block_size=128)
@@ -371,10 +394,9 @@ def layout_from_topk(block_scores: Tensor, k: int, *, q_len: int, kv_len: int, m
     if k < 1:
         raise ValueError(f"layout_from_topk: k={k}; pass k >= 1 blocks per query block")
     H = block_scores.shape[1]
-    part, full = build_layout(mask_mod, H, q_len, kv_len, bs).block_maps()
-    touched = part | full
-    s = block_scores.float().masked_fill(~touched, float("-inf"))
+    part, full = _maps_on(mask_mod, H, q_len, kv_len, bs, block_scores.device)
+    s = block_scores.float().masked_fill(~(part | full), float("-inf"))
     top = s.topk(min(k, mk), dim=-1)
-    sel = torch.where(torch.isfinite(top.values), top.indices, -1)
-    return layout_from_selection(sel, q_len=q_len, kv_len=kv_len, mask_mod=mask_mod, block_size=bs)
+    sel = torch.where(torch.isfinite(top.values), top.indices, -1)  # [B|1, H, Mq, k], < Mk
+    return _layout_from_hits(sel, q_len, kv_len, mask_mod, bs)
 

@@ -183,11 +183,19 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
                                          kv_keep=kv_keep)
         return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
                                 kv_keep=kv_keep)
+    from lcpass.methods import get_method
     from lcpass.methods.dynamic import dynamic_attention
 
     keys = [json.dumps(s, sort_keys=True) for s in specs]
     if len(set(keys)) == 1:
         name, params = specs[0]
+        if _use_triton(spec, q) and get_method(name).select is not None:
+            # a pure selection: select, then the generated kernels (token lists or block layout)
+            from lcpass.codegen import selection_attention
+            from lcpass.methods.dynamic import dynamic_select
+
+            sel = dynamic_select(name, q, k, params, state=site_state(site))
+            return selection_attention(q, k, v, sel, scale=scale)
         return dynamic_attention(name, q, k, v, params, scale=scale, state=site_state(site))
     # heads with different methods: each group of heads runs its own method (kv heads expanded)
     group = hq // k.shape[1]

@@ -5,7 +5,8 @@ sub-tiles), GQA 4:1 and MQA, batch 2; fp32 at 1e-4. Every static/dense method of
 prefill and decode through the generated kernels built from the SAME mask_mod the engine uses;
 Quest/mean-pooled selections, the backward for S2-Attn (LongLoRA) and sliding window, the source
 properties (partial-path-only mask, in-window visits), the cache, custom-op export and the
-unsupported-spec errors are checked too. GPU tier: tests/test_codegen_gpu.py.
+unsupported-spec errors are checked too. Token-granular selections (TokenSelect): tests/
+test_codegen_token.py. GPU tier: tests/test_codegen_gpu.py.
 """
 
 from __future__ import annotations

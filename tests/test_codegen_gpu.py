@@ -68,6 +68,33 @@ def _checks() -> dict[str, float]:
     selp = M.mask_from_callable(lambda b, h, qi, ki: dense_p[0, h, qi, ki], "quest_prefill")
     rec("prefill_quest", codegen.attention(q, k, v, lay_p, scale=sc),
         reference_attention(q, k, v, selp, scale=sc))
+    # TokenSelect (token lists gathered in the kernel): prefill with the causal local block, decode
+    # through the lowering's entry point, and the drop-in for the KV cache's gather_attend. The
+    # selector runs on CPU copies (it is the CPU reference's selector; its kernels come later)
+    from lcpass.kv.select import gather_attend
+    from lcpass.methods import validate_params
+    from lcpass.methods.dynamic import tokenselect_select
+
+    p = validate_params("tokenselect", {"k": 512, "n_sink": 4, "n_local": 64, "block_size": 128})
+    sel = tokenselect_select(q.float().cpu(), k.float().cpu(), params=p, state=None, mask_mod=None)
+    dense_t = sel.to_dense(Hq).to(dev)
+    selt = M.mask_from_callable(lambda b, h, qi, ki: dense_t[b, h, qi, ki], "tokenselect_prefill")
+    rec("prefill_tokenselect", codegen.token_attention(q, k, v, sel.indices.to(dev), block_q=128,
+                                                       scale=sc),
+        reference_attention(q, k, v, selt, scale=sc))
+    sel1 = tokenselect_select(qd.float().cpu(), k.float().cpu(), params=p, state=None, mask_mod=None)
+    dense_1 = sel1.to_dense(Hq).to(dev)
+    sel1m = M.mask_from_callable(lambda b, h, qi, ki: dense_1[b, h, qi - (N - 1), ki], "tokenselect_decode")
+    rec("decode_tokenselect", codegen.selection_attention(qd, k, v, sel1, scale=sc),
+        reference_attention(qd, k, v, sel1m, scale=sc))
+    G = Hq // Hkv
+    pos = torch.arange(N, device=dev).expand(B, N).contiguous()
+    gi = torch.stack([torch.randperm(N, device=dev, generator=g)[:600] for _ in range(B * Hkv)])
+    gi = gi.view(B, Hkv, 600)
+    gi[..., 500:] = -1  # padded lists
+    qg = qd.reshape(B, Hkv, G, D)
+    rec("decode_gather", codegen.gather_decode(qg, k, v, pos, gi, sc),
+        gather_attend(qg.float(), k.float(), v.float(), pos, gi, sc))
     # backward (S2-Attn and sliding window)
     for name, mm in (("longlora", masks["longlora"]), ("sliding", M.sliding_window_mask(512))):
         lay = build_layout(mm, Hq, N, N, 128)
@@ -92,7 +119,8 @@ def gpu_errors() -> dict[str, float]:
 
 
 CHECKS = ["prefill_streaming", "prefill_s2", "prefill_longlora", "prefill_duo", "dense_causal",
-          "decode_streaming", "decode_quest", "prefill_quest"] + [
+          "decode_streaming", "decode_quest", "prefill_quest", "prefill_tokenselect",
+          "decode_tokenselect", "decode_gather"] + [
     f"bwd_{m}_d{w}" for m in ("longlora", "sliding") for w in "qkv"]
 
 
