@@ -1,8 +1,8 @@
 """lcpass.codegen: generated Triton kernels for every plan.
 
 One Jinja template per algorithm (``templates/``: block-sparse prefill forward, its backward, split-KV
-decode with a log-sum-exp merge, block scoring for dynamic selection), each opening with a notation
-block; the method's ``mask_mod`` / ``score_mod`` - the same Python objects the CPU engine runs - are
+decode with a log-sum-exp merge - both also over token lists gathered in the kernel - block scoring
+and token scoring for dynamic selection), each opening with a notation block; the method's ``mask_mod`` / ``score_mod`` - the same Python objects the CPU engine runs - are
 traced and printed into the named holes (:mod:`lcpass.codegen.printer`); generated modules are cached
 on disk by spec hash (:mod:`lcpass.codegen.cache`) and run as ``torch.library.triton_op`` custom ops
 (:mod:`lcpass.codegen.ops`) so torch.compile and torch.export see them.
@@ -20,6 +20,7 @@ Entry points::
     token_decode_attention(q, k, v, indices, *, scale, n_splits=None) -> Tensor  (token lists, decode)
     gather_decode(q, k, v, pos, idx, scale) -> Tensor     drop-in for lcpass.kv.select.gather_attend
     selection_attention(q, k, v, sel, *, scale) -> Tensor  a dynamic method's selection (any kind)
+    token_scores(q, k, *, scale, kv_keep=None) -> Tensor  TokenSelect's soft vote [B, Hkv, Sk]
 
 >>> from lcpass.codegen import available, AttentionSpec
 >>> available(AttentionSpec(head_dim=64, device="cuda"))[0] in (True, False)
@@ -45,7 +46,7 @@ from lcpass.codegen.select import block_scores, select_layout
 from lcpass.codegen.spec import KernelSpec, render, spec_key
 from lcpass.codegen.token import (gather_decode, prepare_token_attention, prepare_token_decode,
                                   selection_attention, token_attention, token_decode_attention,
-                                  token_lists)
+                                  token_lists, token_scores)
 
 __all__ = [
     "AttentionSpec",
@@ -77,4 +78,5 @@ __all__ = [
     "token_attention",
     "token_decode_attention",
     "token_lists",
+    "token_scores",
 ]

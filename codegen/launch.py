@@ -18,8 +18,8 @@ from torch import Tensor
 
 from lcpass.layout import csr_to_map, map_to_csr
 
-__all__ = ["fwd", "decode", "bwd", "key_stats", "block_scores", "csr_transpose", "decode_lists",
-           "decode_splits", "bstride"]
+__all__ = ["fwd", "decode", "bwd", "key_stats", "block_scores", "token_scores", "csr_transpose",
+           "decode_lists", "decode_splits", "bstride"]
 
 
 def bstride(t: Tensor) -> int:
@@ -214,3 +214,23 @@ def block_scores(mod: ModuleType, q: Tensor, stats: tuple[Tensor, Tensor, Tensor
     mod.block_scores[(mq, B * Hq)](q, kmin, kmax, kmean, out, *q.stride(), Hq, Sq, mk,
                                    float(scale), num_warps=4)
     return out
+
+
+def token_scores(mod: ModuleType, q: Tensor, k: Tensor, scale: float, n_splits: int, *,
+                 kv_keep: Tensor | None = None) -> Tensor:
+    """TokenSelect's soft vote ``[B, Hkv, Sk]`` fp32: per KV head, the softmax over keys of every
+    query row of its group, summed over the rows. Pass 1 (grid ``(B, Hkv, n_splits)``) reduces the
+    row max / sum-exp split-KV; pass 2 (grid ``(B, Hkv, cdiv(Sk, BLOCK_N))``) writes the votes."""
+    spec = mod.SPEC
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    pm = torch.empty((B, Hkv, n_splits, spec.block_m), device=q.device, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    vote = torch.empty((B, Hkv, Sk), device=q.device, dtype=torch.float32)
+    keep = _keep_args(kv_keep, q)
+    args = (*q.stride(), *k.stride(), Hkv, Sq, Sk, n_splits, *keep[:2])
+    mod.token_stats[(B, Hkv, n_splits)](q, k, pm, pl, float(scale), *args, HAS_KEEP=keep[2],
+                                        num_warps=4)
+    mod.token_votes[(B, Hkv, triton_cdiv(Sk, spec.block_n))](q, k, pm, pl, vote, float(scale), *args,
+                                                             HAS_KEEP=keep[2], num_warps=4)
+    return vote

@@ -29,7 +29,7 @@ __all__ = ["KernelSpec", "TEMPLATES", "MAX_HEAD_DIM", "render", "spec_key", "che
            "check_tiles", "template_path"]
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
-TEMPLATES = ("attn_fwd", "attn_bwd", "attn_decode", "block_scores")
+TEMPLATES = ("attn_fwd", "attn_bwd", "attn_decode", "block_scores", "token_scores")
 MAX_HEAD_DIM = 256  # one [BLOCK_M, BLOCK_D] fp32 accumulator per program must fit on chip
 DTYPES = ("float32", "float16", "bfloat16")
 LAYOUTS = ("csr", "causal", "full", "token")

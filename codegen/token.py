@@ -1,7 +1,8 @@
 """Token-granular attention with generated kernels: gather the selected keys inside the kernel.
 
 Block layouts (:mod:`lcpass.codegen.api`) cannot express TokenSelection-style selections (K tokens per
-KV head, anywhere in the past). The same two templates run them with ``layout="token"``:
+KV head, anywhere in the past). The same two templates run them with ``layout="token"``, and a
+two-pass scoring template (``token_scores.jinja``) computes TokenSelect's soft vote:
 
 * prefill (``attn_fwd.jinja``): per (batch, query head, query tile) the program reads the token list
   of its (batch, KV head, query block) - ``num [B, Hkv, Mq]`` used slots, ``idx [B, Hkv, Mq, K]``
@@ -15,6 +16,7 @@ Entry points (q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Sk, D]``, queries at absolute
     token_attention(q, k, v, indices, *, block_q, scale, local=True) -> Tensor      # prefill
     token_decode_attention(q, k, v, indices, *, scale, n_splits=None) -> Tensor     # decode
     gather_decode(q, k, v, pos, idx, scale) -> Tensor   # drop-in for lcpass.kv.select.gather_attend
+    token_scores(q, k, *, scale, kv_keep=None) -> Tensor  # TokenSelect's soft vote [B, Hkv, Sk]
     selection_attention(q, k, v, sel, *, scale) -> Tensor  # TokenSelection | BlockLayout, fallback
 
 >>> from lcpass.methods.dynamic import tokenselect_select                       # doctest: +SKIP
@@ -38,7 +40,7 @@ from lcpass.layout import BlockLayout
 from lcpass.masks import MaskMod, causal_mask
 
 __all__ = ["token_lists", "token_attention", "token_decode_attention", "gather_decode",
-           "selection_attention", "prepare_token_attention", "prepare_token_decode"]
+           "token_scores", "selection_attention", "prepare_token_attention", "prepare_token_decode"]
 
 _I32_MAX = torch.iinfo(torch.int32).max
 _KEYS: dict[tuple, str] = {}
@@ -225,6 +227,45 @@ def gather_decode(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, idx: Tensor, sca
     out = token_decode_attention(qq, k, v, idx, scale=scale, n_splits=n_splits, block_n=block_n,
                                  kv_keep=pos >= 0)
     return out.view(B, h, G, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring
+
+
+def token_scores(q: Tensor, k: Tensor, *, scale: float, kv_keep: Tensor | None = None,
+                 n_splits: int | None = None, block_n: int | None = None) -> Tensor:
+    """TokenSelect's soft vote with a generated two-pass kernel: ``[B, Hkv, Sk]`` fp32, for each KV
+    head the per-row softmax over all keys of ``scale * q . k`` summed over the group's ``G * Sq``
+    query rows (``<= 128``). ``kv_keep: Bool[B, Sk]`` gives empty slots probability 0; rows without
+    a key contribute nothing. Feed it to ``torch.topk`` (with sinks / recent forced) for the list.
+
+    For the KV cache (q ``[B, h, G, D]``, slots ``pos [B, L]``)::
+
+        token_scores(q.reshape(B, h * G, 1, D), keys, scale=s, kv_keep=pos >= 0)
+        # == lcpass.kv.select._head_probs(q, keys, (pos >= 0)[:, None, None, :], s)
+    """
+    from lcpass.codegen import launch
+    from lcpass.codegen.api import _dtype_name
+    from lcpass.codegen.spec import KernelSpec
+
+    _check_keep(kv_keep, q, k, "codegen.token_scores")
+    _backend_ok(q.device)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D or Hkv < 1 or Hq % Hkv or q.dtype != k.dtype:
+        raise ValueError(f"codegen.token_scores: q {tuple(q.shape)} {q.dtype} and k "
+                         f"{tuple(k.shape)} {k.dtype} disagree (batch, head_dim, dtype, or Hkv "
+                         f"not dividing Hq)")
+    rows = (Hq // Hkv) * Sq
+    if rows > 128:
+        raise UnsupportedSpec(f"token_scores: G * Sq = {rows} query rows exceed one 128-row tile")
+    bm = max(16, 1 << (rows - 1).bit_length())
+    bn = block_n or 64
+    spec = KernelSpec("token_scores", D, bm, bn, bm, bn, group=Hq // Hkv, dtype=_dtype_name(q.dtype))
+    mod = load_kernel(spec)
+    splits = n_splits or launch.decode_splits(B, Hkv, -(-Sk // bn))
+    return launch.token_scores(mod, q, k, scale, int(splits), kv_keep=kv_keep)
 
 
 # ------------------------------------------------------------------------------------------------

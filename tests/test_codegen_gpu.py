@@ -95,6 +95,9 @@ def _checks() -> dict[str, float]:
     qg = qd.reshape(B, Hkv, G, D)
     rec("decode_gather", codegen.gather_decode(qg, k, v, pos, gi, sc),
         gather_attend(qg.float(), k.float(), v.float(), pos, gi, sc))
+    votes = torch.softmax(qd.float() @ k.float().repeat_interleave(G, 1).transpose(-1, -2) * sc, -1)
+    rec("scores_tokenselect", codegen.token_scores(qd, k, scale=sc),
+        votes.view(B, Hkv, G, N).sum(2))
     # backward (S2-Attn and sliding window)
     for name, mm in (("longlora", masks["longlora"]), ("sliding", M.sliding_window_mask(512))):
         lay = build_layout(mm, Hq, N, N, 128)
@@ -120,7 +123,7 @@ def gpu_errors() -> dict[str, float]:
 
 CHECKS = ["prefill_streaming", "prefill_s2", "prefill_longlora", "prefill_duo", "dense_causal",
           "decode_streaming", "decode_quest", "prefill_quest", "prefill_tokenselect",
-          "decode_tokenselect", "decode_gather"] + [
+          "decode_tokenselect", "decode_gather", "scores_tokenselect"] + [
     f"bwd_{m}_d{w}" for m in ("longlora", "sliding") for w in "qkv"]
 
 

@@ -145,6 +145,26 @@ def test_gather_decode_is_a_drop_in_for_kv_gather_attend():
     assert got[1, 1].abs().max().item() == 0.0
 
 
+def test_token_scores_match_the_kv_soft_vote():
+    # two-pass generated scoring (split max/sum-exp, then per-key votes) against the KV cache's
+    # torch scoring: GQA group of 4 with empty slots, and MQA with Sq = 3 rows per head
+    from lcpass.kv.select import _head_probs
+
+    B, h, G, L = 2, 2, 4, 200
+    g = torch.Generator().manual_seed(14)
+    q, k = torch.randn(B, h, G, D, generator=g), torch.randn(B, h, L, D, generator=g)
+    pos = torch.arange(L).expand(B, L).clone()
+    pos[1, :30] = -1
+    got = codegen.token_scores(q.reshape(B, h * G, 1, D), k, scale=SC, kv_keep=pos >= 0, n_splits=3,
+                               block_n=32)
+    want = _head_probs(q, k, (pos >= 0)[:, None, None, :], SC)
+    assert got.shape == (B, h, L) and (got - want).abs().max().item() < 1e-5
+    assert got[1, :, :30].abs().max().item() == 0.0
+    q2, k2 = torch.randn(B, 4, 3, D, generator=g), torch.randn(B, 1, L, D, generator=g)
+    want2 = torch.softmax(q2 @ k2.transpose(-1, -2) * SC, -1).sum((1, 2))[:, None]
+    assert (codegen.token_scores(q2, k2, scale=SC) - want2).abs().max().item() < 1e-5
+
+
 def test_tokenselect_decode_selection_runs_the_decode_kernel(monkeypatch):
     B, Hq, Hkv, N = 2, 8, 2, 200
     q, k, v = _qkv(B, Hq, Hkv, 1, N, seed=9)
