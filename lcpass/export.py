@@ -39,9 +39,10 @@ from lcpass.lower import lower_graph
 from lcpass.patterns import canonicalize
 from lcpass.plan import Plan
 
-__all__ = ["export", "ExportResult", "FORMATS", "check_output_path"]
+__all__ = ["export", "ExportResult", "FORMATS", "ONNX_OPS", "check_output_path"]
 
 FORMATS = ("onnx", "torch")
+ONNX_OPS = ("default", "ort")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class ExportResult:
     lowering: dict[str, str] = field(default_factory=dict)  # site -> dense | sparse | dense-masked
     input_names: list[str] = field(default_factory=list)  # ONNX graph inputs, in order
     functions: list[str] = field(default_factory=list)  # ONNX: the lcpass functions (or contrib ops) used
+    kv_buffers: list[str] = field(default_factory=list)  # onnx_ops="ort": KV inputs to bind (IOBinding)
+    notes: dict[str, str] = field(default_factory=dict)  # onnx_ops="ort": site -> why it kept the default
 
 
 def check_output_path(path: Union[str, Path], what: str = "lcpass.export") -> Path:
@@ -178,6 +181,7 @@ def export(
     dynamic_seq: bool = True,
     *,
     dense_below: Optional[int] = None,
+    onnx_ops: str = "default",
     **params: Any,
 ) -> ExportResult:
     """Export ``model`` with every detected attention site running its planned method.
@@ -190,6 +194,13 @@ def export(
         method, plan, params: as in :func:`lcpass.optimize` (``method="streaming", sink=4, window=64``).
         dynamic_seq: dim 1 of every tensor input is a symbolic sequence length.
         dense_below: run dense below this key length instead of each method's crossover.
+        onnx_ops: ``"default"``: ONNX ``Attention`` functions (and ``com.microsoft.GroupQueryAttention`` for
+            a pure sliding window); the model's inputs and outputs are the PyTorch model's. ``"ort"``: also
+            ``com.microsoft.SparseAttention`` for sites with a block-aligned static layout (see
+            :mod:`lcpass.onnx_sparse`); each adds KV buffer inputs ``past_key.<i>``/``past_value.<i>`` and
+            outputs ``present_*.<i>`` that must share memory (run with
+            :func:`lcpass.onnx_sparse.run_with_kv_buffers`); other sites keep the default, with the
+            reason in ``ExportResult.notes`` and a warning.
 
     Example::
 
@@ -199,6 +210,10 @@ def export(
     """
     if format not in FORMATS:
         raise ValueError(f"lcpass.export: format={format!r} is not supported; use one of {FORMATS}")
+    if onnx_ops not in ONNX_OPS:
+        raise ValueError(f"lcpass.export: onnx_ops={onnx_ops!r} is not supported; use one of {ONNX_OPS}")
+    if onnx_ops != "default" and format != "onnx":
+        raise ValueError(f"lcpass.export: onnx_ops={onnx_ops!r} applies to format='onnx', not {format!r}")
     out = check_output_path(path)
     cap, lowering, args, kwargs = lower_for_export(model, example_inputs, method=method, plan=plan,
                                                    dynamic_seq=dynamic_seq, dense_below=dense_below, **params)
@@ -214,10 +229,15 @@ def export(
     if format == "torch":
         torch.export.save(ep, str(out))
         return ExportResult(out, format, ep, lowering)
-    return _to_onnx(ep, out, lowering)
+    max_len = 0
+    if onnx_ops == "ort":
+        lens = [t.shape[1] for t in torch.utils._pytree.tree_leaves((tuple(args), kwargs))
+                if isinstance(t, torch.Tensor) and t.dim() > 1]
+        max_len = int(seq_dim(model).max) if dynamic_seq else max(lens, default=0)
+    return _to_onnx(ep, out, lowering, max_len)
 
 
-def _to_onnx(ep: torch.export.ExportedProgram, out: Path, lowering: dict[str, str]) -> ExportResult:
+def _to_onnx(ep: torch.export.ExportedProgram, out: Path, lowering: dict[str, str], max_len: int = 0) -> ExportResult:
     import onnx
 
     from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, attach_functions, precheck, \
@@ -225,16 +245,21 @@ def _to_onnx(ep: torch.export.ExportedProgram, out: Path, lowering: dict[str, st
 
     precheck(ep.graph)
     functions: dict[str, AttentionFunction] = {}
+    notes: dict[str, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
-                                 custom_translation_table=translation_table(functions))
+                                 custom_translation_table=translation_table(functions, max_len, notes))
     model = prog.model_proto
-    attach_functions(model, functions)
+    buffers = attach_functions(model, functions)
+    for site, why in notes.items():
+        warnings.warn(f"lcpass.export(onnx_ops='ort'): site {site} keeps the lcpass Attention function, not "
+                      f"com.microsoft.SparseAttention: {why}", stacklevel=3)
     big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to a side file
     if not big:
         onnx.checker.check_model(model)
     onnx.save(model, str(out), save_as_external_data=big)
     used = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
     contrib = sorted({f"{n.domain}.{n.op_type}" for f in model.functions for n in f.node if n.domain == MS_DOMAIN})
-    return ExportResult(out, "onnx", model, lowering, [i.name for i in model.graph.input], used + contrib)
+    return ExportResult(out, "onnx", model, lowering, [i.name for i in model.graph.input], used + contrib, buffers,
+                        notes)

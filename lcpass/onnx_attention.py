@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from typing import Any, Optional
 
 import numpy as np
@@ -34,7 +35,8 @@ from onnx import TensorProto, helper
 from lcpass import masks as M
 from lcpass.lower import crossover as _crossover
 from lcpass.lower import lowering_kind, site_mask
-from lcpass.onnx_dynamic import dynamic_method, emit_dynamic_mask
+from lcpass.onnx_dynamic import check_state, dynamic_method, emit_dynamic_mask
+from lcpass.onnx_sparse import add_kv_buffers, sparse_function_proto
 
 __all__ = ["DOMAIN", "OPSET", "AttentionFunction", "translation_table", "attach_functions", "function_proto",
            "pure_sliding_window", "precheck", "ONNXExportError"]
@@ -67,6 +69,7 @@ class AttentionFunction:
     spec: str  # spec_json of the head specs ("" for the canonical op)
     same_len: bool  # Sq == Sk symbolically (self-attention without cache)
     static_len: tuple[int, ...] = ()  # (Sq, Sk) when the export has a fixed sequence length
+    ort_max_len: int = 0  # onnx_ops="ort": keys the SparseAttention layout covers (0 = default lowering)
 
     @property
     def name(self) -> str:
@@ -223,6 +226,12 @@ def _emit_mask(body: _Body, mask: M.MaskMod, h: str, q: str, kv: str, n_heads: i
                        body.op("LessOrEqual", d, _per_head(body, hi, n_heads)))
         step = body.op("Equal", body.op("Mod", d, _per_head(body, dl, n_heads)), body.const(0))
         return body.op("And", band, step)
+    if kind == "s2_block_local":  # q // bs - kv // bs < local_blocks
+        bs = body.const(key[1])
+        return body.op("Less", body.op("Sub", body.op("Div", q, bs), body.op("Div", kv, bs)), body.const(key[2]))
+    if kind == "s2_block_strided":  # (kv // bs) % stride == (-(offset + 1)) % stride
+        return body.op("Equal", body.op("Mod", body.op("Div", kv, body.const(key[1])), body.const(key[2])),
+                       body.const((-(key[3] + 1)) % key[2]))
     if kind == "block_diagonal":
         g, sh = body.const(key[1]), _per_head(body, key[2], n_heads)
         return body.op("Equal", body.op("Div", body.op("Add", q, sh), g), body.op("Div", body.op("Add", kv, sh), g))
@@ -265,6 +274,11 @@ def function_proto(fn: AttentionFunction) -> onnx.FunctionProto:
     """The ``lcpass`` function body for one site configuration (see the module docstring)."""
     body = _Body()
     inputs = ["q", "k", "v"] + (["mask"] if fn.mask != "none" else [])
+    doc = (f"lcpass {'planned' if fn.planned else 'canonical'} attention: {fn.spec or 'exact'}; scale={fn.scale}, "
+           f"is_causal={fn.is_causal}, window={fn.window}, softcap={fn.softcap}, mask={fn.mask} ({fn.mask_kind})")
+    layout = sparse_layout(fn) if fn.ort_max_len else None
+    if layout is not None:
+        return sparse_function_proto(fn, layout, doc)
     w = pure_sliding_window(fn)
     imports = [helper.make_opsetid("", OPSET)]
     if w is not None:
@@ -272,8 +286,6 @@ def function_proto(fn: AttentionFunction) -> onnx.FunctionProto:
         imports.append(helper.make_opsetid(MS_DOMAIN, 1))
     else:
         _attention_body(body, fn)
-    doc = (f"lcpass {'planned' if fn.planned else 'canonical'} attention: {fn.spec or 'exact'}; scale={fn.scale}, "
-           f"is_causal={fn.is_causal}, window={fn.window}, softcap={fn.softcap}, mask={fn.mask} ({fn.mask_kind})")
     return helper.make_function(DOMAIN, fn.name, inputs, ["y"], body.nodes, imports, doc_string=doc)
 
 
@@ -402,8 +414,25 @@ def _static(dim: Any, what: str, site: str) -> int:
     return dim
 
 
-def translation_table(functions: dict[str, AttentionFunction]) -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``; fills ``functions`` (name -> config)."""
+@lru_cache(maxsize=256)
+def _sparse(fn: AttentionFunction) -> tuple[Any, str]:
+    from lcpass.onnx_sparse import sparse_layout as layout_of
+
+    return layout_of(fn, fn.ort_max_len)
+
+
+def sparse_layout(fn: AttentionFunction) -> Any:
+    """The site's :class:`lcpass.onnx_sparse.SparseLayout` under ``onnx_ops="ort"``, else None."""
+    return _sparse(fn)[0] if fn.ort_max_len else None
+
+
+def translation_table(functions: dict[str, AttentionFunction], ort_max_len: int = 0,
+                      notes: Optional[dict[str, str]] = None) -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``; fills ``functions`` (name -> config).
+
+    ``ort_max_len > 0`` (``onnx_ops="ort"``): planned sites with a block-aligned static layout of that many
+    keys lower to ``com.microsoft.SparseAttention``; ``notes`` receives, per other planned site, why not.
+    """
     import torch
     from onnxscript import values
 
@@ -416,7 +445,12 @@ def translation_table(functions: dict[str, AttentionFunction]) -> dict:
             planned, _static(q_shape[1], "the query head count", site), _static(k_shape[1], "the KV head count", site),
             _static(q_shape[3], "head_dim", site), float(scale), bool(is_causal), int(window), float(softcap), mtype,
             mask_kind if planned else "", spec if planned else "", q_shape[2] == k_shape[2],
-            (q_shape[2], k_shape[2]) if isinstance(q_shape[2], int) and isinstance(k_shape[2], int) else ())
+            (q_shape[2], k_shape[2]) if isinstance(q_shape[2], int) and isinstance(k_shape[2], int) else (),
+            ort_max_len if planned else 0)
+        if fn.ort_max_len and sparse_layout(fn) is None:
+            if notes is not None:
+                notes[site] = _sparse(fn)[1]
+            fn = replace(fn, ort_max_len=0)
         function_proto(fn)  # fail now (with the site's name) rather than after the export
         functions[fn.name] = fn
         node = values.Op(opset, fn.name, _schema(fn.name, mask is not None))
@@ -451,20 +485,26 @@ def precheck(graph) -> None:
                                "none" if node.args[3] is None else "bool",
                                str(node.args[10]), str(node.args[11]), False, static)
         try:
-            if dynamic_method(fn) is None:
+            dynamic = dynamic_method(fn)
+            if dynamic is None:
                 _long_mask(fn)
+            else:
+                check_state(dynamic[0], str(node.args[9]))
         except ONNXExportError as exc:
             raise ONNXExportError(f"lcpass.export: site {node.args[9]}: {exc}") from None
 
 
-def attach_functions(model: onnx.ModelProto, functions: dict[str, AttentionFunction]) -> None:
-    """Append the bodies of the functions the model calls and import their domains."""
+def attach_functions(model: onnx.ModelProto, functions: dict[str, AttentionFunction]) -> list[str]:
+    """Append the bodies of the functions the model calls and import their domains; calls of
+    SparseAttention functions get their KV buffer inputs/outputs. Returns those buffer inputs."""
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     have = {f.name for f in model.functions}
     for name in sorted(used - have):
         model.functions.append(function_proto(functions[name]))
+    buffers = add_kv_buffers(model, {n: functions[n] for n in used if sparse_layout(functions[n]) is not None})
     domains = {o.domain for o in model.opset_import}
     if used and DOMAIN not in domains:
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if any(n.domain == MS_DOMAIN for f in model.functions for n in f.node) and MS_DOMAIN not in domains:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return buffers

@@ -46,7 +46,7 @@ from onnx import TensorProto
 if TYPE_CHECKING:
     from lcpass.onnx_attention import AttentionFunction, _Body
 
-__all__ = ["SUPPORTED", "dynamic_method", "emit_dynamic_mask"]
+__all__ = ["SUPPORTED", "check_state", "dynamic_method", "emit_dynamic_mask"]
 
 SUPPORTED = ("quest", "landmark", "seer")  # block top-k methods with an exact ONNX selection
 FORCE = 1e30  # = lcpass.methods.dynamic.common.FORCE
@@ -89,6 +89,17 @@ def dynamic_method(fn: "AttentionFunction") -> Optional[tuple[str, dict[str, Any
     from lcpass.methods import resolve_params
 
     return name, resolve_params(get_method(name), dict(params))
+
+
+def check_state(name: str, site: str) -> None:
+    """Refuse a site whose method state changes the selection beyond what the graph computes (a learned
+    SeerAttention gate loaded into the site's state)."""
+    from lcpass.lower import site_state
+    from lcpass.onnx_attention import ONNXExportError
+
+    if name == "seer" and site_state(site).get("gate") is not None:
+        raise ONNXExportError("seer with a learned gate (state['gate']) has no ONNX lowering yet (only the "
+                              "training-free gate); export it with format='torch'")
 
 
 def emit_dynamic_mask(body: "_Body", fn: "AttentionFunction", name: str, params: dict[str, Any], qpos: str,

@@ -167,3 +167,19 @@ def test_unsupported_dynamic_methods_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="padding mask"):
         export(padded.model, padded.example_inputs, tmp_path / "p.onnx", method="quest", dense_below=0)
     assert SUPPORTED == ("quest", "landmark", "seer")
+
+
+def test_seer_with_a_learned_gate_is_refused(tmp_path):
+    """The graph computes the training-free gate; a learned one in the site's state must not export silently."""
+    from lcpass.lower import site_state
+    from lcpass.methods.dynamic import SeerGate
+
+    z = get_zoo_model("llama-tiny")
+    site = lcpass.detect(z.model, z.example_inputs)[0][1].sites[0].name
+    state = site_state(site)
+    state["gate"] = SeerGate(torch.randn(4, 16, 8), torch.randn(2, 48, 8))
+    try:
+        with pytest.raises(ValueError, match=rf"site {site}: seer with a learned gate"):
+            export(z.model, z.example_inputs, tmp_path / "g.onnx", method="seer", block_size=16, dense_below=0)
+    finally:
+        state.pop("gate")
