@@ -11,7 +11,11 @@ export). A body is either
   ``Where`` over a head index for per-head plans (a ``[H, Sq, Sk]`` computation); the mask switches to
   the site's own below the method's crossover length, exactly as the planned op does; or
 * ``com.microsoft.GroupQueryAttention`` with ``local_window_size`` when every head is a pure causal
-  sliding window at every length (no sinks, no mask tensor), which onnxruntime runs natively.
+  sliding window at every length (no sinks, no mask tensor), which onnxruntime runs natively; or
+* for the block top-k dynamic methods (Quest, Landmark, the training-free SeerAttention gate), ``Attention``
+  with the method's selection computed in standard ops as a bool mask (:mod:`lcpass.onnx_dynamic`); or
+* with ``onnx_ops="ort"``, ``com.microsoft.SparseAttention`` for block-aligned static layouts, the function
+  then taking and returning KV buffers (:mod:`lcpass.onnx_sparse`).
 
 Example::
 
@@ -138,7 +142,7 @@ def _long_mask(fn: AttentionFunction) -> M.MaskMod:
 
     dynamic = sorted({name for name, _ in parse_spec(fn.spec) if get_method(name).kind == "dynamic"})
     if dynamic:  # callers check lcpass.onnx_dynamic.dynamic_method first
-        raise ONNXExportError(f"dynamic methods {dynamic} select by content: no static mask; see lcpass.onnx_dynamic")
+        raise ONNXExportError(f"dynamic methods {dynamic} select by content: no static mask (lcpass.onnx_dynamic)")
     if fn.static_len:
         return site_mask(fn.spec, fn.n_heads, fn.static_len[0], fn.static_len[1], fn.is_causal, fn.window)
     a, b = (site_mask(fn.spec, fn.n_heads, n, n, fn.is_causal, fn.window) for n in _PROBE_LENS)

@@ -7,8 +7,9 @@ the op computes exactly what the planned op does:
   length (prefill), ``head_dim % 8 == 0``, fp32/fp16;
 * the site's mask is **block-aligned** for a block size ``b`` in 128, 64, 32, 16: every block of the
   layout is full or empty, except diagonal blocks, which are exactly causal (SparseAttention attends
-  whole blocks, then applies causality). S2-Attention with ``block_size`` a multiple of ``b``, LongLoRA
-  groups and sinks of whole blocks are; token-granular windows (StreamingLLM, DuoAttention) are not;
+  whole blocks, then applies causality). S2-Attention with ``block_size`` a multiple of 16 and LongLoRA's
+  (shifted) groups of a multiple of 16 are; token-granular windows (StreamingLLM, DuoAttention, dilated)
+  are not;
 * the mask does not depend on the sequence length, and below the site's crossover (where the planned op
   runs dense) the layout is dense, since the op's layout is fixed.
 
