@@ -110,6 +110,38 @@ def test_seer_threshold_and_learned_gate(tmp_path):
         load_seer_gate(tmp_path / "bad.pt", n_heads=4, n_kv_heads=2, head_dim=D)
 
 
+@pytest.mark.parametrize("rows", [64, 10 ** 6], ids=["chunked", "one-chunk"])
+def test_quest_bounds_and_selection_follow_the_definition(rows, monkeypatch):
+    """Quest's bound, brute force: max over the block's queries of sum_d max(q_d kmin_d, q_d kmax_d).
+    The fast path (chunks of query blocks, q . kmax + q- . (kmin - kmax), causal pages only) gives the
+    same bounds and the same layout as top-k on the brute-force bounds (awkward lengths, GQA, B=2)."""
+    import lcpass.methods.dynamic.block as blk
+    from lcpass.methods.dynamic.common import block_pool
+
+    monkeypatch.setattr(blk, "_BOUND_ROWS", rows)  # 64 rows: one query block per chunk
+    g = torch.Generator().manual_seed(11)
+    ps, sq, sk = 16, 75, 139
+    q, k = torch.randn(2, 6, sq, D, generator=g), torch.randn(2, 2, sk, D, generator=g)
+    _, kmax, kmin = block_pool(k, ps)
+    qe = q.view(2, 2, 3, sq, 1, D)
+    bf = torch.maximum(qe * kmin[:, :, None, None], qe * kmax[:, :, None, None]).sum(-1)  # [B,Hkv,G,Sq,Mk]
+    mq = -(-sq // ps)
+    bf = torch.nn.functional.pad(bf, (0, 0, 0, mq * ps - sq), value=float("-inf"))
+    bf = bf.view(2, 2, 3, mq, ps, -1).amax(4)
+    assert torch.allclose(blk.quest_bounds(q, k, ps), bf, atol=1e-5, rtol=1e-5)
+    causal = blk.quest_bounds(q, k, ps, causal=True)
+    seen = torch.arange(bf.shape[-1])[None] <= blk.local_block_ids(sq, sk, ps, ps)[1][:, None]  # [Mq, Mk]
+    assert bool(torch.isfinite(causal[..., seen]).all())
+    assert torch.allclose(causal[..., seen], bf[..., seen], atol=1e-5, rtol=1e-5)
+    for share in (True, False):
+        p = validate_params("quest", {"token_budget": 3 * ps, "page_size": ps, "share_kv_heads": share})
+        lay = blk.quest_select(q, k, params=p, state=None, mask_mod=None)
+        want = blk._topk_layout(bf, 3, q_len=sq, kv_len=sk, block=ps, sink_blocks=1, share=share,
+                                reduce="max", mask_mod=causal_mask())
+        assert all(torch.equal(a, b) for a, b in zip(lay.block_maps(), want.block_maps()))
+    check_engine(q, k, torch.randn(k.shape, generator=g), lay)
+
+
 def test_longheads_heads_choose_their_own_chunks():
     # MHA: head 0's queries align with chunk 1's keys, head 1's with chunk 2's (orthogonal directions)
     n, c = 512, 128
@@ -138,6 +170,42 @@ def needle_tokens(n=256, pos=(10, 70, 130), hq=4, hkv=2):
     k = 0.05 * torch.randn(1, hkv, n, D, generator=g)
     k[:, :, list(pos), 0] = 4.0
     return q, k, torch.randn(1, hkv, n, D, generator=g)
+
+
+def _tokenselect_reference(q, k, K, n_sink, n_local, bq):
+    """TokenSelect's prefill selection written out on the whole [Mq, Sk] score matrix: mean query of the
+    block . every key, per-head softmax over the keys before the block, summed over the KV group's
+    heads; sinks and the n_local keys before the block forced; the best K. Sorted index sets."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    mq = -(-Sq // bq)
+    starts = torch.arange(mq) * bq + (Sk - Sq)
+    qbar = torch.stack([q[:, :, i * bq:(i + 1) * bq].mean(2) for i in range(mq)], 2)  # [B, Hq, Mq, D]
+    kv = torch.arange(Sk)
+    past = kv[None] < starts[:, None]  # [Mq, Sk]
+    s = (qbar * D ** -0.5) @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)  # [B, Hq, Mq, Sk]
+    p = torch.softmax(s.masked_fill(~past, float("-inf")), -1).nan_to_num(0.0)
+    vote = p.view(B, Hkv, Hq // Hkv, mq, Sk).sum(2).masked_fill(~past, float("-inf"))
+    forced = past & ((kv[None] < n_sink) | (kv[None] >= starts[:, None] - n_local))
+    vote = vote.masked_fill(forced, 1e30)
+    out = []
+    for row in vote.reshape(-1, Sk):
+        top = row.topk(min(K, Sk))
+        out.append(sorted(i for i, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")))
+    return out
+
+
+@pytest.mark.parametrize("elems", [1 << 10, 1 << 18], ids=["many-chunks", "few-chunks"])
+def test_tokenselect_prefill_matches_the_written_out_selection(elems, monkeypatch):
+    import lcpass.methods.dynamic.token as tok
+
+    monkeypatch.setattr(tok, "_VOTE_ELEMS", elems)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 6, 203, D, generator=g), torch.randn(2, 2, 251, D, generator=g)
+    p = validate_params("tokenselect", {"k": 40, "n_sink": 3, "n_local": 5, "block_size": 32})
+    sel = tok.tokenselect_select(q, k, params=p, state=None, mask_mod=None)
+    got = [sorted(i for i in row.tolist() if i >= 0) for row in sel.indices.reshape(-1, sel.indices.shape[-1])]
+    assert got == _tokenselect_reference(q, k, sel.indices.shape[-1], 3, 5, 32)
 
 
 def test_tokenselect_votes_for_the_needles_and_caches():

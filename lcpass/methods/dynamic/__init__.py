@@ -20,7 +20,8 @@ tokens, the score_mods) have ``select=None`` and their own ``attend``.
 Block: ``quest``, ``seer`` (+ :func:`load_seer_gate`), ``landmark``, ``longheads``. Token: ``tokenselect``,
 ``hip``, ``squeezed`` (+ :func:`build_squeezed_index`), ``recycled``, ``tidal`` (+ :class:`TidalState`).
 Cluster/hash: ``routing``, ``hyper``, ``cca``. Score mods: ``selective``, ``tempscale``, ``entropy_abf``
-(+ :func:`entropy_abf_rope`), ``pasta``. Also :func:`retrieval_head_scores`.
+(+ :func:`entropy_abf_rope`; :mod:`lcpass.rope` rewrites the RoPE base in ``lcpass.optimize``), ``pasta``.
+Also :func:`retrieval_head_scores`.
 
 >>> import torch
 >>> from lcpass.methods import validate_params

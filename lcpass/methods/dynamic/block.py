@@ -31,7 +31,7 @@ from torch import Tensor
 from lcpass.layout import BlockLayout, layout_from_topk
 from lcpass.masks import MaskMod
 from lcpass.methods.base import KVPolicy, Param
-from lcpass.methods.dynamic.common import (FORCE, DynamicMethod, attend_by, block_pool,
+from lcpass.methods.dynamic.common import (FORCE, DynamicMethod, attend_by, block_mean, block_pool,
                                            block_query_scores, causal_envelope, check_causal,
                                            local_block_ids)
 
@@ -68,25 +68,49 @@ def _sizes(q: Tensor, k: Tensor, owner: str) -> tuple[int, int]:
 # Quest
 
 
-def quest_bounds(q: Tensor, k: Tensor, page_size: int) -> Tensor:
+_BOUND_ROWS = 8192  # query rows (G heads x query blocks) scored per chunk: the chunk stays in cache
+
+
+def quest_bounds(q: Tensor, k: Tensor, page_size: int, *, causal: bool = False) -> Tensor:
     """Quest's upper bound of q.k over each page, max over the queries of each query block.
 
-    ``sum_d max(q_d * kmin_d, q_d * kmax_d) = q+ . kmax + q- . kmin`` (one matmul on [q+, q-]).
+    ``sum_d max(q_d * kmin_d, q_d * kmax_d) = q . kmax + q- . (kmin - kmax)`` with ``q- = min(q, 0)``
+    (= ``q+ . kmax + q- . kmin``): two matmuls accumulated in place, and ``q-`` the only copy of q.
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> [B, Hkv, G, Mq, Mk].
+
+    Computed a chunk of query blocks at a time so the chunk's ``q-`` and scores stay in cache.
+    ``causal=True`` scores only the pages some query of the block can see (page start <= the block's
+    last position) and leaves the others at ``-inf`` (a causal selection never keeps them), which
+    halves the work.
     """
     _, kmax, kmin = block_pool(k, page_size)
     B, Hq, Sq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    qf = q.float().reshape(B, Hkv, G * Sq, D)
-    # one matmul: [q+, q-] . [kmax, kmin]  -> [B, Hkv, G * Sq, Mk]
-    s = torch.cat([qf.clamp(min=0), qf.clamp(max=0)], -1) @ torch.cat([kmax, kmin], -1).transpose(-1, -2)
-    s = s.view(B, Hkv, G, Sq, -1)
-    mq = -(-Sq // page_size)
-    pad = mq * page_size - Sq
-    if pad:
-        s = torch.nn.functional.pad(s, (0, 0, 0, pad), value=float("-inf"))
-    return s.view(B, Hkv, G, mq, page_size, -1).amax(4)
+    ps = page_size
+    mq, mk = -(-Sq // ps), kmax.shape[2]
+    R = B * Hkv * G
+
+    def per_head(x: Tensor) -> Tensor:  # [B, Hkv, Mk, D] -> [B*Hkv*G, D, Mk] (each query head's copy)
+        return x.transpose(-1, -2)[:, :, None].expand(B, Hkv, G, D, mk).reshape(R, D, mk)
+
+    kmax_t, kdiff_t = per_head(kmax), per_head(kmin - kmax)
+    qv = q.float().reshape(B, Hkv, G, Sq, D)
+    last = local_block_ids(Sq, Sk, ps, ps)[1].tolist()  # last causal page of each query block
+    out = torch.full((B, Hkv, G, mq, mk), float("-inf"))
+    step = max(1, _BOUND_ROWS // (G * ps))  # query blocks per chunk
+    for i0 in range(0, mq, step):
+        i1 = min(mq, i0 + step)
+        hi = last[i1 - 1] + 1 if causal else mk
+        qc = qv[:, :, :, i0 * ps:min(i1 * ps, Sq)].reshape(R, -1, D)  # a view: [R, r, D]
+        s = torch.bmm(qc, kmax_t[..., :hi])  # q . kmax: [R, r, hi]
+        s.baddbmm_(qc.clamp(max=0), kdiff_t[..., :hi])  # + q- . (kmin - kmax)
+        r = s.shape[1]
+        pad = (i1 - i0) * ps - r
+        if pad:
+            s = torch.nn.functional.pad(s, (0, 0, 0, pad), value=float("-inf"))
+        out[:, :, :, i0:i1, :hi] = s.view(B, Hkv, G, i1 - i0, ps, hi).amax(4)
+    return out
 
 
 def quest_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
@@ -102,7 +126,7 @@ def quest_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     sq, sk = _sizes(q, k, "quest")
     ps = params["page_size"]
     kk = max(1, -(-params["token_budget"] // ps))
-    s = quest_bounds(q, k, ps)
+    s = quest_bounds(q, k, ps, causal=True)
     return _topk_layout(s, kk, q_len=sq, kv_len=sk, block=ps, sink_blocks=params["sink_pages"],
                         share=params["share_kv_heads"], reduce="max", mask_mod=mm,
                         local_blocks=params["local_pages"])
@@ -173,7 +197,7 @@ def seer_gate_scores(q: Tensor, k: Tensor, block: int, gate: SeerGate | None) ->
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    qa = block_pool(q, block)[0]  # [B, Hq, Mq, D]
+    qa = block_mean(q, block)  # [B, Hq, Mq, D]
     kavg, kmax, kmin = block_pool(k, block)
     mq = qa.shape[2]
     if gate is None:
@@ -241,7 +265,7 @@ def landmark_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     mm = check_causal(mask_mod, "landmark")
     sq, sk = _sizes(q, k, "landmark")
     bs = params["block_size"]
-    s = block_query_scores(q, block_pool(k, bs)[0], bs, "max")
+    s = block_query_scores(q, block_mean(k, bs), bs, "max")
     return _topk_layout(s, params["topk"], q_len=sq, kv_len=sk, block=bs,
                         sink_blocks=params["sink_blocks"], share=params["share_kv_heads"], reduce="max",
                         mask_mod=mm)
@@ -273,7 +297,7 @@ def longheads_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     sq, sk = _sizes(q, k, "longheads")
     cs = params["chunk_size"]
     kk = max(1, params["trained_length"] // cs)
-    s = block_query_scores(q, block_pool(k, cs)[0], cs, "mean")
+    s = block_query_scores(q, block_mean(k, cs), cs, "mean")
     return _topk_layout(s, kk, q_len=sq, kv_len=sk, block=cs, sink_blocks=1,
                         share=params["share_kv_heads"], reduce="mean", mask_mod=mm)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from lcpass.masks import MaskMod
 from lcpass.methods.base import KVPolicy, Param
 from lcpass.methods.dynamic.common import (DynamicMethod, TokenSelection, attend_by, attend_lse,
-                                           block_pool, causal_envelope, check_causal, merge_lse)
+                                           block_mean, causal_envelope, check_causal, merge_lse)
 
 __all__ = ["SQUEEZED", "ROUTING", "HYPER", "SqueezedIndex", "build_squeezed_index", "kmeans",
            "squeezed_select", "routing_assign", "routing_attend", "hyper_attention", "hyper_attend"]
@@ -112,7 +112,7 @@ def squeezed_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     if S > Sk or index.labels.shape[:2] != (B, Hkv):
         raise ValueError(f"squeezed: the index covers {S} keys of {tuple(index.labels.shape[:2])} "
                          f"(B, Hkv) but k is {tuple(k.shape)}; rebuild it with build_squeezed_index(k)")
-    qb = block_pool(q, bq)[0].view(B, Hkv, G, -1, D)  # [B, Hkv, G, Mq, D]
+    qb = block_mean(q, bq).view(B, Hkv, G, -1, D)  # [B, Hkv, G, Mq, D]
     mq = qb.shape[3]
     C = index.centroids.shape[2]
     size = torch.zeros(B, Hkv, C).scatter_add_(-1, index.labels, torch.ones(index.labels.shape))

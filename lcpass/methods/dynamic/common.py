@@ -38,6 +38,7 @@ __all__ = [
     "Selection",
     "TokenSelection",
     "attend_lse",
+    "block_mean",
     "block_pool",
     "block_query_scores",
     "causal_envelope",
@@ -129,21 +130,36 @@ def causal_envelope(params: Any, *, head: int, n_heads: int, q_len: int, kv_len:
 # pooling and scoring helpers
 
 
-def block_pool(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per block of ``block`` positions: (mean, max, min) of ``x [B, H, S, D]`` -> each [B, H, M, D].
-
-    The last block may be short; padding never enters the statistics.
-    """
+def _blocks(x: Tensor, block: int) -> tuple[Tensor, int]:
+    """``x [B, H, S, D]`` as float ``[B, H, M, block, D]`` (a view when S is a multiple of block;
+    zero-padded otherwise) and the padding."""
     B, H, S, D = x.shape
     m = -(-S // block)
     pad = m * block - S
     xf = x.float()
-    xs = F.pad(xf, (0, 0, 0, pad)).view(B, H, m, block, D)
+    return (F.pad(xf, (0, 0, 0, pad)) if pad else xf).view(B, H, m, block, D), pad
+
+
+def block_mean(x: Tensor, block: int) -> Tensor:
+    """Per block of ``block`` positions, the mean of ``x [B, H, S, D]`` -> [B, H, M, D] (the short last
+    block averages its real positions only). One pass over x, no copy when S % block == 0."""
+    xs, pad = _blocks(x, block)
+    m = xs.shape[2]
     cnt = torch.full((m,), float(block))
     cnt[-1] = block - pad
-    mean = xs.sum(3) / cnt.view(1, 1, m, 1)
+    return xs.sum(3) / cnt.view(1, 1, m, 1)
+
+
+def block_pool(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per block of ``block`` positions: (mean, max, min) of ``x [B, H, S, D]`` -> each [B, H, M, D].
+
+    The last block may be short; padding never enters the statistics. Only the mean is needed?
+    :func:`block_mean` (a third of the passes).
+    """
+    xs, pad = _blocks(x, block)
+    mean = block_mean(x, block)
     if pad:
-        valid = (torch.arange(m * block) < S).view(1, 1, m, block, 1)
+        valid = (torch.arange(xs.shape[2] * block) < x.shape[2]).view(1, 1, -1, block, 1)
         mx = xs.masked_fill(~valid, float("-inf")).amax(3)
         mn = xs.masked_fill(~valid, float("inf")).amin(3)
     else:
@@ -162,7 +178,7 @@ def block_query_scores(q: Tensor, reps: Tensor, block_q: int, how: str = "max") 
     G = Hq // Hkv
     mq = -(-Sq // block_q)
     if how == "mean":
-        qm = block_pool(q, block_q)[0].view(B, Hkv, G, mq, D)
+        qm = block_mean(q, block_q).view(B, Hkv, G, mq, D)
         return qm @ reps.float()[:, :, None].transpose(-1, -2)
     s = q.float().view(B, Hkv, G, Sq, D) @ reps.float()[:, :, None].transpose(-1, -2)  # [B,Hkv,G,Sq,M]
     pad = mq * block_q - Sq

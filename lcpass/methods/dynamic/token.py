@@ -26,11 +26,14 @@ from torch import Tensor
 from lcpass.layout import BlockLayout, build_layout
 from lcpass.masks import MaskMod, causal_mask
 from lcpass.methods.base import KVPolicy, Param
-from lcpass.methods.dynamic.common import (FORCE, DynamicMethod, TokenSelection, attend_by, block_pool,
+from lcpass.methods.dynamic.common import (FORCE, DynamicMethod, TokenSelection, attend_by, block_mean,
                                            causal_envelope, check_causal)
 
 __all__ = ["TOKENSELECT", "HIP", "RECYCLED", "TIDAL", "TidalState", "tokenselect_select",
            "hip_select", "recycled_select", "tidal_select"]
+
+
+_VOTE_ELEMS = 1 << 18  # scores per TokenSelect chunk (G heads x query blocks x keys): stays in cache
 
 
 def _topk_tokens(score: Tensor, K: int) -> Tensor:
@@ -74,7 +77,7 @@ def tokenselect_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None
     kv = torch.arange(Sk)
     invalid = kv[None] >= starts[:, None]  # [Mq, Sk]: not strictly before the query block
     forced = ~invalid & ((kv[None] < params["n_sink"]) | (kv[None] >= starts[:, None] - params["n_local"]))
-    qbar = block_pool(q, bq)[0]  # [B, Hq, Mq, D]
+    qbar = block_mean(q, bq)  # [B, Hq, Mq, D]
     if K == 0:
         return TokenSelection(torch.zeros(B, Hkv, mq, 0, dtype=torch.long), bq, Sq, Sk)
     cache = state.get("tokenselect") if state is not None else None
@@ -89,20 +92,35 @@ def tokenselect_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None
             score = score[..., :Sk].masked_fill(forced, FORCE).masked_fill(invalid, float("-inf"))
             state["tokenselect_hits"] = state.get("tokenselect_hits", 0) + 1
             return TokenSelection(_topk_tokens(score, K), bq, Sq, Sk)
-    s = (qbar.reshape(B, Hkv, G * mq, D).float() * D ** -0.5) @ k.float().transpose(-1, -2)
-    s = s.view(B, Hkv, G, mq, Sk)
-    # per-head softmax over the valid past, in place: s [B, Hkv, G, Mq, Sk]
-    s.masked_fill_(invalid, float("-inf"))
-    mx = s.amax(-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # rows without a past: 0
-    s.sub_(mx).exp_()
-    s.div_(s.sum(-1, keepdim=True).clamp_(min=1e-30))
-    vote = s.sum(2)  # [B, Hkv, Mq, Sk]: soft vote of the group's heads
-    del s
-    vote.masked_fill_(invalid, float("-inf"))
-    idx = _topk_tokens(vote.masked_fill(forced, FORCE), K)
-    if state is not None and Sq == 1:
-        content = _topk_tokens(vote.masked_fill(forced, float("-inf")), K)[:, :, 0]
-        state["tokenselect"] = {"q": qbar[:, :, 0].float(), "content": content, "K": K, "kv_len": Sk}
+    # per chunk of query blocks, only the keys some block of the chunk may select (before its start):
+    # the causal triangle is skipped instead of scored and masked
+    qs = qbar.float() * D ** -0.5  # [B, Hq, Mq, D]
+    kt = k.float().transpose(-1, -2)  # [B, Hkv, D, Sk]
+    idx = torch.full((B, Hkv, mq, K), -1, dtype=torch.long)
+    first = starts.tolist()
+    step = max(1, min(-(-mq // 8), _VOTE_ELEMS // max(1, G * Sk)))  # query blocks per chunk
+    for i0 in range(0, mq, step):
+        i1 = min(mq, i0 + step)
+        hi, c = first[i1 - 1], i1 - i0
+        if hi <= 0:
+            continue
+        qc = qs.view(B, Hkv, G, mq, D)[:, :, :, i0:i1].reshape(B, Hkv, G * c, D)
+        s = (qc @ kt[..., :hi]).view(B, Hkv, G, c, hi)
+        inv = invalid[i0:i1, :hi]
+        # per-head softmax over the valid past, in place: s [B, Hkv, G, c, hi]
+        s.masked_fill_(inv, float("-inf"))
+        mx = s.amax(-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # rows without a past: 0
+        s.sub_(mx).exp_()
+        s.div_(s.sum(-1, keepdim=True).clamp_(min=1e-30))
+        vote = s.sum(2)  # [B, Hkv, c, hi]: soft vote of the group's heads
+        del s
+        vote.masked_fill_(inv, float("-inf"))
+        kk = min(K, hi)
+        idx[:, :, i0:i1, :kk] = _topk_tokens(vote.masked_fill(forced[i0:i1, :hi], FORCE), kk)
+        if state is not None and Sq == 1:
+            content = torch.full((B, Hkv, K), -1, dtype=torch.long)
+            content[..., :kk] = _topk_tokens(vote.masked_fill(forced[i0:i1, :hi], float("-inf")), kk)[:, :, 0]
+            state["tokenselect"] = {"q": qbar[:, :, 0].float(), "content": content, "K": K, "kv_len": Sk}
     return TokenSelection(idx, bq, Sq, Sk)
 
 
