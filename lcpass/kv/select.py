@@ -316,11 +316,21 @@ def _tokenselect_state(q: Tensor, group, p: Mapping[str, Any], scale: float) -> 
     group.state["hits"] = group.state.get("hits", 0) + B * h - len(pairs)
     group.state["misses"] = group.state.get("misses", 0) + len(pairs)
     if pairs:
-        all_valid = bool((pos >= 0).all())
         forced = torch.zeros(L, dtype=torch.bool, device=k.device)
         forced[:p["n_sink"]] = True
         forced[L - p["n_local"] - 1:] = True
-        for b, j in pairs:
+        if len(pairs) == B * h:  # every head re-selects: batched over heads, on views (no key copies)
+            score = _head_probs(q, k, (pos >= 0)[:, None, None, :], scale).masked_fill_(forced, math.inf)
+            idx = _topk(score.masked_fill_((pos < 0)[:, None, :], -math.inf), K)  # [B, h, K]
+            st["idx"].copy_(idx)
+            safe = idx.clamp(min=0)
+            flat = (safe + torch.arange(B * h, device=k.device).view(B, h, 1) * L).reshape(-1)
+            torch.index_select(k.reshape(B * h * L, D), 0, flat, out=st["kg"].view(B * h * K, D))
+            torch.index_select(v.reshape(B * h * L, v.shape[-1]), 0, flat, out=st["vg"].view(B * h * K, -1))
+            st["len"].fill_(L)
+            return st
+        all_valid = bool((pos >= 0).all())
+        for b, j in pairs:  # only the heads that drifted
             s = (q[b, j].float() * scale) @ k[b, j].float().transpose(0, 1)  # [G, L]
             if not all_valid:
                 s = s.masked_fill(pos[b] < 0, -math.inf)
