@@ -143,10 +143,40 @@ def dense_group_attend(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor],
     return out
 
 
+_KERNEL_OK: dict[tuple, tuple[bool, str]] = {}
+
+
+def _kernels(q: Tensor, k: Tensor) -> bool:
+    """Whether the generated decode kernels run this group (CUDA tensors the templates can tile); the
+    first refusal per shape warns once with the reason, and the PyTorch path runs instead."""
+    if not q.is_cuda:
+        return False
+    key = (q.shape[-1], q.shape[2], q.dtype, str(q.device))
+    if key not in _KERNEL_OK:
+        try:
+            from lcpass.codegen.api import AttentionSpec, available
+
+            _KERNEL_OK[key] = available(AttentionSpec(head_dim=q.shape[-1], dtype=q.dtype, n_heads=q.shape[2],
+                                                      n_kv_heads=1, kind="decode", device=str(q.device)))
+        except ImportError as exc:  # codegen not importable (no triton / jinja2)
+            _KERNEL_OK[key] = (False, str(exc))
+        if not _KERNEL_OK[key][0]:
+            import warnings
+
+            warnings.warn(f"lcpass.kv decode selection: generated kernels refused ({_KERNEL_OK[key][1]}); "
+                          "running the PyTorch path", RuntimeWarning, stacklevel=3)
+    return _KERNEL_OK[key][0]
+
+
 def gather_attend(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, idx: Tensor, scale: float) -> Tensor:
     """Attention over the slots ``idx`` only: q [B, h, G, D], k/v [B, h, L, D], pos [B, L],
     idx [B, h, K] (-1 = unused). Reads K slots per KV head (one ``index_select`` of rows: advanced
-    indexing is ~100x slower on CPU). Returns [B, h, G, D]."""
+    indexing is ~100x slower on CPU). Returns [B, h, G, D]. On CUDA the generated split-KV decode kernel
+    gathers the slots itself (``lcpass.codegen.gather_decode``)."""
+    if _kernels(q, k):
+        from lcpass.codegen.token import gather_decode
+
+        return gather_decode(q, k, v, pos, idx, scale)
     B, h, L, D = k.shape
     K = idx.shape[-1]
     safe = idx.clamp(min=0)
@@ -269,16 +299,24 @@ def page_attend(q: Tensor, group, pages: Tensor, page: int, scale: float) -> Ten
 def quest_indices(q: Tensor, group, p: Mapping[str, Any]) -> Optional[Tensor]:
     """Quest's slot indices [B, h, K] (chosen pages, then the unfinished tail); None = attend everything."""
     pages = quest_pages(q, group, p)
-    if pages is None:
-        return None
-    page = p["page_size"]
-    tok = (pages[..., None] * page + torch.arange(page, device=q.device)).flatten(-2)  # [B, h, n_pages*page]
-    B, h = q.shape[:2]
-    return torch.cat([tok, _tail_indices(group.length // page * page, group.length, B, h, q.device)], -1)
+    return None if pages is None else _page_slots(pages, p["page_size"], group)
+
+
+def _page_slots(pages: Tensor, page: int, group) -> Tensor:
+    """Slot indices [B, h, n_pages * page + tail] of the chosen full pages, then the unfinished tail."""
+    tok = (pages[..., None] * page + torch.arange(page, device=pages.device)).flatten(-2)
+    B, h = pages.shape[:2]
+    return torch.cat([tok, _tail_indices(group.length // page * page, group.length, B, h, pages.device)], -1)
 
 
 def _head_probs(q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
-    """Softmax of q.k per query head, summed over the G heads: q [B, h, G, D] -> [B, h, L] (fp32)."""
+    """Softmax of q.k per query head, summed over the G heads: q [B, h, G, D] -> [B, h, L] (fp32).
+    ``valid`` [B, 1, 1, L]. On CUDA the generated two-pass scoring kernel computes it."""
+    if _kernels(q, k) and valid.dim() == 4 and valid.shape[1] == 1 and valid.shape[2] == 1:
+        from lcpass.codegen.token import token_scores
+
+        B, h, G, D = q.shape
+        return token_scores(q.reshape(B, h * G, 1, D), k, scale=scale, kv_keep=valid[:, 0, 0, :])
     s = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, h, G, L]
     s = s.masked_fill(~valid, float("-inf"))
     return torch.softmax(s, -1).nan_to_num(0.0).sum(2)
@@ -432,6 +470,9 @@ def select_attend(sel: Selector, q: Tensor, group, scale: float, *, layer_idx: i
         if pages is None:
             return dense_group_attend(q, group.keys, group.values, _valid_slots(group.pos), scale)
         group.state["last_selected"] = pages.shape[-1] * p["page_size"] + group.length % p["page_size"]
+        if _kernels(q, group.keys):  # the kernel gathers the chosen pages' slots itself
+            return gather_attend(q, group.keys, group.values, group.pos, _page_slots(pages, p["page_size"], group),
+                                 scale)
         return page_attend(q, group, pages, p["page_size"], scale)
     if sel.name == "tokenselect":
         o = tokenselect_attend(q, group, p, scale)
