@@ -51,7 +51,40 @@ def gpu_kernels() -> str:
     return "\n".join(lines)
 
 
+def decode() -> str:
+    path = RESULTS / "decode.json"
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    rows = [r for r in d["rows"] if r["part"] == "llama-stack"]
+    ns = sorted({r["n"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"CPU, torch {d['machine']['torch']}, {d['machine']['threads']} thread, decode attention of a "
+             f"{d['layers']}-layer Llama-shaped stack (Hq=32, Hkv=8, D=128, fp32, B=1), ~10% budget; ms per "
+             "token (speed-up vs dense) and cache bytes vs the plan's prediction (`python benchmarks/decode.py`):",
+             "", "| method | " + " | ".join(f"N={n}" for n in ns) + " | cache / prediction at "
+             f"{ns[-1]} |", "|---|" + "---|" * (len(ns) + 1)]
+    for m in methods:
+        cells = []
+        for n in ns:
+            r = next(x for x in rows if x["n"] == n and x["method"] == m)
+            cells.append(f"{r['s_per_token'] * 1e3:.1f} ({r['speedup_vs_dense']:.2f}x)")
+        last = next(x for x in rows if x["n"] == ns[-1] and x["method"] == m)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {last['cache_bytes'] / last['predicted_bytes']:.3f} |")
+    hits = d["summary"].get("tokenselect_hit_rate", {})
+    if hits:
+        lines += ["", "TokenSelect selection-cache hit rate (per KV head and step): " + ", ".join(
+            f"{k} {v:.0%}" for k, v in hits.items() if v is not None) + " (llama-stack: synthetic queries with "
+            "consecutive cosine ~0.95; smollm2: real decode queries)."]
+    return "\n".join(lines)
+
+
+def quality() -> str:
+    path = RESULTS / "quality.md"
+    return path.read_text().strip() if path.exists() else ""
+
+
 if __name__ == "__main__":
-    for table in (engine_density(), gpu_kernels()):
+    for table in (engine_density(), gpu_kernels(), decode(), quality()):
         if table:
             print(table, end="\n\n")
