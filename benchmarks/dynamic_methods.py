@@ -16,6 +16,12 @@ per-method time budget lasts). ``select_fraction_of_saved`` uses those medians;
 ``select_fraction_of_saved_paired`` is the median over rounds of ``select / (sdpa - attention)``
 measured within one round. Writes ``benchmarks/results/dynamic_methods.json`` and ``.png``. Not a test.
 
+Threads: the committed run uses ``--threads 1``. On the shared 2-core development machine (load average
+3-5) every 2-thread OpenMP region waits for a scheduler time slice, ~5 ms whatever its size (measured
+at N=4096: ``block_pool`` of the keys 0.19 ms on 1 thread, 17 ms on 2), so 2-thread timings count
+parallel regions, not work: SDPA (one region) gains from the second core, the selectors and the block
+engine (tens of small regions) lose 10x. One thread measures the work of each side.
+
     python benchmarks/dynamic_methods.py            # N in {4096, 16384}
     python benchmarks/dynamic_methods.py --quick    # N = 4096 only, short timing
     python benchmarks/dynamic_methods.py --methods quest,seer,tokenselect --out /tmp/dm
