@@ -82,6 +82,9 @@ def test_export_torch_format(tmp_path, capsys):
     (["export", "llama-tiny", "--method", "nope", "--out", "m.onnx"], "unknown attention method"),
     (["export", "llama-tiny", "--method", "dense", "--out", "/nonexistent-dir/m.onnx"], "does not exist"),
     (["export", "llama-tiny", "--out", "m.onnx"], "exactly one of --method"),
+    (["export", "llama-tiny", "--method", "s2", "--onnx-ops", "trt", "--out", "m.onnx"], "--onnx-ops 'trt'.*ort"),
+    (["export", "llama-tiny", "--method", "s2", "--format", "torch", "--onnx-ops", "ort", "--out", "m.pt2"],
+     "goes with --format onnx"),
 ])
 def test_bad_input_is_one_line_value_error(argv, match, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -26,6 +26,9 @@ EXAMPLES = """examples:
   lcpass export smollm2 --format torch --method dense --out smollm2.pt2
   lcpass export bert-tiny --format onnx --method dense --out bert.onnx
   lcpass export smollm2 --format onnx --plan plan.json --out smollm2.onnx     (a plan from `lcpass optimize`)
+  lcpass export llama-tiny --method s2 --dense-below 0 --onnx-ops ort --out s2.onnx
+      (com.microsoft.SparseAttention where a site's block layout allows; run it with
+       lcpass.onnx_sparse.run_with_kv_buffers, which binds its shared KV buffers)
 then:  onnxruntime.InferenceSession("m.onnx").run(None, {"input_ids": ids})
        import lcpass; torch.export.load("smollm2.pt2").module()(input_ids=ids)["logits"]
 """
@@ -52,6 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--static-seq", action="store_true", help="export with the example's fixed sequence length")
     p.add_argument("--dense-below", type=int, default=None, metavar="LEN",
                    help="run dense below this key length instead of the method's crossover")
+    p.add_argument("--onnx-ops", default="default", metavar="SET",
+                   help="default (ONNX Attention functions, GroupQueryAttention for pure windows) or ort "
+                        "(also com.microsoft.SparseAttention for static block layouts)")
     p.set_defaults(func=run)
     return p
 
@@ -59,12 +65,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Validate (one-line ValueError), export, print what was written."""
     from lcpass.cli.optimize_cmd import parse_params
-    from lcpass.export import FORMATS, check_output_path, export
+    from lcpass.export import FORMATS, ONNX_OPS, check_output_path, export
     from lcpass.methods import get_method, resolve_params
     from lcpass.models import resolve_model
 
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}")
+    if args.onnx_ops not in ONNX_OPS:
+        raise ValueError(f"--onnx-ops {args.onnx_ops!r} is not supported; use one of {', '.join(ONNX_OPS)}")
+    if args.onnx_ops != "default" and args.format != "onnx":
+        raise ValueError(f"--onnx-ops {args.onnx_ops} goes with --format onnx, not {args.format}")
     if (args.method is None) == (args.plan is None):
         raise ValueError("pass exactly one of --method NAME (see `lcpass methods`) or --plan FILE")
     params = parse_params(args.param)
@@ -75,9 +85,15 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_path(args.out, "lcpass export")
     resolved = resolve_model(args.model)
     res = export(resolved.model, resolved.example_inputs, out, format=args.format, method=args.method,
-                 plan=args.plan, dynamic_seq=not args.static_seq, dense_below=args.dense_below, **params)
+                 plan=args.plan, dynamic_seq=not args.static_seq, dense_below=args.dense_below,
+                 onnx_ops=args.onnx_ops, **params)
     rewritten = sum(1 for v in res.lowering.values() if v != "dense")
     print(f"wrote {res.path} ({res.format}): {rewritten}/{len(res.lowering)} attention sites planned sparse")
     if res.format == "onnx":
         print(f"inputs: {', '.join(res.input_names)}; lcpass functions / contrib ops: {', '.join(res.functions)}")
+        for site, why in res.notes.items():
+            print(f"  {site}: kept the lcpass Attention function ({why})")
+        if res.kv_buffers:
+            print(f"SparseAttention KV buffers to bind (lcpass.onnx_sparse.run_with_kv_buffers): "
+                  f"{', '.join(res.kv_buffers)}")
     return 0
