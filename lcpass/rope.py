@@ -20,8 +20,13 @@ The base only grows: the new base is ``max(current, abf_base)`` (:func:`entropy_
 
 Example::
 
-    >>> model = lcpass.optimize(model, method="entropy_abf", trained_length=4096)  # base 500000 + scaling
-    >>> set_rope_base(model, 500000.0, model_name="LlamaForCausalLM")              # the rewrite alone
+    model = lcpass.optimize(model, method="entropy_abf", trained_length=4096)  # base 500000 + scaling
+    set_rope_base(model, 500000.0)                                            # the rewrite alone
+
+>>> rope_inv_freq(10000.0, 8)
+tensor([1.0000, 0.1000, 0.0100, 0.0010])
+>>> round(infer_rope_base(rope_inv_freq(500000.0, 64)), -2)   # read back from a float32 table
+500000.0
 """
 from __future__ import annotations
 
@@ -277,11 +282,10 @@ def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "") -
                 if isinstance(target, GraphModule) else "a module with an inv_freq buffer")
         raise RopeRewriteError(f"entropy_abf: no rotary embedding found in {name} (looked for {what}); "
                                f"Entropy-ABF raises the RoPE base, so it needs a RoPE model: {_FIX}")
-    bases = {s.base for s, *_ in found}
-    new = {b: entropy_abf_rope(b, abf_base=abf_base) for b in bases}
     groups: dict[float, list] = {}
-    for item in found:
-        groups.setdefault(new[item[0].base], []).append(item)
+    for item in found:  # a base already >= abf_base is left exactly as it is (the base only grows)
+        if item[0].base < abf_base:
+            groups.setdefault(entropy_abf_rope(item[0].base, abf_base=abf_base), []).append(item)
     for nb, items in groups.items():
         if isinstance(target, GraphModule):
             _set_graph_base(target, items, nb)

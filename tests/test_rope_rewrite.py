@@ -193,6 +193,7 @@ def test_plain_module_graph_rewrite(computed):
         got = out(x)
         want = ref(x)
         assert (got - want).abs().max() < 1e-5
+        assert (got - before).abs().max() > 1e-3  # the rewrite changed the result
         assert torch.equal(m(x), before)  # the original module is unchanged
     assert torch.equal(m.inv_freq, rope_inv_freq(10000.0, 16))
     assert isinstance(out, lcpass.OptimizedModule)
