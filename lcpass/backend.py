@@ -43,7 +43,8 @@ from torch.fx import GraphModule
 from lcpass.lower import lower_graph
 from lcpass.patterns import canonicalize
 from lcpass.patterns.graphinfo import shape_of
-from lcpass.plan import Plan, SiteInfo
+from lcpass.methods import spec_parts
+from lcpass.plan import HeadSpec, Plan, SiteInfo, SitePlan
 
 __all__ = ["lcpass_backend", "GraphRecord", "INNER", "SFDP_PASS", "backend_options", "compile_options",
            "model_site_name", "parameter_placeholders"]
@@ -192,6 +193,30 @@ def _resolver(opts: BackendOptions, sites: list[SiteInfo]) -> Callable[[str, int
     return plan.resolve
 
 
+def _entropy_abf_rope(gm: GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, sites: list,
+                      resolve: Optional[Callable[[str, int], list]], index: int) -> None:
+    """Entropy-ABF's other half: raise the RoPE base of the rotary tables in this graph (constants,
+    in-graph ``base ** (arange / d)`` or the ``inv_freq`` buffer dynamo lifts to a placeholder). A graph
+    with entropy_abf sites but no rotary table is refused by name (it would get the logit scaling only)."""
+    from lcpass.rope import plan_abf_base_any, set_rope_base
+
+    if resolve is not None:
+        plan = Plan({s.name: SitePlan(tuple(HeadSpec(*spec_parts(x)) for x in resolve(s.name, s.n_heads)))
+                     for s in sites})
+    else:
+        plan = opts.plan if opts.plan is not None else None
+        if plan is None and opts.method == "entropy_abf":
+            plan = Plan({"_": SitePlan.same("entropy_abf", **opts.params)})
+    abf = None if plan is None else plan_abf_base_any(plan)
+    if abf is None:
+        return
+    from lcpass.rope import _graph_sites
+
+    if resolve is None and not _graph_sites(gm, list(example_inputs)):
+        return  # a graph without attention or rotary tables (dynamo split the model)
+    set_rope_base(gm, abf, model_name=f"torch.compile graph {index}", inputs=list(example_inputs))
+
+
 def _compile_inner(gm: GraphModule, example_inputs: Sequence[Any], inner: str):
     if inner == "eager":
         return gm.forward
@@ -229,6 +254,7 @@ def lcpass_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
         rec.lowering = {model_site_name(k): v for k, v in lower_graph(gm, det.sites, resolve, opts.dense_below)}
     else:
         gm.recompile()
+    _entropy_abf_rope(gm, example_inputs, opts, det.sites, resolve if det.sites else None, index)
     if opts.record is not None:
         opts.record.append(rec)
     if opts.report:

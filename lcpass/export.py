@@ -168,6 +168,10 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
         return cap, {}, args, cap.extra.get("kwargs", kwargs)
     the_plan = _plan_for(det.sites, method, plan, params)
     lowering = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below))
+    from lcpass.rope import apply_entropy_abf
+
+    apply_entropy_abf(cap.gm, the_plan, det.sites, model_name=type(model).__name__,
+                      inputs=cap.flat_inputs)  # Entropy-ABF's RoPE base, as optimize does
     return cap, lowering, args, cap.extra.get("kwargs", kwargs)
 
 

@@ -203,20 +203,25 @@ def _get_attr(gm: GraphModule, target: str) -> Any:
     return obj
 
 
-def _graph_sites(gm: GraphModule) -> list[tuple[RotarySite, Node]]:
+def _graph_sites(gm: GraphModule, inputs: Optional[Sequence[Any]] = None) -> list[tuple[RotarySite, Node]]:
+    """Rotary tables of a graph: constants (get_attr), in-graph ``base ** (arange / d)`` and, with the
+    graph's example ``inputs``, lifted buffers (dynamo passes a module's ``inv_freq`` as a placeholder)."""
     trig = [n for n in gm.graph.nodes if _is(n, _TRIG, ("cos", "sin"))]
     if not trig:
         return []
     up = _ancestors(trig)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, inputs)) if inputs is not None else {}
     sites = []
     for n in gm.graph.nodes:
         if n not in up:
             continue
-        if n.op == "get_attr":
-            t = _get_attr(gm, n.target)
-            base = infer_rope_base(t) if isinstance(t, torch.Tensor) else None
+        if n.op in ("get_attr", "placeholder"):
+            t = _get_attr(gm, n.target) if n.op == "get_attr" else values.get(n)
+            base = infer_rope_base(t) if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() > 1 else None
             if base is not None and _feeds_product(n):
-                sites.append((RotarySite(n.name, "graph-constant", 2 * t.numel(), base), n))
+                kind = "graph-constant" if n.op == "get_attr" else "graph-input"
+                sites.append((RotarySite(n.name, kind, 2 * t.numel(), base), n))
         elif _is(n, _POW, ("__rpow__",)) and isinstance(n.args[0], (int, float)) and len(n.args) > 1 \
                 and isinstance(n.args[1], Node) and any(_is(a, _ARANGE) for a in _ancestors([n.args[1]])):
             val = n.meta.get("val", n.meta.get("tensor_meta"))
@@ -225,12 +230,16 @@ def _graph_sites(gm: GraphModule) -> list[tuple[RotarySite, Node]]:
     return sites
 
 
-def _set_graph_base(gm: GraphModule, found, new_base: float) -> None:
+def _set_graph_base(gm: GraphModule, found, new_base: float, inputs: Optional[Sequence[Any]] = None) -> None:
     for i, (site, node) in enumerate(found):
         if site.kind == "graph-pow":
             node.args = (new_base, *node.args[1:])
             continue
-        old = _get_attr(gm, node.target)
+        if node.op == "get_attr":
+            old = _get_attr(gm, node.target)
+        else:
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            old = list(inputs or ())[placeholders.index(node)]
         name = f"_lcpass_rope_inv_freq_{i}"
         while hasattr(gm, name):
             name += "_"
@@ -241,7 +250,8 @@ def _set_graph_base(gm: GraphModule, found, new_base: float) -> None:
             new = gm.graph.get_attr(name)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        if node.op == "get_attr":  # a placeholder stays (the caller still passes it), unused
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
 
@@ -259,7 +269,8 @@ def find_rotary(target: nn.Module, *, model_name: str = "") -> list[RotarySite]:
     return [s for s, *_ in _module_sites(target, name)]
 
 
-def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "") -> list[RotarySite]:
+def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "",
+                  inputs: Optional[Sequence[Any]] = None) -> list[RotarySite]:
     """Raise every rotary base of ``target`` to ``max(base, abf_base)``; returns the sites found (with
     their old bases). A GraphModule's graph is rewritten; any other module's buffers (in place).
 
@@ -270,7 +281,7 @@ def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "") -
 
     name = model_name or type(target).__name__
     if isinstance(target, GraphModule):
-        found: list = _graph_sites(target)
+        found: list = _graph_sites(target, inputs)
         bad = [s for s, _ in found if s.kind == "graph-pow" and s.dim <= 0]
         if bad:
             raise RopeRewriteError(f"entropy_abf: {name}: the rotary frequencies {bad[0].where} have no "
@@ -288,7 +299,7 @@ def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "") -
             groups.setdefault(entropy_abf_rope(item[0].base, abf_base=abf_base), []).append(item)
     for nb, items in groups.items():
         if isinstance(target, GraphModule):
-            _set_graph_base(target, items, nb)
+            _set_graph_base(target, items, nb, inputs)
         else:
             _set_module_base(target, items, nb)
     return [item[0] for item in found]
@@ -313,11 +324,26 @@ def plan_abf_base(plan: Any, sites: Sequence[Any]) -> Optional[float]:
     return b or None
 
 
+def plan_abf_base_any(plan: Any) -> Optional[float]:
+    """:func:`plan_abf_base` over every head spec the plan holds (no site list needed: for a graph that
+    holds none of the plan's sites but may hold the model's rotary embedding)."""
+    from lcpass.methods import get_method, resolve_params
+
+    bases = {float(resolve_params(get_method("entropy_abf"), dict(h.params))["abf_base"])
+             for sp in plan.sites.values() for h in sp.heads if h.method == "entropy_abf"}
+    if len(bases) > 1:
+        raise ValueError(f"entropy_abf: the plan asks for abf_base values {sorted(bases)}; the model has one "
+                         "RoPE base: use one value")
+    b = next(iter(bases), 0.0)
+    return b or None
+
+
 def apply_entropy_abf(target: nn.Module, plan: Any, sites: Sequence[Any], *,
-                      model_name: str = "") -> list[RotarySite]:
+                      model_name: str = "", inputs: Optional[Sequence[Any]] = None) -> list[RotarySite]:
     """``lcpass.optimize``'s hook: when a plan uses ``entropy_abf`` (with ``abf_base > 0``), raise the
-    RoPE base of ``target`` (the transformers model, or the captured GraphModule) to ``abf_base``."""
+    RoPE base of ``target`` (the transformers model, or the captured GraphModule; ``inputs``: a graph's
+    example inputs, so lifted ``inv_freq`` placeholders are found too) to ``abf_base``."""
     abf = plan_abf_base(plan, sites)
     if abf is None:
         return []
-    return set_rope_base(target, abf, model_name=model_name)
+    return set_rope_base(target, abf, model_name=model_name, inputs=inputs)

@@ -205,3 +205,28 @@ def test_plain_module_without_rope_is_refused():
     z = get_zoo_model("sdpa-gqa")
     with pytest.raises(RopeRewriteError, match=r"no rotary embedding found in .*cos/sin.*abf_base=0"):
         lcpass.optimize(z.model, method="entropy_abf", example_inputs=z.example_inputs)
+
+
+def test_compile_backend_and_export_apply_the_rope_base_too(tmp_path):
+    """torch.compile(backend="lcpass") (dynamo lifts inv_freq to a graph input) and lcpass.export (torch
+    format) give the hand-built reference's logits, as optimize does — not the logit scaling alone."""
+    from lcpass.zoo import get_zoo_model
+
+    z = get_zoo_model("llama-tiny")
+    ids = z.example_inputs["input_ids"]
+    ref = _reference(z.model, ABF)
+    with torch.no_grad():
+        want = ref(ids).logits
+        torch._dynamo.reset()
+        comp = torch.compile(copy.deepcopy(z.model), backend="lcpass",
+                             options={"method": "entropy_abf", "trained_length": T, "inner": "eager"})
+        got = comp(ids).logits
+    assert (got - want).abs().max() < 1e-5
+    assert infer_rope_base(_rotary(z.model).inv_freq) == pytest.approx(10000.0, rel=1e-3)  # model untouched
+    res = lcpass.export(copy.deepcopy(z.model), {"input_ids": ids}, tmp_path / "abf.pt2", format="torch",
+                        method="entropy_abf", trained_length=T)
+    prog = torch.export.load(str(res.path)).module()
+    with torch.no_grad():
+        out = prog(input_ids=ids)
+    logits = out["logits"] if isinstance(out, dict) else out[0]
+    assert (logits - want).abs().max() < 1e-5
