@@ -178,7 +178,7 @@ def bench_stack(ns, layers: int, reps: int) -> list[dict]:
 
 def bench_smollm2(ns) -> list[dict]:
     import lcpass
-    from lcpass.hf import _binding
+    from lcpass.hf import _binding, cache_kwarg
     from lcpass.models import load_smollm2
 
     model, tok = load_smollm2()
@@ -195,7 +195,7 @@ def bench_smollm2(ns) -> list[dict]:
         dc = DynamicCache(config=model.config)
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = model(ids, past_key_values=dc, use_cache=True).logits[:, -1]
+            logits = model(ids, **{cache_kwarg(model): dc}, use_cache=True).logits[:, -1]
         prefill_s = time.perf_counter() - t0
         first = logits.argmax(-1, keepdim=True)
         prefix = [(layer.keys, layer.values) for layer in dc.layers]
@@ -219,7 +219,7 @@ def bench_smollm2(ns) -> list[dict]:
             with torch.no_grad():
                 for _ in range(6):
                     c0, t0 = time.thread_time(), time.perf_counter()
-                    out = m(toks[-1], cache=cache, use_cache=True).logits[:, -1]
+                    out = m(toks[-1], **{cache_kwarg(m): cache}, use_cache=True).logits[:, -1]
                     times.append(time.thread_time() - c0)
                     walls.append(time.perf_counter() - t0)
                     toks.append(out.argmax(-1, keepdim=True))

@@ -28,12 +28,13 @@ __all__ = ["run_demo"]
 def _measure(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, new_tokens: int, cache: Any
              ) -> dict[str, Any]:
     """Prefill (one forward into ``cache``) and greedy decode; times and the cache's real bytes."""
+    from lcpass.hf import cache_kwarg
     from lcpass.quality.prompts import parse_number
     from lcpass.quality.tasks import cache_bytes
 
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache}, use_cache=True)
         prefill = time.perf_counter() - t0
         cache = out.past_key_values
         kv = _cache_nbytes(cache)
@@ -42,7 +43,7 @@ def _measure(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, new_toke
         mask = torch.ones(1, ids.shape[1] + 1, dtype=ids.dtype)
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            step = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            step = model(input_ids=token, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
             cache = step.past_key_values
             token = step.logits[:, -1:].argmax(-1)
             pieces.append(token)

@@ -215,12 +215,24 @@ def set_kv_cache(model: torch.nn.Module, enabled: bool = True, select: Any = Non
         del model._prepare_cache_for_generation
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache under: ``cache`` (transformers >= the rename) or
+    ``past_key_values`` (earlier 5.x releases; later ones still accept it, with a FutureWarning)."""
+    import inspect as _inspect
+
+    try:
+        params = _inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def new_cache(model: torch.nn.Module) -> Any:
     """The cache ``generate()`` would give ``model``: a fresh :class:`lcpass.kv.CompressedCache` (with the
     decode selector set by :func:`set_kv_cache`) for an ``lcpass.optimize``-d model, else None (the model's
     own default). Pass it to a plain forward to keep only the KV the plan keeps::
 
-        >>> out = model(ids, cache=lcpass.hf.new_cache(model), use_cache=True)
+        >>> out = model(ids, **{lcpass.hf.cache_kwarg(model): lcpass.hf.new_cache(model)}, use_cache=True)
     """
     opts = getattr(model, _KV_ATTR, None) or {}
     if not opts.get("enabled"):

@@ -419,7 +419,7 @@ class CompressedCache(Cache):
 
         >>> m = lcpass.optimize(model, method="duo", ...)                 # or plan=...
         >>> cache = CompressedCache(plan)
-        >>> out = m(ids, past_key_values=cache, use_cache=True)
+        >>> out = m(ids, cache=cache, use_cache=True)
         >>> cache.nbytes() / cache.dense_nbytes()                         # e.g. 0.54
     """
 

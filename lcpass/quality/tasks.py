@@ -184,10 +184,10 @@ def prefill_measure(
 
 
 def _cache_kwargs(model: nn.Module) -> dict[str, Any]:
-    from lcpass.hf import new_cache
+    from lcpass.hf import cache_kwarg, new_cache
 
     cache = new_cache(model)
-    return {} if cache is None else {"cache": cache}
+    return {} if cache is None else {cache_kwarg(model): cache}
 
 
 def _prefill_once(model: nn.Module, ids: torch.Tensor, site_names: Sequence[str]) -> dict[str, Any]:
