@@ -48,8 +48,8 @@ def _topk_layout(scores: Tensor, k: int, *, q_len: int, kv_len: int, block: int,
     if share and G > 1:
         red = scores.amax(2, keepdim=True) if reduce == "max" else scores.mean(2, keepdim=True)
         scores = red.expand(B, Hkv, G, mq, mk)
-    first, last = local_block_ids(q_len, kv_len, block, block)
-    j = torch.arange(mk)
+    first, last = local_block_ids(q_len, kv_len, block, block, device=scores.device)
+    j = torch.arange(mk, device=scores.device)
     first = first - (local_blocks - 1)
     forced = (j[None] < sink_blocks) | ((j[None] >= first[:, None]) & (j[None] <= last[:, None]))
     scores = scores.masked_fill(forced, FORCE)  # forced: [Mq, Mk]
@@ -96,8 +96,10 @@ def quest_bounds(q: Tensor, k: Tensor, page_size: int, *, causal: bool = False) 
 
     kmax_t, kdiff_t = per_head(kmax), per_head(kmin - kmax)
     qv = q.float().reshape(B, Hkv, G, Sq, D)
-    last = local_block_ids(Sq, Sk, ps, ps)[1].tolist()  # last causal page of each query block
-    out = torch.full((B, Hkv, G, mq, mk), float("-inf"))
+    # last causal page of each query block, as Python ints (index arithmetic: no device round trip);
+    # = local_block_ids(Sq, Sk, ps, ps)[1]
+    last = [min(i * ps + Sk - Sq + ps - 1, Sk - 1) // ps for i in range(mq)]
+    out = torch.full((B, Hkv, G, mq, mk), float("-inf"), device=q.device)
     step = max(1, _BOUND_ROWS // (G * ps))  # query blocks per chunk
     for i0 in range(0, mq, step):
         i1 = min(mq, i0 + step)
@@ -207,8 +209,9 @@ def seer_gate_scores(q: Tensor, k: Tensor, block: int, gate: SeerGate | None) ->
     if gate.q_weight.shape[0] != Hq or gate.k_weight.shape[0] != Hkv or gate.q_weight.shape[1] != D:
         raise ValueError(f"seer: gate weights {tuple(gate.q_weight.shape)}/{tuple(gate.k_weight.shape)} "
                          f"do not fit Hq={Hq}, Hkv={Hkv}, D={D}; load them with load_seer_gate")
-    qg = torch.einsum("bhmd,hde->bhme", qa, gate.q_weight)  # [B, Hq, Mq, dg]
-    kg = torch.einsum("bhmd,hde->bhme", torch.cat([kavg, kmax, kmin], -1), gate.k_weight)
+    qw, kw = gate.q_weight.to(qa.device), gate.k_weight.to(qa.device)  # no-op when already there
+    qg = torch.einsum("bhmd,hde->bhme", qa, qw)  # [B, Hq, Mq, dg]
+    kg = torch.einsum("bhmd,hde->bhme", torch.cat([kavg, kmax, kmin], -1), kw)
     s = qg.view(B, Hkv, G, mq, -1) @ kg[:, :, None].transpose(-1, -2)
     return s / math.sqrt(gate.q_weight.shape[-1])
 
@@ -224,8 +227,8 @@ def seer_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     sq, sk = _sizes(q, k, "seer")
     bs = params["block_size"]
     s = seer_gate_scores(q, k, bs, (state or {}).get("gate"))
-    _, last = local_block_ids(sq, sk, bs, bs)
-    ok = torch.arange(s.shape[-1])[None] <= last[:, None]  # causal blocks [Mq, Mk]
+    _, last = local_block_ids(sq, sk, bs, bs, device=q.device)
+    ok = torch.arange(s.shape[-1], device=q.device)[None] <= last[:, None]  # causal blocks [Mq, Mk]
     p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
     kk = params["topk"]
     if params["threshold"] > 0:

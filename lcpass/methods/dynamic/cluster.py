@@ -37,13 +37,14 @@ def kmeans(x: Tensor, n_clusters: int, iters: int = 10) -> tuple[Tensor, Tensor]
     N, S, D = x.shape
     C = min(n_clusters, S)
     x = x.float()
-    c = x[:, torch.linspace(0, S - 1, C).long()].clone()
+    dev = x.device
+    c = x[:, torch.linspace(0, S - 1, C, device=dev).long()].clone()
     for _ in range(iters + 1):
         lab = (2 * x @ c.transpose(1, 2) - (c * c).sum(-1)[:, None]).argmax(-1)  # [N, S]
         if _ == iters:
             break
-        s = torch.zeros(N, C, D).scatter_add_(1, lab[..., None].expand(N, S, D), x)
-        n = torch.zeros(N, C).scatter_add_(1, lab, torch.ones(N, S))
+        s = torch.zeros(N, C, D, device=dev).scatter_add_(1, lab[..., None].expand(N, S, D), x)
+        n = torch.zeros(N, C, device=dev).scatter_add_(1, lab, torch.ones(N, S, device=dev))
         c = torch.where(n[..., None] > 0, s / n.clamp(min=1)[..., None], c)
     return c, lab
 
@@ -115,19 +116,21 @@ def squeezed_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     qb = block_mean(q, bq).view(B, Hkv, G, -1, D)  # [B, Hkv, G, Mq, D]
     mq = qb.shape[3]
     C = index.centroids.shape[2]
-    size = torch.zeros(B, Hkv, C).scatter_add_(-1, index.labels, torch.ones(index.labels.shape))
-    csize = torch.zeros(B, Hkv, index.coarse.shape[2]).scatter_add_(-1, index.parent, size)
-    budget = torch.tensor(params["budget"] * S)
+    dev = q.device
+    size = torch.zeros(B, Hkv, C, device=dev).scatter_add_(-1, index.labels,
+                                                           torch.ones(index.labels.shape, device=dev))
+    csize = torch.zeros(B, Hkv, index.coarse.shape[2], device=dev).scatter_add_(-1, index.parent, size)
+    budget = torch.tensor(params["budget"] * S, device=dev)
     sc = (qb @ index.coarse[:, :, None].transpose(-1, -2)).mean(2)  # [B, Hkv, Mq, Cc]
     keep_c = _ranked_keep(sc, csize[:, :, None].expand_as(sc), torch.clamp(2 * budget, max=S))
     sf = (qb @ index.centroids[:, :, None].transpose(-1, -2)).mean(2)  # [B, Hkv, Mq, C]
     sf = sf.masked_fill(~keep_c.gather(-1, index.parent[:, :, None].expand(-1, -1, mq, -1)), float("-inf"))
     keep_f = _ranked_keep(sf, size[:, :, None].expand_as(sf), budget)
     tok = keep_f.gather(-1, index.labels[:, :, None].expand(-1, -1, mq, -1))  # [B, Hkv, Mq, S]
-    tok = torch.cat([tok, torch.ones(B, Hkv, mq, Sk - S, dtype=torch.bool)], -1)
-    starts = torch.arange(mq) * bq + (Sk - Sq)
-    tok = tok & (torch.arange(Sk)[None] < starts[:, None])
-    K = max(1, int(tok.sum(-1).max()))
+    tok = torch.cat([tok, torch.ones(B, Hkv, mq, Sk - S, dtype=torch.bool, device=dev)], -1)
+    starts = torch.arange(mq, device=dev) * bq + (Sk - Sq)
+    tok = tok & (torch.arange(Sk, device=dev)[None] < starts[:, None])
+    K = max(1, int(tok.sum(-1).max()))  # host sync: the selection's width K is data-dependent
     score = torch.where(tok, 1.0, float("-inf"))
     top = score.topk(min(K, Sk), dim=-1)
     return TokenSelection(torch.where(torch.isfinite(top.values), top.indices, -1), bq, Sq, Sk)
@@ -188,12 +191,13 @@ def _local_lse(q: Tensor, k: Tensor, v: Tensor, w: int, scale: float) -> tuple[T
 def _cluster_slots(lab: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Indices of each cluster's members, padded: lab [S] -> (idx [n, L] (-1 pad), valid [n, L])."""
     S = lab.shape[0]
-    order = torch.argsort(lab * S + torch.arange(S))  # by cluster, then position
+    dev = lab.device
+    order = torch.argsort(lab * S + torch.arange(S, device=dev))  # by cluster, then position
     cnt = torch.bincount(lab, minlength=n)
     start = cnt.cumsum(0) - cnt
-    slot = torch.arange(S) - start[lab[order]]
-    L = max(1, int(cnt.max()))
-    idx = torch.full((n, L), -1, dtype=torch.long)
+    slot = torch.arange(S, device=dev) - start[lab[order]]
+    L = max(1, int(cnt.max()))  # host sync: the padded width is the largest cluster (data-dependent)
+    idx = torch.full((n, L), -1, dtype=torch.long, device=dev)
     idx[lab[order], slot] = order
     return idx, idx >= 0
 
@@ -215,13 +219,13 @@ def routing_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict
     C, w = params["n_clusters"], params["window"]
     cent = st.get("routing_centroids")
     if cent is None:
-        pick = torch.linspace(0, Sk - 1, min(C, Sk)).long()
+        pick = torch.linspace(0, Sk - 1, min(C, Sk), device=k.device).long()
         cent = F.normalize(k[0, :, pick].float(), dim=-1).repeat_interleave(G, 0)  # [Hq, C, D]
     cq, ck = routing_assign(q, k, cent)
     out, lse = _local_lse(q, k, v, w, scale)
     # cluster part: per (b, head), queries and keys gathered by cluster into padded [C, L] slots
     wq = min(w, Sq)
-    chunk0 = (torch.arange(Sq) // wq) * wq + (Sk - Sq)  # first key of each query's local chunk
+    chunk0 = (torch.arange(Sq, device=q.device) // wq) * wq + (Sk - Sq)  # first key of each query's local chunk
     ncl = cent.shape[1]
     for bh in range(B * Hq):  # bounded memory: one head's [C, Lq, Lk] mask at a time
         b, h = divmod(bh, Hq)
@@ -229,7 +233,7 @@ def routing_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict
         ki, kv_ = _cluster_slots(ck[b, h], ncl)  # [C, Lk] key position
         before = ki.clamp(min=0)[:, None, :] < chunk0[qi.clamp(min=0)][:, :, None]
         mask = qv[:, :, None] & kv_[:, None, :] & before  # [C, Lq, Lk]
-        if not bool(mask.any()):
+        if not bool(mask.any()):  # host sync: skip heads whose clusters see nothing before the chunk
             continue
         qq = q[b, h][qi.clamp(min=0)]  # [C, Lq, D]
         kk, vv = k[b, h // G][ki.clamp(min=0)], v[b, h // G][ki.clamp(min=0)]
@@ -244,7 +248,8 @@ def routing_attend(q: Tensor, k: Tensor, v: Tensor, *, params: dict, state: dict
         x = torch.cat([qn, kn], 1)  # [Hq, B * (Sq + Sk), D]
         lab = torch.cat([cq.transpose(0, 1).reshape(Hq, -1), ck.transpose(0, 1).reshape(Hq, -1)], 1)
         s = torch.zeros_like(c).scatter_add_(1, lab[..., None].expand(-1, -1, D), x)
-        n = torch.zeros(c.shape[:2]).scatter_add_(1, lab, torch.ones(lab.shape))
+        ones = torch.ones(lab.shape, device=c.device)
+        n = torch.zeros(c.shape[:2], device=c.device).scatter_add_(1, lab, ones)
         mean = torch.where(n[..., None] > 0, s / n.clamp(min=1)[..., None], c)
         st["routing_centroids"] = params["decay"] * c + (1 - params["decay"]) * mean
     elif state is not None and "routing_centroids" not in state:
@@ -273,11 +278,18 @@ ROUTING = DynamicMethod(
 # HyperAttention
 
 
+def _rng_device(gen: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where random draws happen: on the generator's device (hyper_attention's seeded CPU generator, so
+    a seed gives the same hash and sample on every device; the draw is then copied host -> device,
+    no sync back), else on ``device`` with its global generator."""
+    return device if gen is None else gen.device
+
+
 def _gray_rank(bits: Tensor) -> Tensor:
     """Position of each Gray-code word in the Gray sequence (adjacent ranks differ in one bit):
     bits Bool[..., r] -> int64 [...]. Sorting by it puts Hamming-close hashes next to each other."""
     b = bits.long()
-    out = torch.zeros(b.shape[:-1], dtype=torch.long)
+    out = torch.zeros(b.shape[:-1], dtype=torch.long, device=b.device)
     acc = torch.zeros_like(out)
     for i in range(b.shape[-1]):  # binary_i = binary_{i-1} xor gray_i (r is small)
         acc = acc ^ b[..., i]
@@ -302,16 +314,17 @@ def _sortlsh(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, block: int, m: int, 
     qs = F.pad(q.gather(1, oq[..., None].expand(-1, -1, D)), (0, 0, 0, nb * block - nq))
     ks = F.pad(k.gather(1, ok[..., None].expand(-1, -1, D)), (0, 0, 0, nb * bkk - nk))
     vs = F.pad(v.gather(1, ok[..., None].expand(-1, -1, D)), (0, 0, 0, nb * bkk - nk))
-    kvalid = (torch.arange(nb * bkk) < nk).view(1, nb, 1, bkk)
+    kvalid = (torch.arange(nb * bkk, device=k.device) < nk).view(1, nb, 1, bkk)
     o, l = attend_lse(qs.view(N, nb, block, D), ks.view(N, nb, bkk, D), vs.view(N, nb, bkk, D),
                       scale=scale, mask=None if nb * bkk == nk else kvalid)
     o, l = o.reshape(N, -1, D)[:, :nq], l.reshape(N, -1)[:, :nq]
     out = torch.empty_like(o).scatter_(1, oq[..., None].expand(-1, -1, D), o)
     lse = torch.empty_like(l).scatter_(1, oq, l)
     if m > 0 and nk > bkk:
-        idx = torch.randint(0, nk, (N, m), generator=gen)
-        kb = torch.empty_like(ok).scatter_(1, ok, torch.arange(nk).expand(N, nk) // bkk)  # key -> block
-        qb = torch.empty_like(oq).scatter_(1, oq, torch.arange(nq).expand(N, nq) // block)
+        dev = k.device
+        idx = torch.randint(0, nk, (N, m), generator=gen, device=_rng_device(gen, dev)).to(dev)
+        kb = torch.empty_like(ok).scatter_(1, ok, torch.arange(nk, device=dev).expand(N, nk) // bkk)  # key->block
+        qb = torch.empty_like(oq).scatter_(1, oq, torch.arange(nq, device=dev).expand(N, nq) // block)
         mask = kb.gather(1, idx)[:, None, :] != qb[:, :, None]  # [N, nq, m]: outside own block
         o2, l2 = attend_lse(q[:, None], k.gather(1, idx[..., None].expand(-1, -1, D))[:, None],
                             v.gather(1, idx[..., None].expand(-1, -1, D))[:, None], scale=scale,
@@ -349,9 +362,10 @@ def hyper_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bo
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # CPU: the same hash and sample for a seed on every device
     if proj is None:
-        proj = torch.randn(D, lsh_num_projs, generator=gen)
+        proj = torch.randn(D, lsh_num_projs, generator=gen, device=gen.device)
+    proj = proj.to(q.device)  # host -> device copy of the seeded hyperplanes (no-op on CPU)
     qf = q.reshape(B * Hq, Sq, D)
     kf = k.repeat_interleave(G, 1).reshape(B * Hq, Sk, D)
     vf = v.repeat_interleave(G, 1).reshape(B * Hq, Sk, D)

@@ -53,7 +53,32 @@ __all__ = [
 
 FORCE = 1e30  # score of blocks/tokens a method always keeps (finite: layout_from_topk drops +-inf)
 _GATHER_BYTES = 64 << 20
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _math_lse(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+              scale: float) -> tuple[Tensor, Tensor]:
+    """fp32 math twin of the flash-for-CPU op on any device: q [R, H, M, D], k/v [R, H, N, D] ->
+    (out [R, H, M, D] fp32, lse [R, H, M] fp32); ``attn_mask`` additive, ``is_causal`` top-left
+    (row i sees keys <= i). Rows without a finite score give out 0 and lse -inf."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # [R, H, M, N]
+    if attn_mask is not None:
+        s = s + attn_mask
+    if is_causal:
+        M, N = s.shape[-2:]
+        s = s.masked_fill(torch.ones(M, N, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])  # -inf rows: exp(-inf) = 0
+    return p @ v.float(), lse
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+           scale: float) -> tuple[Tensor, Tensor]:
+    """(out, lse) of softmax attention: the flash-for-CPU kernel on CPU, :func:`_math_lse` on other
+    devices (CUDA runs selections through the Triton backend; this is the portable fallback)."""
+    if q.device.type == "cpu":
+        return _flash_cpu(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    return _math_lse(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,19 +111,20 @@ class TokenSelection:
     def block_starts(self) -> Tensor:
         """Absolute position of the first query of each query block: int64 [Mq]."""
         mq = self.indices.shape[2]
-        return torch.arange(mq) * self.block_q + self.q_offset
+        return torch.arange(mq, device=self.indices.device) * self.block_q + self.q_offset
 
     def to_dense(self, n_heads: int) -> Tensor:
         """Element mask ``Bool[B, Hq, Sq, Sk]`` (selected keys | causal local block). Small sizes."""
         B, Hkv, mq, _ = self.indices.shape
-        sel = torch.zeros(B, Hkv, mq, self.kv_len + 1, dtype=torch.bool)
+        dev = self.indices.device
+        sel = torch.zeros(B, Hkv, mq, self.kv_len + 1, dtype=torch.bool, device=dev)
         idx = torch.where(self.indices < 0, self.kv_len, self.indices)
         sel.scatter_(-1, idx, True)
         sel = sel[..., : self.kv_len].repeat_interleave(n_heads // Hkv, 1)
         sel = sel.repeat_interleave(self.block_q, 2)[:, :, : self.q_len]
-        qpos = torch.arange(self.q_len) + self.q_offset
-        start = (torch.arange(self.q_len) // self.block_q) * self.block_q + self.q_offset
-        kv = torch.arange(self.kv_len)
+        qpos = torch.arange(self.q_len, device=dev) + self.q_offset
+        start = (torch.arange(self.q_len, device=dev) // self.block_q) * self.block_q + self.q_offset
+        kv = torch.arange(self.kv_len, device=dev)
         local = (kv[None] >= start[:, None]) & (kv[None] <= qpos[:, None])
         return sel | local
 
@@ -145,7 +171,7 @@ def block_mean(x: Tensor, block: int) -> Tensor:
     block averages its real positions only). One pass over x, no copy when S % block == 0."""
     xs, pad = _blocks(x, block)
     m = xs.shape[2]
-    cnt = torch.full((m,), float(block))
+    cnt = torch.full((m,), float(block), device=x.device)
     cnt[-1] = block - pad
     return xs.sum(3) / cnt.view(1, 1, m, 1)
 
@@ -159,7 +185,7 @@ def block_pool(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     xs, pad = _blocks(x, block)
     mean = block_mean(x, block)
     if pad:
-        valid = (torch.arange(xs.shape[2] * block) < x.shape[2]).view(1, 1, -1, block, 1)
+        valid = (torch.arange(xs.shape[2] * block, device=x.device) < x.shape[2]).view(1, 1, -1, block, 1)
         mx = xs.masked_fill(~valid, float("-inf")).amax(3)
         mn = xs.masked_fill(~valid, float("inf")).amin(3)
     else:
@@ -187,10 +213,12 @@ def block_query_scores(q: Tensor, reps: Tensor, block_q: int, how: str = "max") 
     return s.view(B, Hkv, G, mq, block_q, -1).amax(4)
 
 
-def local_block_ids(q_len: int, kv_len: int, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
-    """KV blocks holding the first and last query of each query block: two int64 [Mq]."""
+def local_block_ids(q_len: int, kv_len: int, block_q: int, block_k: int, *,
+                    device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """KV blocks holding the first and last query of each query block: two int64 [Mq] on ``device``
+    (pass the inputs' device; None = the default device)."""
     mq = -(-q_len // block_q)
-    first = torch.arange(mq) * block_q + (kv_len - q_len)
+    first = torch.arange(mq, device=device) * block_q + (kv_len - q_len)
     last = torch.clamp(first + block_q - 1, max=kv_len - 1)
     return first // block_k, last // block_k
 
@@ -218,7 +246,7 @@ def attend_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | 
     """
     add = None
     if mask is not None:
-        add = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
     out, lse = _flash(q, k, v, attn_mask=add, is_causal=is_causal, scale=scale)
     out = out.float()
     if mask is not None:
@@ -258,7 +286,7 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, sel: TokenSelection, *, sca
     out, lse = out.float().reshape(R, M, D), lse.reshape(R, M)
     if K:
         idx = sel.indices.reshape(R, K)
-        base = (torch.arange(B * Hkv) * Sk).repeat_interleave(mq)[:, None]
+        base = (torch.arange(B * Hkv, device=q.device) * Sk).repeat_interleave(mq)[:, None]
         flat = idx.clamp(min=0) + base  # [R, K]
         kf, vf = k.reshape(-1, D), v.reshape(-1, D)
         step = max(1, _GATHER_BYTES // (2 * K * D * k.element_size()))
@@ -267,7 +295,10 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, sel: TokenSelection, *, sca
             f = flat[s:e]
             valid = idx[s:e] >= 0
             kg, vg = kf[f].unsqueeze(1), vf[f].unsqueeze(1)  # [r, 1, K, D]
-            mask = None if bool(valid.all()) else valid[:, None, None, :]
+            # host sync on CPU only: an all-valid chunk takes the faster unmasked kernel there; other
+            # devices always pass the (cheap) mask instead of waiting for the answer
+            dense = q.device.type == "cpu" and bool(valid.all())
+            mask = None if dense else valid[:, None, None, :]
             o2, l2 = attend_lse(qp[s:e].unsqueeze(1), kg, vg, scale=scale, mask=mask)
             o, l = merge_lse(out[s:e], lse[s:e], o2.reshape(e - s, M, D), l2.reshape(e - s, M))
             out[s:e], lse[s:e] = o, l

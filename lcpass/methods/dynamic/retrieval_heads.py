@@ -48,7 +48,7 @@ def needle_prompts(vocab: Tensor, *, n_prompts: int, context_len: int, needle_le
 @torch.no_grad()
 def retrieval_head_scores(model: nn.Module, tokenizer: Any = None, n_prompts: int = 8, *,
                           context_len: int = 512, needle_len: int = 16, seed: int = 0) -> Tensor:
-    """Copy-paste retrieval score of every head: ``Tensor[layers, heads]`` in [0, 1].
+    """Copy-paste retrieval score of every head: ``Tensor[layers, heads]`` in [0, 1], on the model's device.
 
     ``model`` is a transformers causal LM; it runs with ``attn_implementation="eager"`` and
     ``output_attentions=True`` (restored afterwards). ``tokenizer`` (optional) removes special tokens
@@ -70,17 +70,17 @@ def retrieval_head_scores(model: nn.Module, tokenizer: Any = None, n_prompts: in
     total: Tensor | None = None
     steps = 0
     try:
-        for row, d in zip(prompts, starts.tolist()):
-            out = model(row[None].to(device), output_attentions=True, use_cache=False)
-            att = torch.stack([a[0].float().cpu() for a in out.attentions])  # [L, H, S, S]
-            pred = out.logits[0].argmax(-1).cpu()  # [S]
-            second = context_len  # position of the second needle copy
-            # step j: query at second + j - 1 predicts needle[j], copied from position d + j
-            j = torch.arange(1, needle_len)
-            qpos = second + j - 1
+        j = torch.arange(1, needle_len, device=device)
+        second = context_len  # position of the second needle copy
+        qpos = second + j - 1  # step j: query at second + j - 1 predicts needle[j], copied from d + j
+        for row, d in zip(prompts.to(device), starts.tolist()):  # starts: host-side prompt metadata
+            out = model(row[None], output_attentions=True, use_cache=False)
+            # only the scored rows, on the model's device: [L, H, needle_len - 1, second]
+            att = torch.stack([a[0][:, qpos, :second].float() for a in out.attentions])
+            pred = out.logits[0].argmax(-1)  # [S]
             src = d + j
             ok = pred[qpos] == row[second + j]  # the model copies this token
-            top = att[:, :, qpos, :second].argmax(-1)  # [L, H, needle_len - 1]
+            top = att.argmax(-1)  # [L, H, needle_len - 1]
             hits = ((top == src) & ok).sum(-1).float()
             total = hits if total is None else total + hits
             steps += needle_len - 1

@@ -45,11 +45,11 @@ def selective_query_temperature(q: Tensor, weight: Tensor | None = None) -> Tens
     """Selective Attention's query temperature ``tau_q [B, Hq, Sq]``: ``1 + tanh(q . w_h)`` with learned
     ``weight [Hq, D]``; all ones without weights (training-free: position temperature only)."""
     if weight is None:
-        return torch.ones(q.shape[:3])
+        return torch.ones(q.shape[:3], device=q.device)
     if weight.shape != (q.shape[1], q.shape[3]):
         raise ValueError(f"selective: weight has shape {tuple(weight.shape)}; expected [Hq={q.shape[1]}, "
                          f"D={q.shape[3]}]")
-    return 1.0 + torch.tanh(torch.einsum("bhsd,hd->bhs", q.float(), weight.float()))
+    return 1.0 + torch.tanh(torch.einsum("bhsd,hd->bhs", q.float(), weight.to(q.device).float()))
 
 
 def selective_score_mod(alpha: float, q_temperature: Tensor | None = None, q_offset: int = 0) -> ScoreMod:
@@ -87,9 +87,11 @@ def entropy_abf_score_mod(trained_length: int) -> ScoreMod:
     return mod
 
 
-def spans_to_mask(spans: list[tuple[int, int]], batch: int, kv_len: int) -> Tensor:
-    """User-marked half-open spans ``[(start, end), ...]`` -> ``Bool[batch, kv_len]`` (True = inside)."""
-    m = torch.zeros(batch, kv_len, dtype=torch.bool)
+def spans_to_mask(spans: list[tuple[int, int]], batch: int, kv_len: int, *,
+                  device: torch.device | str | None = None) -> Tensor:
+    """User-marked half-open spans ``[(start, end), ...]`` -> ``Bool[batch, kv_len]`` (True = inside)
+    on ``device`` (pass the keys' device; None = the default device)."""
+    m = torch.zeros(batch, kv_len, dtype=torch.bool, device=device)
     for a, e in spans:
         if not 0 <= a <= e <= kv_len:
             raise ValueError(f"pasta: span ({a}, {e}) is outside [0, {kv_len}]")
@@ -100,11 +102,11 @@ def spans_to_mask(spans: list[tuple[int, int]], batch: int, kv_len: int) -> Tens
 def pasta_score_mod(in_span: Tensor, alpha: float, heads: list[int] | None = None) -> ScoreMod:
     """AutoPASTA-style steering (Zhang et al., ICLR 2024 / 2025): on the steered ``heads`` (all when
     None) attention to keys outside the marked spans is multiplied by ``alpha`` (then renormalised),
-    i.e. ``score + log(alpha)`` on those keys. ``in_span: Bool[B, Sk]``."""
+    i.e. ``score + log(alpha)`` on those keys. ``in_span: Bool[B, Sk]`` (on the scores' device)."""
     if not 0 < alpha <= 1:
         raise ValueError(f"pasta: alpha={alpha}; pass a coefficient in (0, 1]")
     pen = math.log(alpha)
-    hs = None if heads is None else torch.tensor(heads, dtype=torch.long)
+    hs = None if heads is None else torch.tensor(heads, dtype=torch.long, device=in_span.device)
 
     def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         outside = ~in_span[b % in_span.shape[0], kv_idx]
@@ -131,8 +133,8 @@ def _selective(params: dict, state: dict, q: Tensor, k: Tensor) -> ScoreMod:
 def _pasta(params: dict, state: dict, q: Tensor, k: Tensor) -> ScoreMod:
     if "spans" not in state:
         raise ValueError("pasta: needs state={'spans': [(start, end), ...]} (the user-marked spans)")
-    return pasta_score_mod(spans_to_mask(state["spans"], q.shape[0], k.shape[2]), params["alpha"],
-                           state.get("heads"))
+    in_span = spans_to_mask(state["spans"], q.shape[0], k.shape[2], device=k.device)
+    return pasta_score_mod(in_span, params["alpha"], state.get("heads"))
 
 
 _COMMON = dict(kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False,

@@ -43,8 +43,14 @@ def _topk_tokens(score: Tensor, K: int) -> Tensor:
     return torch.where(torch.isfinite(top.values), top.indices, -1)
 
 
-def _starts(Sq: int, Sk: int, bq: int) -> Tensor:
-    return torch.arange(-(-Sq // bq)) * bq + (Sk - Sq)
+def _starts(Sq: int, Sk: int, bq: int, device: torch.device) -> Tensor:
+    """Absolute position of each query block's first query: int64 [Mq] on ``device``."""
+    return torch.arange(-(-Sq // bq), device=device) * bq + (Sk - Sq)
+
+
+def _starts_list(Sq: int, Sk: int, bq: int) -> list[int]:
+    """:func:`_starts` as Python ints (loop bounds and sizes without a device round trip)."""
+    return [i * bq + (Sk - Sq) for i in range(-(-Sq // bq))]
 
 
 def _causal_layout(Hq: int, Sq: int, Sk: int) -> BlockLayout:
@@ -71,23 +77,26 @@ def tokenselect_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     bq = params["block_size"]
-    starts = _starts(Sq, Sk, bq)  # [Mq] past tokens per query block
+    dev = q.device
+    starts = _starts(Sq, Sk, bq, dev)  # [Mq] past tokens per query block
+    first = _starts_list(Sq, Sk, bq)  # the same, as Python ints
     mq = starts.shape[0]
-    K = min(params["k"] + params["n_sink"] + params["n_local"], int(starts[-1]))
-    kv = torch.arange(Sk)
+    K = min(params["k"] + params["n_sink"] + params["n_local"], first[-1])
+    kv = torch.arange(Sk, device=dev)
     invalid = kv[None] >= starts[:, None]  # [Mq, Sk]: not strictly before the query block
     forced = ~invalid & ((kv[None] < params["n_sink"]) | (kv[None] >= starts[:, None] - params["n_local"]))
     qbar = block_mean(q, bq)  # [B, Hq, Mq, D]
     if K == 0:
-        return TokenSelection(torch.zeros(B, Hkv, mq, 0, dtype=torch.long), bq, Sq, Sk)
+        return TokenSelection(torch.zeros(B, Hkv, mq, 0, dtype=torch.long, device=dev), bq, Sq, Sk)
     cache = state.get("tokenselect") if state is not None else None
     if (Sq == 1 and cache is not None and cache["K"] == K and cache["kv_len"] < Sk
             and cache["q"].shape == qbar[:, :, 0].shape):
         cos = F.cosine_similarity(qbar[:, :, 0].float(), cache["q"], dim=-1)  # [B, Hq]
+        # host sync (decode, one per call): reusing the cached selection is a Python branch
         if bool((cos >= params["cache_threshold"]).all()):
             content = cache["content"]  # [B, Hkv, K] ranked, -1 = none
-            score = torch.full((B, Hkv, 1, Sk + 1), float("-inf"))
-            rank = torch.arange(K, 0, -1, dtype=torch.float32).expand(B, Hkv, K)
+            score = torch.full((B, Hkv, 1, Sk + 1), float("-inf"), device=dev)
+            rank = torch.arange(K, 0, -1, dtype=torch.float32, device=dev).expand(B, Hkv, K)
             score[:, :, 0].scatter_(-1, torch.where(content < 0, Sk, content), rank)
             score = score[..., :Sk].masked_fill(forced, FORCE).masked_fill(invalid, float("-inf"))
             state["tokenselect_hits"] = state.get("tokenselect_hits", 0) + 1
@@ -96,8 +105,7 @@ def tokenselect_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None
     # the causal triangle is skipped instead of scored and masked
     qs = qbar.float() * D ** -0.5  # [B, Hq, Mq, D]
     kt = k.float().transpose(-1, -2)  # [B, Hkv, D, Sk]
-    idx = torch.full((B, Hkv, mq, K), -1, dtype=torch.long)
-    first = starts.tolist()
+    idx = torch.full((B, Hkv, mq, K), -1, dtype=torch.long, device=dev)
     step = max(1, min(-(-mq // 8), _VOTE_ELEMS // max(1, G * Sk)))  # query blocks per chunk
     for i0 in range(0, mq, step):
         i1 = min(mq, i0 + step)
@@ -118,7 +126,7 @@ def tokenselect_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None
         kk = min(K, hi)
         idx[:, :, i0:i1, :kk] = _topk_tokens(vote.masked_fill(forced[i0:i1, :hi], FORCE), kk)
         if state is not None and Sq == 1:
-            content = torch.full((B, Hkv, K), -1, dtype=torch.long)
+            content = torch.full((B, Hkv, K), -1, dtype=torch.long, device=dev)
             content[..., :kk] = _topk_tokens(vote.masked_fill(forced[i0:i1, :hi], float("-inf")), kk)[:, :, 0]
             state["tokenselect"] = {"q": qbar[:, :, 0].float(), "content": content, "K": K, "kv_len": Sk}
     return TokenSelection(idx, bq, Sq, Sk)
@@ -165,18 +173,21 @@ def hip_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     G = Hq // Hkv
     bq, bk = params["block_size_q"], params["block_size_k"]
     n = max(1, params["k"] // bk)
-    P = _starts(Sq, Sk, bq)  # [Mq]
+    dev = q.device
+    P = _starts(Sq, Sk, bq, dev)  # [Mq]
     mq = P.shape[0]
     lo = torch.clamp(P, max=params["sink"])
-    j = torch.arange(n)
+    j = torch.arange(n, device=dev)
     span = P - lo
     s = (lo[:, None] + (j[None] * span[:, None]) // n).expand(B, Hkv, mq, n).contiguous()
     e = (lo[:, None] + ((j[None] + 1) * span[:, None]) // n).expand(B, Hkv, mq, n).contiguous()
     pad = mq * bq - Sq
     qb = F.pad(q.float(), (0, 0, 0, pad)).view(B, Hkv, G, mq, bq, D).transpose(2, 3)
     qb = qb.reshape(B, Hkv, mq, G * bq, D)
-    qvalid = (torch.arange(mq * bq) < Sq).view(mq, 1, bq).expand(mq, G, bq).reshape(mq, G * bq, 1)
+    qvalid = (torch.arange(mq * bq, device=dev) < Sq).view(mq, 1, bq).expand(mq, G, bq).reshape(mq, G * bq, 1)
     kf = k.float()
+    # host sync per level (O(log T) of them): how many halvings a block needs depends on which
+    # branches won, so the loop's trip count is data-dependent
     while bool(((e - s) > bk).any()):
         long = (e - s) > bk
         mid = torch.where(long, (s + e) // 2, e)
@@ -187,11 +198,12 @@ def hip_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
         sc = sc.masked_fill(ce <= cs, float("-inf"))
         top = sc.topk(n, dim=-1).indices
         s, e = cs.gather(-1, top), ce.gather(-1, top)
-    tok = s[..., None] + torch.arange(bk)  # [B, Hkv, Mq, n, bk]
+    tok = s[..., None] + torch.arange(bk, device=dev)  # [B, Hkv, Mq, n, bk]
     tok = torch.where(tok < e[..., None], tok, -1).flatten(-2)
-    sink = torch.arange(params["sink"])
+    sink = torch.arange(params["sink"], device=dev)
     sinks = torch.where(sink[None] < P[:, None], sink[None], -1).expand(B, Hkv, mq, -1)
-    loc = P[:, None] - params["n_local"] + torch.arange(params["n_local"])  # recent tokens [Mq, n_local]
+    # recent tokens [Mq, n_local]
+    loc = P[:, None] - params["n_local"] + torch.arange(params["n_local"], device=dev)
     tok = torch.where(tok >= (P - params["n_local"]).view(1, 1, mq, 1), -1, tok)  # no duplicates
     loc = torch.where(loc >= lo[:, None], loc, -1).expand(B, Hkv, mq, -1)
     return TokenSelection(torch.cat([sinks, loc, tok], -1), bq, Sq, Sk)
@@ -245,7 +257,7 @@ def recycled_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
         state["recycled"] = {"topk": _topk_tokens(votes, params["K"]), "full_len": Sk, "since": 0}
         return _causal_layout(Hq, Sq, Sk)
     rec["since"] += 1
-    new = torch.arange(rec["full_len"], Sk - 1).expand(B, k.shape[1], -1)
+    new = torch.arange(rec["full_len"], Sk - 1, device=k.device).expand(B, k.shape[1], -1)
     idx = torch.cat([rec["topk"], new], -1)[:, :, None]  # [B, Hkv, 1, K + new]
     return TokenSelection(idx, 1, Sq, Sk)
 
