@@ -74,9 +74,15 @@ def _triton_source(site: Any, plan: Any, seq_len: int) -> str:
 
 
 def run_demo(out_dir: str | Path = "lcpass-demo", length: int = 4096, depth: float = 0.5,
-             retrieval_ratio: float = 0.5, new_tokens: int = 8, seed: int = 0, calib_length: int = 512
-             ) -> dict[str, Any]:
-    """Run the demo; returns (and writes to ``out_dir/demo.json``) every number it printed."""
+             retrieval_ratio: float = 0.5, new_tokens: int = 8, seed: int = 0, calib_length: int = 512,
+             mode: str = "score") -> dict[str, Any]:
+    """Run the demo; returns (and writes to ``out_dir/demo.json``) every number it printed.
+
+    ``mode``: "score" (retrieval-head copy-paste scores, the fast default) or "optimize" (DuoAttention's
+    gate training; slower, and on SmolLM2 the plan that answered all 12 passkey cases of
+    ``benchmarks/calibration.py`` as dense does)."""
+    if mode not in ("score", "optimize"):
+        raise ValueError(f"run_demo: mode={mode!r}; use 'score' (fast default) or 'optimize'")
     from rich.console import Console
     from rich.table import Table
 
@@ -100,10 +106,12 @@ def run_demo(out_dir: str | Path = "lcpass-demo", length: int = 4096, depth: flo
                   f"{s0.n_kv_heads} kv heads, head_dim {s0.head_dim}, mask {s0.mask}); "
                   f"{len(report.rejected)} softmaxes left alone")
 
-    console.rule("2. calibrate (retrieval-head scores -> DuoAttention plan)")
+    what = "retrieval-head scores" if mode == "score" else "DuoAttention gate training"
+    console.rule(f"2. calibrate ({what} -> DuoAttention plan)")
     t0 = time.perf_counter()
-    plan = calibrate(model, "duo", tokenizer=tok, retrieval_ratio=retrieval_ratio, lengths=(calib_length,),
-                     depths=(0.2, 0.5, 0.8), sink=64, recent=256, example_inputs=example, name="smollm2")
+    kw = {"lengths": (calib_length,), "depths": (0.2, 0.5, 0.8)} if mode == "score" else {}
+    plan = calibrate(model, "duo", tokenizer=tok, retrieval_ratio=retrieval_ratio, mode=mode, sink=64,
+                     recent=256, example_inputs=example, name="smollm2", **kw)
     calib_s = time.perf_counter() - t0
     plan.save(out / "plan.json")
     plot_plan(plan, out / "plan_heatmap.png", length=length, title="SmolLM2 DuoAttention plan")

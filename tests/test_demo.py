@@ -31,3 +31,11 @@ def test_demo_short(tmp_path, capsys):
 def test_demo_cli_rejects_bad_length(capsys):
     assert main(["demo", "--length", "10"]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_demo_rejects_unknown_calibration_mode(tmp_path, capsys):
+    from lcpass.demo import run_demo
+
+    with pytest.raises(ValueError, match="mode='train'.*optimize"):
+        run_demo(tmp_path, mode="train")
+    assert main(["demo", "--calibration", "train"]) == 2
