@@ -51,6 +51,30 @@ def gpu_kernels() -> str:
     return "\n".join(lines)
 
 
+def dynamic_methods() -> str:
+    path = RESULTS / "dynamic_methods.json"
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    c = d["config"]
+    bar = ("quest", "seer", "tokenselect")
+    lines = [f"CPU, {c['threads']} thread, torch {c['torch']}, B={c['B']}, Hq={c['Hq']}, Hkv={c['Hkv']}, D={c['D']}, "
+             f"{c['dtype']}, causal prefill, budget ~{c['budget']:.0%} of the context; selection, attention and SDPA "
+             "timed interleaved, medians (`python benchmarks/dynamic_methods.py --threads 1`). Issue #5's bar, in "
+             "bold: Quest, SeerAttention-style and TokenSelect selection below 25% of the attention it saves:", "",
+             "| N | method | select (ms) | attention (ms) | SDPA causal (ms) | select / saved | vs SDPA |",
+             "|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        if r.get("phase", "prefill") != "prefill":
+            continue
+        sel = r.get("select_s")
+        frac = r.get("select_fraction_of_saved")
+        fr = "-" if frac is None else (f"**{frac:.3f}**" if r["method"] in bar else f"{frac:.3f}")
+        lines.append(f"| {r['N']} | {r['method']} | {'-' if sel is None else f'{sel * 1e3:.1f}'} | "
+                     f"{r['attention_s'] * 1e3:.1f} | {r['sdpa_causal_s'] * 1e3:.1f} | {fr} | {r['speedup_vs_sdpa']:.2f}x |")
+    return "\n".join(lines)
+
+
 def decode() -> str:
     path = RESULTS / "decode.json"
     if not path.exists():
@@ -85,6 +109,6 @@ def quality() -> str:
 
 
 if __name__ == "__main__":
-    for table in (engine_density(), gpu_kernels(), decode(), quality()):
+    for table in (engine_density(), dynamic_methods(), gpu_kernels(), decode(), quality()):
         if table:
             print(table, end="\n\n")
