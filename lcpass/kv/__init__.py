@@ -10,7 +10,7 @@ Example::
 
     >>> model = lcpass.optimize(model, method="streaming", sink=4, window=1020)
     >>> out = model.generate(ids, max_new_tokens=64, return_dict_in_generate=True)
-    >>> out.past_key_values.nbytes()
+    >>> out.cache.nbytes()
 """
 from lcpass.kv.cache import CompressedCache, CompressedLayer, KVGroup, plan_label, tensor_bytes
 from lcpass.kv.select import Selector

@@ -26,7 +26,7 @@ Example::
     >>> model = lcpass.optimize(model, method="streaming", sink=4, window=252)
     >>> out = model.generate(ids, max_new_tokens=64)          # uses a CompressedCache automatically
     >>> cache = lcpass.kv.CompressedCache()
-    >>> model(ids, past_key_values=cache); cache.nbytes()      # by hand
+    >>> model(ids, cache=cache); cache.nbytes()      # by hand (past_key_values= before transformers' rename)
 """
 from __future__ import annotations
 

@@ -217,9 +217,7 @@ def _prefill_once(model: nn.Module, ids: torch.Tensor, site_names: Sequence[str]
     finally:
         for h in handles:
             h.remove()
-    cache = getattr(out, "past_key_values", None)
-    if cache is None:
-        cache = getattr(out, "cache", None)
+    cache = out["cache"] if "cache" in out else getattr(out, "past_key_values", None)  # name after / before the rename
     return {
         "logits": out.logits,
         "prefill_s": wall,
