@@ -103,12 +103,31 @@ def decode() -> str:
     return "\n".join(lines)
 
 
+def calibration() -> str:
+    path = RESULTS / "calibration.json"
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    sm = d["summary"]
+    lines = [f"{d['model']}, DuoAttention at {sm['ratio']:.0%} retrieval KV heads (others sink {sm['sink']} + recent "
+             f"{sm['recent']}), every length sparse; passkey over lengths {', '.join(map(str, d['lengths']))} x "
+             f"depths {', '.join(map(str, d['depths']))} (`python benchmarks/calibration.py`):", "",
+             "| heads chosen by | passkey accuracy | cases answered as dense | " +
+             " | ".join(f"{n} tokens" for n in d["lengths"]) + " | perplexity @2k | vs dense |",
+             "|---|---|---|" + "---|" * len(d["lengths"]) + "---|---|"]
+    for r in d["rows"]:
+        by = " | ".join(f"{r['by_length'][str(n)]:.2f}" for n in d["lengths"])
+        lines.append(f"| {r['plan']} | {r['passkey_accuracy']:.2f} | {r['matches_dense']}/{sm['cases']} | {by} | "
+                     f"{r['perplexity_2k']:.2f} | {r['perplexity_delta_pct']:+.1f}% |")
+    return "\n".join(lines)
+
+
 def quality() -> str:
     path = RESULTS / "quality.md"
     return path.read_text().strip() if path.exists() else ""
 
 
 if __name__ == "__main__":
-    for table in (engine_density(), dynamic_methods(), gpu_kernels(), decode(), quality()):
+    for table in (engine_density(), dynamic_methods(), gpu_kernels(), decode(), calibration(), quality()):
         if table:
             print(table, end="\n\n")
