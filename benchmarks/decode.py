@@ -70,7 +70,7 @@ def head_specs(method: str, n: int, hq: int, hkv: int) -> list[tuple[str, dict]]
     if method == "tokenselect":
         return [("tokenselect", {"k": b, "n_sink": 4, "n_local": 32, "cache_threshold": 0.9})]
     if method == "tokenselect-nocache":
-        return [("tokenselect", {"k": b, "n_sink": 4, "n_local": 32, "cache_threshold": 2.0})]
+        return [("tokenselect", {"k": b, "n_sink": 4, "n_local": 32, "cache_threshold": 1.0})]  # distinct queries: cos < 1
     raise ValueError(method)
 
 
