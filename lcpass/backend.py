@@ -210,9 +210,9 @@ def _entropy_abf_rope(gm: GraphModule, example_inputs: Sequence[Any], opts: Back
     abf = None if plan is None else plan_abf_base_any(plan)
     if abf is None:
         return
-    from lcpass.rope import _graph_sites
+    from lcpass.rope import find_rotary
 
-    if resolve is None and not _graph_sites(gm, list(example_inputs)):
+    if resolve is None and not find_rotary(gm, inputs=list(example_inputs)):
         return  # a graph without attention or rotary tables (dynamo split the model)
     set_rope_base(gm, abf, model_name=f"torch.compile graph {index}", inputs=list(example_inputs))
 

@@ -260,12 +260,14 @@ def _set_graph_base(gm: GraphModule, found, new_base: float, inputs: Optional[Se
 # public entry points
 
 
-def find_rotary(target: nn.Module, *, model_name: str = "") -> list[RotarySite]:
+def find_rotary(target: nn.Module, *, model_name: str = "",
+                inputs: Optional[Sequence[Any]] = None) -> list[RotarySite]:
     """The rotary frequency tables of a transformers-style module (``inv_freq`` buffers) or, for a
-    GraphModule, of its graph. Raises :class:`RopeRewriteError` for a table it could not rewrite."""
+    GraphModule, of its graph (with ``inputs``, its example inputs, also lifted ``inv_freq`` placeholders).
+    Raises :class:`RopeRewriteError` for a table it could not rewrite."""
     name = model_name or type(target).__name__
     if isinstance(target, GraphModule):
-        return [s for s, _ in _graph_sites(target)]
+        return [s for s, _ in _graph_sites(target, inputs)]
     return [s for s, *_ in _module_sites(target, name)]
 
 
