@@ -35,7 +35,7 @@ DEPTHS = (0.1, 0.4, 0.7, 0.95)
 def main(argv: list[str] | None = None) -> int:
     import lcpass
     from lcpass.calibration import calibrate, model_sites, random_duo_plan
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
     from lcpass.quality import load_text_ids, perplexity, run_passkey
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -179,7 +179,7 @@ def bench_stack(ns, layers: int, reps: int) -> list[dict]:
 def bench_smollm2(ns) -> list[dict]:
     import lcpass
     from lcpass.hf import _binding, cache_kwarg
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     text = open("/usr/share/common-licenses/GPL-3").read() * 2

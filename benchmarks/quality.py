@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
     from lcpass.quality import evaluate
 
     lengths = parse_ints(args.lengths or ("1024" if args.quick else "1024,2048,4096"), "--lengths")

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 import lcpass
-from lcpass.models import DEFAULT_PROMPT, load_smollm2
+from lcpass.zoo.pretrained import DEFAULT_PROMPT, load_smollm2
 
 warnings.filterwarnings("ignore")
 

@@ -101,7 +101,7 @@ def run_demo(out_dir: str | Path = "lcpass-demo", length: int = 4096, depth: flo
 
     import lcpass
     from lcpass.calibration import calibrate
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
     from lcpass.quality.prompts import passkey_prompt
     from lcpass.quality.report import plot_plan
 

@@ -14,7 +14,7 @@ import lcpass
 from lcpass.backend import GraphRecord, backend_options, lcpass_backend, model_site_name
 from lcpass.plan import Plan
 from lcpass.zoo import get_zoo_model
-from lcpass.zoo_modules import AxisSoftmax
+from lcpass.zoo.modules import AxisSoftmax
 
 warnings.filterwarnings("ignore")
 

@@ -208,7 +208,7 @@ def test_calibrate_cli_writes_plan_and_heat_map(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_duo_plan_ratio_fingerprint_and_refusal():
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     plan = calibrate(model, "duo", tokenizer=tok, retrieval_ratio=0.5, lengths=(256,), depths=(0.3, 0.7),
@@ -226,7 +226,7 @@ def test_smollm2_duo_plan_ratio_fingerprint_and_refusal():
 @pytest.mark.slow
 def test_smollm2_has_copy_heads():
     from lcpass.calibration import score_retrieval_heads
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     rs = score_retrieval_heads(model, calibration_prompts(model, tok, None, (256,), (0.5,)), progress=False)
@@ -246,7 +246,7 @@ def test_smollm2_optimized_duo_plan_keeps_answers_and_beats_random_heads():
     import copy
 
     import lcpass
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
     from lcpass.quality import load_text_ids, perplexity, run_passkey
 
     model, tok = load_smollm2()

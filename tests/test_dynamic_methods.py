@@ -501,7 +501,7 @@ def test_smollm2_quality_at_quarter_budget():
     although 1k tokens is below their crossover), keep >= 90% next-token top-1 agreement with dense
     over a 1k-token input."""
     import lcpass
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     text = open("/usr/share/common-licenses/GPL-3").read()

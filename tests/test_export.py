@@ -165,7 +165,7 @@ def test_bad_input(tmp_path):
 @pytest.mark.slow
 def test_smollm2_dense_streaming_duo(tmp_path):
     """The real model, one export holding all three plans: layers 0-9 dense, 10-19 streaming, 20-29 Duo."""
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt")["input_ids"][:, :40]

@@ -139,7 +139,7 @@ def test_llama_tiny_quest_both_sides_of_the_crossover(tmp_path):
 def test_smollm2_quest_and_seer(tmp_path):
     """The real model (9 q / 3 kv heads, 30 layers): Quest on layers 0-14, the training-free SeerAttention
     gate on 15-29, at 96 tokens (6 blocks) and 83; sink and local blocks forced, budget above them."""
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     ids = tok("The quick brown fox jumps over the lazy dog; a long story begins here. " * 12,

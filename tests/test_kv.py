@@ -293,7 +293,7 @@ def test_selector_decode_equals_masked_reference():
 
 @pytest.mark.slow
 def test_smollm2_streaming_and_duo_memory():
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     text = open("/usr/share/common-licenses/GPL-3").read()

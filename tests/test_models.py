@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcpass import models
-from lcpass.models import ModelSpecError, ResolvedModel, load_minilm, load_smollm2, resolve_model, write_atomically
+from lcpass.zoo import pretrained as models
+from lcpass.zoo.pretrained import ModelSpecError, ResolvedModel, load_minilm, load_smollm2, resolve_model, write_atomically
 from lcpass.zoo import get_zoo_model
 
 

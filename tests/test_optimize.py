@@ -169,7 +169,7 @@ def test_report_counts_work_and_kv():
 
 @pytest.mark.slow
 def test_smollm2_streaming():
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     text = open("/usr/share/common-licenses/GPL-3").read()[:3000]

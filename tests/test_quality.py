@@ -40,7 +40,7 @@ SMOLLM2_PPL_256 = 21.7  # FACTS.md: SmolLM2 perplexity on GPL-3 at 256 tokens
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     return load_smollm2()
 

@@ -85,7 +85,7 @@ def test_llama_tiny_entropy_abf_rewrites_rope_and_matches_hand_built_reference()
 
 @pytest.mark.slow
 def test_smollm2_entropy_abf_rewrites_rope_and_matches_hand_built_reference():
-    from lcpass.models import load_smollm2
+    from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     ids = tok("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :48]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lcpass.capture import capture
-from lcpass.models import load_smollm2
+from lcpass.zoo.pretrained import load_smollm2
 from lcpass.patterns import canonical_args, canonical_nodes, canonicalize
 
 pytestmark = pytest.mark.slow

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from lcpass import zoo
 from lcpass.zoo import MASK_KINDS, NEGATIVE, ZOO, ZooModel, get_zoo_model, site
+from lcpass.zoo.base import BATCH
 
 ALL = list(ZOO) + list(NEGATIVE)
 SDPA_FUNCS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
@@ -212,7 +213,7 @@ def test_expected_matches_observed_sites(name: str) -> None:
         else:
             scores = call["scores"]
             if scores.dim() == 3:  # [B*H, Q, K] layouts (baddbmm, nn.MHA with weights)
-                scores = scores.unflatten(0, (zoo.BATCH, -1))
+                scores = scores.unflatten(0, (BATCH, -1))
             obs = observe_softmax(scores)
             want = {k: exp[k] for k in obs}
             want["mask"] = {"bias": "none", "causal+bias": "causal"}.get(want["mask"], want["mask"])

@@ -10,7 +10,7 @@ refused on another model. Without a tokenizer and data, calibration runs on rand
 warns. Progress is drawn with rich (``progress=False`` to silence it).
 
 Example:
-    >>> from lcpass.models import load_smollm2
+    >>> from lcpass.zoo.pretrained import load_smollm2
     >>> model, tok = load_smollm2()
     >>> plan = calibrate(model, "duo", tokenizer=tok, retrieval_ratio=0.5)   # doctest: +SKIP
     >>> plan.save("smollm2-duo.json")                                         # doctest: +SKIP

@@ -74,7 +74,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Calibrate, write the plan (and heat map); raise ValueError / FileNotFoundError on bad input."""
     from lcpass.calibration import calibrate
-    from lcpass.models import resolve_model
+    from lcpass.zoo.pretrained import resolve_model
 
     lengths = parse_ints(args.lengths, "--lengths")
     depths = parse_floats(args.depths, "--depths")

@@ -70,7 +70,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the harness and write its files; raise ValueError / FileNotFoundError on bad input."""
-    from lcpass.models import resolve_model
+    from lcpass.zoo.pretrained import resolve_model
     from lcpass.plan import Plan
     from lcpass.quality import DEFAULT_TEXT, evaluate, load_text_ids, parse_method
 

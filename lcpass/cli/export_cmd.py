@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from lcpass.cli.optimize_cmd import parse_params
     from lcpass.export import FORMATS, ONNX_OPS, check_output_path, export
     from lcpass.methods import get_method, resolve_params
-    from lcpass.models import resolve_model
+    from lcpass.zoo.pretrained import resolve_model
 
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}")

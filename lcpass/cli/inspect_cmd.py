@@ -66,7 +66,7 @@ def render(report, file=None) -> None:
 def run(args: argparse.Namespace) -> int:
     from lcpass.cli import UserError
     from lcpass.inspect import inspect
-    from lcpass.models import resolve_model
+    from lcpass.zoo.pretrained import resolve_model
 
     resolved = resolve_model(args.model)
     report = inspect(resolved.model, resolved.example_inputs, route=args.route, decompose=args.core_aten,

@@ -1,7 +1,7 @@
 """``lcpass kernels MODEL --show SITE --method M [--param k=v ...]``: print the generated Triton source.
 
 The site's heads, KV heads and head_dim come from capturing MODEL and detecting its attention
-(``lcpass.models.resolve_model`` + ``lcpass.inspect.detect``); the method's mask_mod for that site
+(``lcpass.zoo.pretrained.resolve_model`` + ``lcpass.inspect.detect``); the method's mask_mod for that site
 is printed into the templates. ``--kind`` picks the kernel (prefill forward, decode, backward).
 
 Wiring (in lcpass/cli/__init__.py)::
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from lcpass.codegen import AttentionSpec, UnsupportedSpec, generate_source
     from lcpass.inspect import detect
     from lcpass.methods import site_mask_mod, validate_params
-    from lcpass.models import resolve_model
+    from lcpass.zoo.pretrained import resolve_model
 
     resolved = resolve_model(args.model)
     sites = [s for _cap, det in detect(resolved.model, resolved.example_inputs) for s in det.sites]

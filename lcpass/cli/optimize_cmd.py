@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from lcpass.export import check_output_path
     from lcpass.inspect import detect
     from lcpass.methods import get_method, resolve_params
-    from lcpass.models import resolve_model
+    from lcpass.zoo.pretrained import resolve_model
     from lcpass.optimize import optimize
     from lcpass.plan import ModelFingerprint, Plan
 

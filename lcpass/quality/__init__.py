@@ -15,7 +15,7 @@ and no numbers. Bad input — a missing text file, a corrupt plan file, a plan f
 FileNotFoundError / ValueError with a one-line message before any model runs.
 
 Example:
-    >>> from lcpass.models import load_smollm2
+    >>> from lcpass.zoo.pretrained import load_smollm2
     >>> model, tok = load_smollm2()
     >>> res = evaluate(model, tok, methods=["dense", "duo:ratio=0.5"], lengths=(1024,), out_dir="results")  # doctest: +SKIP
     >>> res["methods"][0]["passkey_accuracy"]                                                               # doctest: +SKIP

@@ -8,7 +8,7 @@ at every position of the second needle copy (after its first token) where the mo
 equals the next needle token, a head scores when its top attended context position is that token's
 first occurrence. Score = hits / (prompts x scored steps): 1.0 = a perfect copy-paste head.
 
->>> from lcpass.models import load_smollm2                            # doctest: +SKIP
+>>> from lcpass.zoo.pretrained import load_smollm2                            # doctest: +SKIP
 >>> model, tok = load_smollm2()                                        # doctest: +SKIP
 >>> scores = retrieval_head_scores(model, tok, n_prompts=4)           # [layers, heads]  # doctest: +SKIP
 """

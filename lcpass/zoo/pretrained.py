@@ -12,7 +12,7 @@ folder, or `python.module:factory`) into a `ResolvedModel`. Nothing here touches
 transformers load passes `local_files_only=True`.
 
 Example:
-    >>> from lcpass.models import resolve_model
+    >>> from lcpass.zoo.pretrained import resolve_model
     >>> r = resolve_model("llama-tiny")
     >>> out = r.model(**r.example_inputs)
 """

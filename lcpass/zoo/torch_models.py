@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcpass import zoo_modules as _m
-from lcpass.zoo_base import BATCH, HIDDEN, LAYERS, SEQ, ZooModel, _randn, _tokens, site
-from lcpass.zoo_base import torch_entry as _torch
+from lcpass.zoo import modules as _m
+from lcpass.zoo.base import BATCH, HIDDEN, LAYERS, SEQ, ZooModel, _randn, _tokens, site
+from lcpass.zoo.base import torch_entry as _torch
 
 __all__ = ["TORCH_ZOO", "NEGATIVE"]
 
