@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from lcpass.kv import CompressedCache
 from lcpass.kv.attend import attend_layer
-from lcpass.kv.cache import LayerBinding, _heads_key
+from lcpass.kv.cache import LayerBinding, heads_key
 from lcpass.lower import spec_json
 from lcpass.methods import kv_head_policies
 
@@ -93,7 +93,7 @@ def build_cache(k: torch.Tensor, v: torch.Tensor, specs, hq: int, layers: int) -
     spec = "" if dense else spec_json(specs)
     for i in range(layers):
         cache.update(k, v, i)
-        b = LayerBinding(f"layers.{i}", "bench", _heads_key(specs), spec, hq, k.shape[1], n, True, -1, 0.0)
+        b = LayerBinding(f"layers.{i}", "bench", heads_key(specs), spec, hq, k.shape[1], n, True, -1, 0.0)
         cache.layers[i].bind(b, [] if dense else specs, None)
     return cache
 
@@ -178,7 +178,7 @@ def bench_stack(ns, layers: int, reps: int) -> list[dict]:
 
 def bench_smollm2(ns) -> list[dict]:
     import lcpass
-    from lcpass.hf import _binding, cache_kwarg
+    from lcpass.hf import cache_kwarg, layer_binding, runtimes_of
     from lcpass.zoo.pretrained import load_smollm2
 
     model, tok = load_smollm2()
@@ -210,8 +210,8 @@ def bench_smollm2(ns) -> list[dict]:
             cache = CompressedCache()
             for i, (k, v) in enumerate(prefix):
                 cache.update(k, v, i)
-                rt = getattr(m.get_submodule(sites[i].name), "_lcpass_site")
-                binding, sp = _binding(rt, torch.empty(1, hq, 1, 1), k, n)
+                rt = runtimes_of(m.get_submodule(sites[i].name))[0]
+                binding, sp = layer_binding(rt, torch.empty(1, hq, 1, 1), k, n)
                 cache.check_plan(binding.site, binding.heads_key, binding.label, hq)
                 cache.layers[i].bind(binding, sp, None)
             toks = [first]

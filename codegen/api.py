@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lcpass.codegen.cache import load_kernel
 from lcpass.codegen.printer import PrintedFn, UnsupportedSpec, print_mask_mod, print_score_mod
+from lcpass.codegen.headdim import common_head_dim
 from lcpass.codegen.spec import KernelSpec, check_head_dim, render
 from lcpass.layout import DEFAULT_BLOCK_SIZE, BlockLayout, build_layout
 from lcpass.masks import MaskMod, causal_mask, full_mask
@@ -138,7 +139,7 @@ def _backend_ok(device: torch.device) -> None:
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, owner: str) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"{owner}: q [B, Hq, Sq, D] and k, v [B, Hkv, Sk, D] expected, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
@@ -217,6 +218,7 @@ def _all_tables(mask_mod: Any, score_mod: Any, device: torch.device) -> list[Ten
 # entry points
 
 
+@common_head_dim
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, scale: float,
               mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
               tiles: tuple[int, int] | None = None, kv_keep: Tensor | None = None) -> Tensor:
@@ -354,6 +356,7 @@ def _keep_or_empty(kv_keep: Tensor | None, q: Tensor) -> Tensor:
     return kv_keep if kv_keep is not None else q.new_empty((0,), dtype=torch.bool)
 
 
+@common_head_dim
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,
                      mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
                      n_splits: int | None = None, block_n: int | None = None,

@@ -35,6 +35,7 @@ from torch import Tensor
 from lcpass.codegen.api import (PreparedAttention, ScoreMod, _all_tables, _backend_ok, _check_inputs,
                                 _check_keep, _spec, attention_or_fallback, choose_tiles)
 from lcpass.codegen.cache import load_kernel
+from lcpass.codegen.headdim import common_head_dim
 from lcpass.codegen.printer import UnsupportedSpec
 from lcpass.layout import BlockLayout
 from lcpass.masks import MaskMod, causal_mask
@@ -116,6 +117,7 @@ def prepare_token_attention(indices: Tensor, *, block_q: int, head_dim: int, n_h
     return PreparedAttention(key, "", lists, tuple(_all_tables(mm, score_mod, device)), float(scale))
 
 
+@common_head_dim
 def token_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_q: int, scale: float,
                     local: bool = True, mask_mod: MaskMod | None = None,
                     score_mod: ScoreMod | None = None, kv_keep: Tensor | None = None,
@@ -182,6 +184,7 @@ def prepare_token_decode(indices: Tensor, *, q_len: int, head_dim: int, n_heads:
                              decode=True, n_splits=int(splits))
 
 
+@common_head_dim
 def token_decode_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scale: float,
                            mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
                            n_splits: int | None = None, block_n: int | None = None,
@@ -211,6 +214,7 @@ def token_decode_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, 
     return prep(q, k, v, kv_keep)
 
 
+@common_head_dim
 def gather_decode(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, idx: Tensor, scale: float, *,
                   n_splits: int | None = None, block_n: int | None = None) -> Tensor:
     """Drop-in for :func:`lcpass.kv.select.gather_attend` on the generated decode kernel.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from lcpass.patterns import op as _op  # noqa: F401  registers torch.ops.lcpass.attention
 from lcpass.capture import CaptureError, Captured, capture, capture_dynamo
+from lcpass.errors import UnsupportedModelError
 from lcpass.inspect import InspectReport, detect, inspect
 from lcpass.lower import planned_attention as _planned  # noqa: F401  registers torch.ops.lcpass.planned_attention
 from lcpass.optimize import OptimizedModule, OptimizeReport, optimize
@@ -37,5 +38,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["CaptureError", "Captured", "ExportResult", "InspectReport", "OptimizeReport", "OptimizedModule", "Plan",
-           "VerifyReport", "calibrate", "capture", "capture_dynamo", "detect", "eval", "export", "inspect", "optimize",
+           "UnsupportedModelError", "VerifyReport", "calibrate", "capture", "capture_dynamo", "detect", "eval", "export", "inspect", "optimize",
            "verify_model"]

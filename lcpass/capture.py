@@ -65,14 +65,15 @@ def _fail(route: str, model: torch.nn.Module, exc: BaseException) -> CaptureErro
     )
 
 
-def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+def hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """transformers models return a cache object torch.export cannot flatten: ask for none."""
     kwargs = dict(kwargs)
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return kwargs
-    if "use_cache" in params and "use_cache" not in kwargs and hasattr(model, "config"):
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes and "use_cache" not in kwargs and hasattr(getattr(model, "config", None), "use_cache"):
         kwargs["use_cache"] = False
     return kwargs
 
@@ -118,7 +119,7 @@ def capture(
         return graphs[0]
     if route == "fx":
         return _capture_fx(model, args, kwargs)
-    kwargs = _hf_defaults(model, kwargs)
+    kwargs = hf_defaults(model, kwargs)
     try:
         shapes = _dynamic_shapes(model, args, kwargs, seq_dim) if dynamic_seq else None
         with torch.no_grad():

@@ -12,12 +12,13 @@ Example::
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from lcpass.capture import Captured, capture, capture_dynamo
+from lcpass.capture import CaptureError, Captured, capture, capture_dynamo, hf_defaults
 from lcpass.patterns import Detection, Rejection, Site, canonicalize
 
 __all__ = ["InspectReport", "inspect", "detect", "default_example_inputs"]
@@ -76,13 +77,29 @@ def detect(
     route: str = "export",
     decompose: bool = False,
     dynamic_seq: bool = False,
+    fallback: bool = True,
 ) -> list[tuple[Captured, Detection]]:
-    """Capture ``model`` and canonicalise every graph; one (captured, detection) pair per graph."""
+    """Capture ``model`` and canonicalise every graph; one (captured, detection) pair per graph.
+
+    When ``torch.export`` fails (and ``fallback``), the model is captured with dynamo instead, with a
+    warning that names the export error."""
     args, kwargs = _split(example_inputs, model)
     if route == "dynamo":
         caps = capture_dynamo(model, args, kwargs)
     else:
-        caps = [capture(model, args, kwargs, route=route, decompose=decompose, dynamic_seq=dynamic_seq)]
+        try:
+            caps = [capture(model, args, kwargs, route=route, decompose=decompose, dynamic_seq=dynamic_seq)]
+        except CaptureError as exc:
+            if route != "export" or decompose or dynamic_seq or not fallback:
+                raise
+            # torch.export refuses some models (data-dependent guards in MoE routing, cache objects in the
+            # outputs): the graphs dynamo hands a backend show the same attention
+            try:
+                caps = capture_dynamo(model, args, hf_defaults(model, kwargs))
+            except CaptureError:
+                raise exc from None
+            warnings.warn(f"lcpass: {exc}; captured {type(model).__name__} with dynamo instead "
+                          f"({len(caps)} graph(s))", stacklevel=2)
     return [(c, canonicalize(c.gm, c.flat_inputs, c.param_placeholders)) for c in caps]
 
 

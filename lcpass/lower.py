@@ -33,7 +33,7 @@ from lcpass.patterns import CANONICAL_OP, Site, canonical_nodes
 from lcpass.patterns.op import reference
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
-           "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS"]
+           "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec"]
 
 NEG_LIMIT = -1e4
 
@@ -165,6 +165,11 @@ def _is_dynamic(specs) -> bool:
     from lcpass.methods import get_method
 
     return any(get_method(name).kind == "dynamic" for name, _ in specs)
+
+
+def is_dynamic_spec(spec: str) -> bool:
+    """True when some head of a planned op's ``spec`` runs a dynamic (content-based) method."""
+    return _is_dynamic(_parse(spec))
 
 
 def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int, softcap: float, site: str,

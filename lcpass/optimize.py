@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import inspect as _inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from lcpass.capture import CaptureError
-from lcpass.hf import SiteRuntime, install, is_transformers_model
-from lcpass.inspect import ExampleInputs, detect
+from lcpass.hf import SiteRuntime, is_transformers_model, uninstall
+from lcpass.hf_probe import prove_routes
+from lcpass.inspect import ExampleInputs, default_example_inputs, detect
 from lcpass.lower import BACKENDS, is_dense_spec, lower_graph, seed_site_states, spec_json
-from lcpass.patterns import Site
+from lcpass.patterns import Detection, Site
 from lcpass.plan import Plan
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "SiteReport", "BACKENDS"]
@@ -39,6 +40,7 @@ class SiteReport:
     lowering: str  # dense | sparse | dense-masked
     density: float  # fraction of the causal (or full) attention work computed, at report_len
     kv_fraction: float  # fraction of the dense KV cache kept, at report_len
+    route: str = "graph"  # how the site is reached: graph (lowered graph) | interface | function
 
 
 @dataclass
@@ -49,6 +51,14 @@ class OptimizeReport:
     report_len: int
     sites: list[SiteReport] = field(default_factory=list)
     verify: Optional[dict[str, float]] = None  # site -> max abs error vs the reference (verify=True)
+    kv: str = ""  # how the KV cache is handled (transformers door): compressed | own cache (why) | off (why)
+    probe_error: Optional[float] = None  # max abs output change of the route probe (crossover disabled)
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """site -> route: ``graph`` (the lowered graph), ``interface`` (transformers' attention interface)
+        or ``function`` (the site's own SDPA / softmax call, :mod:`lcpass.hf_inline`)."""
+        return {s.site: s.route for s in self.sites}
 
     @property
     def rewritten(self) -> int:
@@ -65,7 +75,7 @@ class OptimizeReport:
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "report_len": self.report_len, "rewritten": self.rewritten,
                 "attention_flops_ratio": self.attention_flops_ratio, "kv_bytes_ratio": self.kv_bytes_ratio,
-                "sites": [s.__dict__ for s in self.sites]}
+                "kv": self.kv, "probe_error": self.probe_error, "sites": [s.__dict__ for s in self.sites]}
 
     def print(self, file=None) -> None:
         from rich.console import Console
@@ -74,11 +84,14 @@ class OptimizeReport:
         t = Table(title=f"lcpass.optimize({self.model}): {self.rewritten}/{len(self.sites)} sites rewritten; "
                         f"at {self.report_len} tokens attention work x{self.attention_flops_ratio:.3f}, "
                         f"KV bytes x{self.kv_bytes_ratio:.3f} of dense")
-        for col in ("site", "methods", "lowering", "attention work", "KV kept"):
+        for col in ("site", "methods", "route", "lowering", "attention work", "KV kept"):
             t.add_column(col)
         for s in self.sites:
-            t.add_row(s.site, s.methods, s.lowering, f"{s.density:.3f}", f"{s.kv_fraction:.3f}")
-        Console(file=file, width=150).print(t)
+            t.add_row(s.site, s.methods, s.route, s.lowering, f"{s.density:.3f}", f"{s.kv_fraction:.3f}")
+        console = Console(file=file, width=150)
+        console.print(t)
+        if self.kv:
+            console.print(f"KV cache: {self.kv}")
 
 
 class OptimizedModule(torch.nn.Module):
@@ -101,6 +114,34 @@ class OptimizedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"optimized {self._original_type} ({self.lcpass_report.rewritten} sites rewritten)"
+
+
+def _check_all_found(model: torch.nn.Module, inputs: dict[str, Any], det: Detection, strict: bool) -> None:
+    """The eager forward's attention computations (the dispatcher-level count of :mod:`lcpass.oracle`)
+    against the detected sites: more attention than sites means some was not recognised."""
+    from lcpass.capture import hf_defaults
+    from lcpass.oracle import attention_calls
+
+    calls, _ = attention_calls(model, hf_defaults(model, inputs))
+    missed = len(calls) - len(det.sites)
+    if missed <= 0:
+        return
+    reasons = "; ".join(f"{r.site or r.node}: {r.reason}" for r in det.rejected[:4]) or "no softmax was examined"
+    text = (f"lcpass.optimize({type(model).__name__}): the eager forward computes {len(calls)} attention(s) but "
+            f"lcpass recognised {len(det.sites)}: {missed} would silently keep the model's own attention "
+            f"(unrecognised: {reasons})")
+    if strict:
+        from lcpass.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(text + "; pass strict=False to optimize the recognised sites only")
+    warnings.warn(text, stacklevel=3)
+
+
+def _kwargs_of(example_inputs: ExampleInputs) -> dict[str, Any]:
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    raise ValueError("lcpass.optimize: a transformers model needs example_inputs as keyword arguments "
+                     "(e.g. {'input_ids': ids}), or none (32 token ids are made up)")
 
 
 def _load_plan(plan: Union[Plan, str, Path, None]) -> Optional[Plan]:
@@ -160,6 +201,7 @@ def optimize(
     verify: bool = False,
     report: bool = False,
     report_len: int = 8192,
+    strict: bool = True,
     **params: Any,
 ) -> torch.nn.Module:
     """Return ``model`` with every detected attention site running its planned method.
@@ -180,6 +222,10 @@ def optimize(
             are reported by name (a warning).
         report: print the report (it is always available as ``result.lcpass_report``).
         report_len: sequence length at which the report's expected work and KV bytes are computed.
+        strict: (transformers models) refuse a model in which the eager forward computes more attention
+            than detection found (:class:`lcpass.UnsupportedModelError` with each unrecognised softmax's
+            reason): the plan would silently not apply there. ``strict=False`` optimizes the sites found
+            and leaves the others running the model's own attention (a warning names them).
 
     Example::
 
@@ -200,19 +246,26 @@ def optimize(
     the_plan = _load_plan(plan)
     hf = is_transformers_model(model)
     if hf:
+        uninstall(model)  # optimizing an optimized model starts from the model's own attention
+        if example_inputs is None:
+            example_inputs = default_example_inputs(model)
         found = detect(model, example_inputs)
     else:  # the lowered graph must run at other lengths: a symbolic sequence dim where export allows one
         found = None
         for kwargs in ({"dynamic_seq": True}, {}, {"route": "fx"}):
             try:
-                found = detect(model, example_inputs, **kwargs)
+                found = detect(model, example_inputs, fallback=False, **kwargs)
                 break
             except CaptureError as exc:
                 error = exc
         if found is None:
             raise error
     cap, det = found[0]
+    if hf and len(found) > 1:  # dynamo's graphs (export failed): the sites of all of them
+        det = Detection(det.gm, [s for _, d in found for s in d.sites], [r for _, d in found for r in d.rejected])
     name = type(model).__name__
+    if hf:
+        _check_all_found(model, _kwargs_of(example_inputs), det, strict)
     if not det.sites:
         warnings.warn(f"lcpass.optimize: no attention found in {name}; returning it unchanged", stacklevel=2)
         return model
@@ -235,12 +288,23 @@ def optimize(
         runtimes = {}
         for s in det.sites:
             specs = the_plan.resolve(s.name, s.n_heads)
-            dense = is_dense_spec(specs)
-            runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below, backend), dense, s.is_causal,
-                                           s.window, s.scale, s.softcap, s.mask)
-            lowering = "dense" if dense else ("sparse" if s.mask.split("+")[-1] != "bias" else "dense-masked")
-            rep.sites.append(_site_report(s, specs, lowering, report_len))
-        install(model, runtimes)
+            runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below, backend), is_dense_spec(specs),
+                                           s.is_causal, s.window, s.scale, s.softcap, s.mask)
+        proven = prove_routes(model, det.sites, runtimes, _kwargs_of(example_inputs))
+        rep.kv, rep.probe_error = proven.kv, proven.error
+        kv_kept = proven.kv.startswith("compressed")
+        for s in det.sites:
+            specs = the_plan.resolve(s.name, s.n_heads)
+            route = proven.routes[s.name]
+            if is_dense_spec(specs):
+                lowering = "dense"
+            elif s.mask.split("+")[-1] == "bias" or (route == "function" and s.anchor == "softmax"):
+                lowering = "dense-masked"
+            else:
+                lowering = "sparse"
+            row = _site_report(s, specs, lowering, report_len)
+            whole = not kv_kept or (proven.bound_sites and s.name not in proven.bound_sites)
+            rep.sites.append(replace(row, route=route, kv_fraction=1.0 if whole else row.kv_fraction))
         model.lcpass_report = rep
         out: torch.nn.Module = model
     else:

@@ -15,11 +15,12 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional, Sequence
 
 from torch.fx import GraphModule, Node
 
+from .anchors import anchor_order
 from .maskinfo import MaskInfo, analyse_masks
 from .matcher import Match, Rejection, find_matches
 from .op import CANONICAL_OP, CanonicalArgs, attention, canonical_args, reference
@@ -27,7 +28,7 @@ from .opaque import lower_opaque
 from .rewrite import Site, rewrite_matches
 
 __all__ = [
-    "CANONICAL_OP", "CanonicalArgs", "Detection", "Rejection", "Site", "attention", "canonical_args",
+    "CANONICAL_OP", "CanonicalArgs", "Detection", "anchor_order", "Rejection", "Site", "attention", "canonical_args",
     "canonicalize", "canonical_nodes", "reference",
 ]
 
@@ -57,11 +58,17 @@ def canonicalize(
             them), so a learned bias is not mistaken for padding.
     """
     lower_opaque(gm, flat_inputs)
+    order = anchor_order(gm)  # before dead-code elimination: the eager forward runs dead softmaxes too
     gm.graph.eliminate_dead_code()  # dead values (unreturned attention weights) must not count as users
     matches, rejected = find_matches(gm)
     infos: list[MaskInfo] = analyse_masks(gm, matches, flat_inputs, param_placeholders)
+    anchors = [m.anchor.name for m in matches]
     sites = rewrite_matches(gm, matches, infos)
-    return Detection(gm, sites, rejected)
+    placed = []
+    for site, anchor in zip(sites, anchors):
+        kind, where = order.get(anchor, ("", {}))
+        placed.append(replace(site, anchor=kind, anchor_index=where.get(site.name.split("#", 1)[0], -1)))
+    return Detection(gm, placed, rejected)
 
 
 def canonical_nodes(gm: GraphModule) -> list[Node]:

@@ -120,17 +120,23 @@ def _window_constants(mask_nodes: Iterable[Node]) -> set[int]:
 
 def _combined(m: Match, values: dict[Node, Any]) -> Optional[torch.Tensor]:
     """The mask as one float tensor: 0 = attend, -inf = masked, anything else = bias."""
+    def layout(node: Node, t: torch.Tensor) -> torch.Tensor:
+        for pre, post in m.term_views.get(node, ()):
+            t = t.expand(pre).reshape(post)
+        return t
+
     total: Optional[torch.Tensor] = None
     for node, coef in m.bias:
         t = values[node]
         if not isinstance(t, torch.Tensor):
             return None
-        t = t.float() * coef
+        t = layout(node, t).float() * coef
         total = t if total is None else total + t
     for node, negate in m.keep:
         c = values[node]
         if not isinstance(c, torch.Tensor):
             return None
+        c = layout(node, c)
         keep = ~c.bool() if negate else c.bool()
         neg = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
         total = neg if total is None else total + neg

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
+from .anchors import SDPA_KINDS
 from .graphinfo import constant_number, dtype_of, is_neg_inf_like, layer_name, rank_of, shape_of, same_size
 from .vocab import Op, is_assert, op_of, target_name
 
@@ -69,10 +70,13 @@ class Match:
     site: str = ""
     scores_rank: int = 4
     chain: list[Node] = field(default_factory=list)
+    # a bias / mask term added before reshapes of the scores: the (input shape, output shape) of each
+    # reshape between the term and the softmax, innermost first, to bring the term to the softmax's layout
+    term_views: dict[Node, list[tuple[tuple[int, ...], tuple[int, ...]]]] = field(default_factory=dict)
 
 
 _MATMULS = ("matmul", "bmm", "einsum", "baddbmm")
-_SDPA_KINDS = ("sdpa", "sdpa_cpu", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+_SDPA_KINDS = SDPA_KINDS
 
 
 _SHAPE_ONLY = {torch.ops.aten.full_like.default, torch.ops.aten.zeros_like.default,
@@ -289,6 +293,12 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
     outer: list[tuple[str, object]] = []  # terms seen from the softmax inward
     node = x
     reshaped = False
+    views: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # reshapes passed, outermost first
+
+    def note(term: object) -> None:
+        if views and isinstance(term, Node):
+            m.term_views[term] = list(reversed(views))
+
     while True:
         op = op_of(node, gm)
         if op is None:
@@ -300,6 +310,11 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
             node = op["x"]
         elif kind == "view":
             reshaped = True
+            pre, post = shape_of(op["x"]), shape_of(node)
+            if pre is not None and post is not None and all(isinstance(d, int) for d in (*pre, *post)):
+                views.append((tuple(pre), tuple(post)))
+            else:
+                views.append(((), ()))  # unknown: terms behind it are refused below
             node = op["x"]
         elif kind in ("mul", "div"):
             c = constant_number(op["b"], gm)
@@ -335,15 +350,16 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
                              "the softmax input is not attention scores")
             if in_a and in_b:
                 raise Reject(f"both operands of {node.name} lead to a matmul: cannot tell the scores from the bias")
-            if reshaped:
-                raise Reject(f"a bias is added before a reshape of the scores ({node.name})")
             scores, bias = (a, b) if in_a else (b, a)
+            if reshaped and (not isinstance(bias, Node) or any(not p for p, _ in views)):
+                raise Reject(f"a bias is added before a reshape of the scores ({node.name}) of unknown shape")
             if not isinstance(bias, Node):
                 c = constant_number(bias, gm)
                 if c is None:
                     raise Reject(f"unsupported bias {bias!r}")
                 node = scores  # adding a constant changes nothing after softmax
                 continue
+            note(bias)
             outer.append(("bias", bias))
             node = scores
         elif kind == "where":
@@ -354,17 +370,27 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
                 scores, fill, negate = b, a, True
             if not is_neg_inf_like(constant_number(fill, gm)):
                 raise Reject(f"where() on the scores ({node.name}) fills with {fill!r}, not -inf")
-            if reshaped:
-                raise Reject(f"a mask is applied before a reshape of the scores ({node.name})")
+            if reshaped and any(not p for p, _ in views):
+                raise Reject(f"a mask is applied before a reshape of the scores ({node.name}) of unknown shape")
+            note(cond)
             outer.append(("keep", (cond, negate)))
             node = scores
         elif kind == "masked_fill":
             if not is_neg_inf_like(constant_number(op["value"], gm)):
                 raise Reject(f"masked_fill on the scores ({node.name}) fills with {op['value']!r}, not -inf")
-            if reshaped:
-                raise Reject(f"a mask is applied before a reshape of the scores ({node.name})")
+            if reshaped and any(not p for p, _ in views):
+                raise Reject(f"a mask is applied before a reshape of the scores ({node.name}) of unknown shape")
+            note(op["cond"])
             outer.append(("keep", (op["cond"], True)))
             node = op["x"]
+        elif kind == "maximum":
+            # a clamp of the scores from below at (about) the dtype's minimum: masked scores stay masked
+            a, b = op["a"], op["b"]
+            scores, floor = (a, b) if _leads_to_product(gm, a) else (b, a)
+            if not is_neg_inf_like(constant_number(floor, gm)):
+                raise Reject(f"the scores are clamped from below at {floor!r} ({node.name}), not at -inf / the "
+                             "dtype's minimum")
+            node = scores
         elif kind == "sub":
             c = constant_number(op["b"], gm)
             if c is None:
@@ -378,6 +404,9 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
                 if beta != 1.0 or alpha is None:
                     raise Reject(f"baddbmm with beta={op['beta']}, alpha={op['alpha']}")
                 inner = [("scale", alpha), ("bias", op["x"])]
+                note(op["x"])
+                if views and any(not p for p, _ in views):
+                    raise Reject(f"baddbmm's bias reaches the softmax through a reshape of unknown shape")
             _apply_terms(m, inner + list(reversed(outer)))
             return node
         else:

@@ -36,6 +36,8 @@ class Site:
     softcap: float
     dropout_p: float
     node: str  # the canonical node's name in the rewritten graph
+    anchor: str = ""  # "sdpa" | "softmax": the call the site was found from
+    anchor_index: int = -1  # its position among the site module's calls of that kind (patterns.anchors)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -82,13 +84,23 @@ def _as4d(gm: GraphModule, op: Operand, like: Node) -> Node:
     return node
 
 
+def _in_scores_layout(gm: GraphModule, m: Match, term: Node, like: Node) -> Node:
+    """A term added before reshapes of the scores, reshaped the way the scores were (see Match.term_views)."""
+    for pre, post in m.term_views.get(term, ()):
+        term = _call(gm, aten.expand.default, (term, list(pre)), like)
+        term = _call(gm, aten.reshape.default, (term, list(post)), like)
+    return term
+
+
 def _mask_node(gm: GraphModule, m: Match, q4: Node, like: Node) -> Optional[Node]:
     bias: Optional[Node] = None
     for term, coef in m.bias:
+        term = _in_scores_layout(gm, m, term, like) if isinstance(term, Node) else term
         t = term if coef == 1.0 else _call(gm, aten.mul.Tensor, (term, coef), like)
         bias = t if bias is None else _call(gm, aten.add.Tensor, (bias, t), like)
     keep: Optional[Node] = None
     for cond, negate in m.keep:
+        cond = _in_scores_layout(gm, m, cond, like) if isinstance(cond, Node) else cond
         c = _call(gm, aten.logical_not.default, (cond,), like) if negate else cond
         if c is not None and value_of(c) is not None and getattr(value_of(c), "dtype", torch.bool) != torch.bool:
             c = _call(gm, aten.ne.Scalar, (c, 0), like)

@@ -22,14 +22,15 @@ ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, kv_keep: Tensor | None, owner: str) -> None:
-    """Validate shapes: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D], Hkv | Hq, Sq <= Sk, kv_keep [B, Sk]."""
+    """Validate shapes: q [B, Hq, Sq, Dk], k [B, Hkv, Sk, Dk], v [B, Hkv, Sk, Dv], Hkv | Hq, Sq <= Sk,
+    kv_keep [B, Sk]. The value head dim may differ from the key's (MLA: DeepSeek-V2/V3)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{owner}: q, k, v must be 4-D [B, H, S, D], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, Hq, Sq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{owner}: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
-                         f"[B={B}, Hkv, Sk, D={D}]")
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{owner}: k {tuple(k.shape)} must be [B={B}, Hkv, Sk, Dk={D}] and v "
+                         f"{tuple(v.shape)} [B={B}, Hkv, Sk, Dv]")
     if Hq % k.shape[1]:
         raise ValueError(f"{owner}: Hkv={k.shape[1]} must divide Hq={Hq} (GQA groups)")
     if Sq > k.shape[2]:

@@ -77,7 +77,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
                      kv_keep: Tensor | None = None, dense_below: int = DENSE_BELOW) -> Tensor:
     """Attention over the blocks of ``layout`` only.
 
-    q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (Hkv | Hq), queries at absolute positions ``Sk - Sq + i``.
+    q [B, Hq, Sq, Dk], k [B, Hkv, Sk, Dk], v [B, Hkv, Sk, Dv] (Hkv | Hq), queries at absolute positions
+    ``Sk - Sq + i``.
     ``layout`` (per query head, ``q_len=Sq``, ``kv_len=Sk``) lists partial blocks, where ``mask_mod``
     (default ``layout.mask_mod``) applies, and full blocks, where nothing is masked. ``score_mod`` is
     applied to the scaled scores before the mask (math path, slower). ``kv_keep: Bool[B, Sk]`` masks
@@ -94,6 +95,14 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     """
     check_qkv(q, k, v, kv_keep, "sparse_attention")
     _check_layout(layout, q, k)
+    dk, dv = q.shape[-1], v.shape[-1]
+    if dk != dv:
+        # the CPU flash kernel wants one head size: zero-pad q and k (scores unchanged) or v (extra output
+        # columns are zero) to the larger one, and drop the padding from the output
+        d = max(dk, dv)
+        q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
+        return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                                kv_keep=kv_keep, dense_below=dense_below)[..., :dv]
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if Sk < dense_below or q.device.type != "cpu":  # (other devices: correct, dense; use the kernels)

@@ -12,7 +12,7 @@ Example::
     >>> out = model.generate(ids, max_new_tokens=64, return_dict_in_generate=True)
     >>> out.cache.nbytes()
 """
-from lcpass.kv.cache import CompressedCache, CompressedLayer, KVGroup, plan_label, tensor_bytes
+from lcpass.kv.cache import CompressedCache, CompressedLayer, KVGroup, compress_cache, plan_label, tensor_bytes
 from lcpass.kv.select import Selector
 
-__all__ = ["CompressedCache", "CompressedLayer", "KVGroup", "Selector", "plan_label", "tensor_bytes"]
+__all__ = ["CompressedCache", "CompressedLayer", "KVGroup", "Selector", "compress_cache", "plan_label", "tensor_bytes"]

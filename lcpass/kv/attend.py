@@ -106,6 +106,8 @@ def attend_layer(layer, query: Tensor, scale: float, softcap: float = 0.0) -> Te
                                              kpos[:, None, None, :])
             else:
                 allowed = allowed & (kpos[:, None, None, :] <= qpos.view(B, 1, Sq, 1))
+                if b.window >= 0:  # a dense site's own sliding window
+                    allowed = allowed & (qpos.view(B, 1, Sq, 1) - kpos[:, None, None, :] < b.window)
             k, v = g.keys, g.values
             if G > 1:
                 k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)

@@ -43,7 +43,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from lcpass.kv.select import Selector, selector_from_spec
 from lcpass.methods import KVPolicy, kv_head_policies, spec_parts
 
-__all__ = ["CompressedCache", "CompressedLayer", "KVGroup", "KVHandle", "plan_label", "tensor_bytes"]
+__all__ = ["CompressedCache", "CompressedLayer", "KVGroup", "KVHandle", "LayerBinding", "compress_cache", "heads_key",
+           "plan_label", "tensor_bytes"]
 
 
 def tensor_bytes(tensors: Sequence[Optional[Tensor]]) -> int:
@@ -326,6 +327,7 @@ class CompressedLayer(CacheLayerMixin):
         B, hkv, S, _ = k.shape
         policies = (kv_head_policies(list(head_specs), binding.n_heads, hkv, binding.kv_len)
                     if head_specs else [KVPolicy.all()] * hkv)
+        policies = [within_window(p, binding.window) for p in policies]
         selectors = _head_selectors(head_specs, binding.n_heads, hkv) if head_specs else [None] * hkv
         default = self.cache.select
         keyed: dict[Any, list[int]] = {}
@@ -373,14 +375,14 @@ class CompressedLayer(CacheLayerMixin):
     def dense_nbytes(self) -> int:
         """Bytes a DynamicCache would hold for this layer: K and V of every KV head and slot."""
         if self.pending is not None:
-            k = self.pending[0]
-            return 2 * k.numel() * k.element_size()
+            k, v = self.pending
+            return k.numel() * k.element_size() + v.numel() * v.element_size()
         if not self.groups:
             return 0
         hkv = sum(len(g.heads) for g in self.groups)
         g = self.groups[0]
-        B, _, _, D = g.keys.shape
-        return 2 * B * hkv * self.seen * D * g.keys.element_size()
+        B, dk, dv = g.keys.shape[0], g.keys.shape[-1], g.values.shape[-1]
+        return B * hkv * self.seen * (dk + dv) * g.keys.element_size()
 
     def breakdown(self) -> dict[str, Any]:
         groups = []
@@ -390,6 +392,22 @@ class CompressedLayer(CacheLayerMixin):
                            "slots": g.length, "bytes": tensor_bytes(g.tensors())})
         return {"layer": self.layer_idx, "site": None if self.binding is None else self.binding.site,
                 "tokens": self.seen, "bytes": self.nbytes(), "dense_bytes": self.dense_nbytes(), "groups": groups}
+
+
+def within_window(policy: KVPolicy, window: int) -> KVPolicy:
+    """A KV policy on a site with a native sliding window of ``window`` keys: nothing older than the window
+    is ever attended again, so keeping everything (or more recent tokens than the window) keeps the window.
+
+    >>> within_window(KVPolicy.all(), 8).recent
+    8
+    """
+    if window < 0:
+        return policy
+    if policy.kind == "all":
+        return KVPolicy.sinks_recent(0, window)
+    if policy.kind == "sinks+recent" and policy.sink + policy.recent > window:
+        return KVPolicy.sinks_recent(0, window)
+    return policy
 
 
 def _head_selectors(head_specs: Sequence[Any], n_heads: int, n_kv_heads: int) -> list[Optional[Selector]]:
@@ -414,6 +432,11 @@ class CompressedCache(Cache):
         select: a decode-time :class:`~lcpass.kv.select.Selector` (Quest, TokenSelect, Recycled Attention,
             TidalDecode) applied to the KV heads that keep everything (retrieval / dense heads of planned
             sites): each generated token then reads only the selected KV blocks.
+        layers: the layers to start from (:func:`compress_cache` passes the model's own cache layers with
+            its attention layers replaced): a hybrid model's recurrent / convolution layers stay
+            transformers' own. Without it, one :class:`CompressedLayer` per layer is made on first use.
+        plain_layers: layer indices kept whole, as transformers' ``DynamicLayer`` would (sites whose route
+            never sees the cache).
 
     Example::
 
@@ -425,19 +448,36 @@ class CompressedCache(Cache):
 
     is_compileable = False
 
-    def __init__(self, plan: Any = None, *, select: Optional[Selector] = None):
+    def __init__(self, plan: Any = None, *, select: Optional[Selector] = None, layers: Optional[list] = None,
+                 plain_layers: frozenset = frozenset()):
         super().__init__(layers=[])
         self.plan = plan
         self.select = select
+        self.plain_layers = frozenset(plain_layers)
         self.label: Optional[str] = plan_label({s: list(p.heads) for s, p in plan.sites.items()}) \
             if plan is not None else None
         self.shared: dict[str, Any] = {}  # cross-layer decode state (TidalDecode's positions)
+        for i, layer in enumerate(layers or ()):
+            self.layers.append(self._attention_layer(i) if _is_kv_layer(layer) else layer)
+
+    def _attention_layer(self, i: int):
+        if i in self.plain_layers:
+            from transformers.cache_utils import DynamicLayer
+
+            return DynamicLayer()
+        return CompressedLayer(self, i)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
         while len(self.layers) <= layer_idx:
-            self.layers.append(CompressedLayer(self, len(self.layers)))
-        return self.layers[layer_idx].update(key_states, value_states)
+            self.layers.append(self._attention_layer(len(self.layers)))
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedLayer):
+            return layer.update(key_states, value_states)
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+    def compressed_layers(self) -> list["CompressedLayer"]:
+        return [layer for layer in self.layers if isinstance(layer, CompressedLayer)]
 
     @property
     def is_croppable(self) -> bool:  # evicted tokens cannot come back
@@ -445,30 +485,49 @@ class CompressedCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        values = {layer.batch_size for layer in self.layers if layer.batch_size >= 0}
+        values = set()
+        for layer in self.layers:
+            b = layer.batch_size if isinstance(layer, CompressedLayer) else getattr(layer, "batch_size", -1)
+            if isinstance(b, int) and b >= 0:
+                values.add(b)
         return values.pop() if len(values) == 1 else -1
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (KV, positions, compensation sums, selector metadata)."""
-        return tensor_bytes([t for layer in self.layers for t in layer.tensors()])
+        """Bytes of every tensor the cache holds (KV, positions, compensation sums, selector metadata, and
+        the recurrent / convolution state of a hybrid model's other layers)."""
+        return tensor_bytes([t for layer in self.layers for t in _layer_tensors(layer)])
 
     def dense_nbytes(self) -> int:
-        """Bytes a ``DynamicCache`` holding the same tokens would use."""
-        return sum(layer.dense_nbytes() for layer in self.layers)
+        """Bytes the model's own cache (``DynamicCache``) holding the same tokens would use."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                total += layer.dense_nbytes()
+            else:
+                total += tensor_bytes(_layer_tensors(layer))
+        return total
 
     def breakdown(self) -> list[dict[str, Any]]:
         """Per layer: site, tokens seen, bytes held, dense bytes, and each group's heads/policy/slots/bytes."""
-        return [layer.breakdown() for layer in self.layers]
+        out = []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer):
+                out.append(layer.breakdown())
+            else:
+                b = tensor_bytes(_layer_tensors(layer))
+                out.append({"layer": i, "site": None, "kind": type(layer).__name__, "bytes": b, "dense_bytes": b,
+                            "groups": []})
+        return out
 
     # -- plan checks (called by the attention function when a layer is first used) ----------------
-    def check_plan(self, site: str, heads_key: str, label: str, n_heads: int) -> None:
+    def check_plan(self, site: str, key: str, label: str, n_heads: int) -> None:
         """Refuse a model whose plan differs from the one this cache is bound to (ValueError naming both)."""
         if self.plan is not None:
-            want = _heads_key(self.plan.resolve(site, n_heads)) if site else _heads_key([])
-            if want != heads_key:
+            want = heads_key(self.plan.resolve(site, n_heads)) if site else heads_key([])
+            if want != key:
                 raise ValueError(
                     f"CompressedCache was made for {self.label} but the model runs {label or 'no plan'} "
-                    f"(site {site!r}: cache expects {want}, model has {heads_key}); create the cache with "
+                    f"(site {site!r}: cache expects {want}, model has {key}); create the cache with "
                     f"CompressedCache(plan) for the model's own plan, or a fresh CompressedCache()")
         if label and self.label is None:
             self.label = label
@@ -478,7 +537,47 @@ class CompressedCache(Cache):
                 f"a cache holds KV compressed for one plan: use a fresh CompressedCache() per model/plan")
 
 
-def _heads_key(head_specs: Sequence[Any]) -> str:
+def _is_kv_layer(layer: Any) -> bool:
+    """A plain per-token attention KV layer of transformers (full or sliding), the kind lcpass compresses."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+
+    return type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and not isinstance(
+        layer, LinearAttentionCacheLayerMixin)
+
+
+def _layer_tensors(layer: Any) -> list[Tensor]:
+    if isinstance(layer, CompressedLayer):
+        return layer.tensors()
+    out: list[Tensor] = []
+    for v in vars(layer).values():
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+        out.extend(t for t in items if isinstance(t, Tensor))
+    return out
+
+
+def compress_cache(cache: Any, *, select: Optional[Selector] = None, plain_layers: frozenset = frozenset()) -> Any:
+    """The model's own ``cache`` with its attention KV layers compressed: a :class:`CompressedCache` over the
+    same layers, transformers' recurrent / convolution / dummy layers kept as they are; an
+    ``EncoderDecoderCache`` keeps its cross-attention cache whole (encoder KV is computed once) and gets its
+    self-attention cache compressed. A cache of a kind lcpass does not know is returned unchanged.
+
+    >>> from transformers import DynamicCache
+    >>> type(compress_cache(DynamicCache())).__name__
+    'CompressedCache'
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    if isinstance(cache, CompressedCache):
+        return cache
+    if isinstance(cache, EncoderDecoderCache):
+        return EncoderDecoderCache(compress_cache(cache.self_attention_cache, select=select,
+                                                  plain_layers=plain_layers), cache.cross_attention_cache)
+    if type(cache) is DynamicCache:
+        return CompressedCache(select=select, layers=list(cache.layers), plain_layers=plain_layers)
+    return cache
+
+
+def heads_key(head_specs: Sequence[Any]) -> str:
     """Normalised per-head specs (method + resolved params) as a string, for plan comparison."""
     from lcpass.methods import get_method, resolve_params
 
@@ -496,19 +595,17 @@ def _heads_key(head_specs: Sequence[Any]) -> str:
 
 
 def lower_site_mask(spec: str, n_heads: int, q_len: int, kv_len: int, is_causal: bool, window: int):
-    """The planned op's site mask (``lcpass.lower.site_mask``; ``_site_mask`` before it became public)."""
-    from lcpass import lower
+    """The planned op's site mask (:func:`lcpass.lower.site_mask`)."""
+    from lcpass.lower import site_mask
 
-    fn = getattr(lower, "site_mask", None) or getattr(lower, "_site_mask")
-    return fn(spec, n_heads, q_len, kv_len, is_causal, window)
+    return site_mask(spec, n_heads, q_len, kv_len, is_causal, window)
 
 
 def parse_spec(spec: str) -> list[tuple[str, dict]]:
-    """The (method, params) of each head of a planned op's spec string (``lcpass.lower.parse_spec``)."""
-    from lcpass import lower
+    """The (method, params) of each head of a planned op's spec string (:func:`lcpass.lower.parse_spec`)."""
+    from lcpass.lower import parse_spec as _parse_spec
 
-    fn = getattr(lower, "parse_spec", None) or getattr(lower, "_parse")
-    return [(m, p) for m, p in fn(spec)]
+    return [(m, p) for m, p in _parse_spec(spec)]
 
 
 def razor_bias(n: Tensor) -> Tensor:

@@ -1,0 +1,259 @@
+"""The architecture sweep: every architecture of :mod:`lcpass.zoo.auto`, checked against the eager oracle.
+
+For one architecture and attention implementation, :func:`check` runs, in order, and stops at the first
+check that fails:
+
+1. **build** the tiny model (:func:`lcpass.zoo.auto.build`);
+2. **oracle** — the attention computations of the eager forward (:mod:`lcpass.oracle`); none at all
+   is the principled "no attention" outcome (a convnet, an SSM): ``optimize`` must then leave the model
+   alone;
+3. **detect** — exactly as many canonical sites as the oracle counted, each with the oracle's mask
+   (``is_causal`` / ``window``);
+4. **graph** — the captured graph with canonical sites reproduces the eager output (<= 1e-5);
+5. **dense** — ``lcpass.optimize(method="dense")`` keeps the class and the output (<= 1e-5);
+6. **sparse** — a sparse plan (StreamingLLM sink 2 + window 4 on causal sites, LongLoRA's S²-Attn
+   groups of 4 on bidirectional self-attention, cross-attention dense) changes the output and equals
+   the model's own forward with each attention's scores restricted to that method's keep-mask, written
+   out here (:func:`streaming_keep`, :func:`groups_keep`);
+7. **generate** (generative tasks) — ``generate()`` after ``optimize`` runs and returns new tokens.
+
+``lcpass.optimize`` raising :class:`lcpass.UnsupportedModelError` is the "refused" outcome, with its
+reason. The result of a check is a :class:`Coverage` row; ``scripts/coverage.py`` prints them all as
+``docs/COVERAGE.md``.
+
+Example::
+
+    >>> from lcpass.zoo.auto import architectures
+    >>> row = check(next(a for a in architectures() if a.model_type == "llama"))
+    >>> row.status, row.n_attention
+    ('exact', 2)
+"""
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from lcpass.zoo.auto import Arch, BuildError, TinyModel, build
+from lcpass.oracle import AttentionCall, attention_calls, first_tensor, masked_forward
+
+__all__ = ["Coverage", "check", "streaming_keep", "groups_keep", "STATUSES", "SINK", "WINDOW", "GROUP",
+           "TOL_EXACT", "TOL_SPARSE"]
+
+STATUSES = ("exact", "no-attention", "refused", "wrong", "error", "not-built")
+SINK, WINDOW, GROUP = 2, 4, 4  # the sparse plan's parameters (tiny, so they bite at 19 tokens)
+TOL_EXACT, TOL_SPARSE = 1e-5, 1e-4
+
+
+@dataclass
+class Coverage:
+    """One architecture x attention implementation: what the sweep found."""
+
+    model_type: str
+    task: str
+    class_name: str
+    attn_impl: str
+    status: str  # one of STATUSES
+    reason: str = ""  # why, for anything but "exact"
+    n_attention: int = -1  # attention computations the oracle counted
+    sites: list[str] = field(default_factory=list)  # detected masks
+    routes: list[str] = field(default_factory=list)  # how the transformers door reached each site
+    errors: dict[str, float] = field(default_factory=dict)  # max abs errors of the numeric checks
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def streaming_keep(sink: int = SINK, window: int = WINDOW):
+    """StreamingLLM's keep-mask written out: causal, and the key is a sink or within the window."""
+    def keep(sq: int, sk: int, n_heads: int) -> torch.Tensor:
+        i = torch.arange(sq)[:, None] + (sk - sq)
+        j = torch.arange(sk)[None, :]
+        return ((j <= i) & ((j < sink) | (i - j < window)))[None]
+    return keep
+
+
+def groups_keep(group: int = GROUP):
+    """LongLoRA's S²-Attn keep-mask written out (bidirectional): the same group of ``group`` tokens, the
+    groups of the second half of the heads shifted by group/2."""
+    def keep(sq: int, sk: int, n_heads: int) -> torch.Tensor:
+        i = torch.arange(sq)[:, None] + (sk - sq)
+        j = torch.arange(sk)[None, :]
+        out = []
+        for h in range(n_heads):
+            shift = group // 2 if h >= (n_heads + 1) // 2 else 0
+            out.append(torch.div(i - shift, group, rounding_mode="floor")
+                       == torch.div(j - shift, group, rounding_mode="floor"))
+        return torch.stack(out)
+    return keep
+
+
+def _site_pattern(site: Any, sk: int) -> str:
+    """What the oracle should see for a detected site (windows the sequence cannot show read as causal)."""
+    if not site.is_causal:
+        return "none" if site.window < 0 else f"window({site.window})"
+    if 0 <= site.window < sk:
+        return f"sliding({site.window})"
+    return "causal"
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def _plan_for(sites: list[Any], calls: list[AttentionCall]):
+    """The sparse plan of the sweep and the keep-mask of each attention call."""
+    from lcpass.plan import HeadSpec, Plan, SitePlan
+
+    plan_sites, keeps, heads = {}, {}, {}
+    for i, (site, call) in enumerate(zip(sites, calls)):
+        sq, sk = call.shape[-2], call.shape[-1]
+        if site.is_causal:
+            plan_sites[site.name] = SitePlan((HeadSpec("streaming", {"sink": SINK, "window": WINDOW}),))
+            keeps[i] = streaming_keep()
+        elif sq == sk and site.window < 0:
+            plan_sites[site.name] = SitePlan((HeadSpec("longlora", {"group_size": GROUP, "causal": False}),))
+            keeps[i] = groups_keep()
+        heads[i] = site.n_heads
+    return Plan(plan_sites), keeps, heads
+
+
+def _graph_error(model, inputs, found, ref) -> float:
+    """Max abs difference the canonical sites make: against the eager output (export), or, for dynamo's
+    graphs (export failed), each canonical graph against the same graph captured again untouched."""
+    cap = found[0][0]
+    with torch.no_grad():
+        if cap.route == "export":
+            return _max_err(first_tensor(cap.gm(**cap.extra["kwargs"])), ref)
+        from lcpass.capture import capture_dynamo
+
+        raw = capture_dynamo(model, (), {**inputs, "use_cache": False})
+        errs = [0.0]
+        for (c, _), r in zip(found, raw):
+            for a, b in zip(torch.utils._pytree.tree_leaves(c.gm(*c.flat_inputs)),
+                            torch.utils._pytree.tree_leaves(r.gm(*r.flat_inputs))):
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    errs.append(_max_err(a, b))
+        return max(errs)
+
+
+def _fresh(arch: Arch, impl: Optional[str]) -> TinyModel:
+    return build(arch, impl)
+
+
+def check(arch: Arch, attn_implementation: Optional[str] = None, *, generate: bool = True) -> Coverage:
+    """Run the sweep's checks on ``arch`` (see the module docstring); never raises."""
+    t0 = time.perf_counter()
+    row = Coverage(arch.model_type, arch.task, arch.class_name, attn_implementation or "default", "error")
+    try:
+        _check(arch, attn_implementation, row, generate)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure is the "error" outcome, with its reason
+        row.status, row.reason = "error", f"{type(exc).__name__}: {_first_line(exc)}"
+    row.seconds = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _check(arch: Arch, impl: Optional[str], row: Coverage, generate: bool) -> None:
+    import lcpass
+    from lcpass.inspect import detect
+
+    try:
+        tiny = _fresh(arch, impl)
+    except BuildError as exc:
+        row.status, row.reason = "not-built", str(exc)
+        return
+    row.attn_impl = tiny.attn_impl
+    model, inputs = tiny.model, tiny.inputs
+    calls, ref = attention_calls(model, inputs)
+    row.n_attention = len(calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not calls:
+            out = lcpass.optimize(model, method="dense", example_inputs=inputs)
+            row.status = "no-attention" if out is model and not hasattr(model, "lcpass_report") else "wrong"
+            row.reason = "" if row.status == "no-attention" else "optimize changed a model without attention"
+            return
+        found = detect(model, inputs)
+        sites = [s for _, det in found for s in det.sites]
+        row.sites = [s.mask for s in sites]
+        if len(sites) != len(calls):
+            try:
+                lcpass.optimize(model, method="dense", example_inputs=inputs)
+            except lcpass.UnsupportedModelError as exc:
+                row.status, row.reason = "refused", str(exc)
+                return
+            row.status = "wrong"
+            row.reason = (f"detected {len(sites)} sites, the eager forward computes {len(calls)} attentions "
+                          f"({', '.join(c.pattern for c in calls)}) and optimize does not refuse it")
+            return
+        for site, call in zip(sites, calls):
+            want = call.pattern
+            got = _site_pattern(site, call.shape[-1])
+            if want in ("varies", "other") and site.mask.split("+")[0] not in ("causal", "none", "sliding") \
+                    or re.sub(r"^window", "sliding", got) == want or (want == "none" and got == "none"):
+                continue
+            row.status = "wrong"
+            row.reason = f"site {site.name}: detected as {site.mask} ({got}), the eager forward attends {want}"
+            return
+        row.errors["graph"] = _graph_error(model, inputs, found, ref)
+        if row.errors["graph"] > TOL_EXACT:
+            row.status, row.reason = "wrong", f"the canonical graph changes the output by {row.errors['graph']:.2e}"
+            return
+        try:
+            dense = lcpass.optimize(model, method="dense", example_inputs=inputs)
+        except lcpass.UnsupportedModelError as exc:
+            row.status, row.reason = "refused", str(exc)
+            return
+        if type(dense) is not type(model):
+            row.status, row.reason = "wrong", f"optimize returned {type(dense).__name__}, not {type(model).__name__}"
+            return
+        row.routes = list(getattr(dense.lcpass_report, "routes", {}).values())
+        with torch.no_grad():
+            row.errors["dense"] = _max_err(first_tensor(dense(**inputs)), ref)
+        if row.errors["dense"] > TOL_EXACT:
+            row.status = "wrong"
+            row.reason = f"optimize(method='dense') changes the output by {row.errors['dense']:.2e}"
+            return
+        # sparse: a fresh model (optimize switched this one in place)
+        tiny = _fresh(arch, impl)
+        model = tiny.model
+        plan, keeps, heads = _plan_for(sites, calls)
+        if not keeps:
+            row.status = "exact"
+            row.reason = "no site takes a sparse method (cross-attention only)"
+            return
+        want = masked_forward(model, inputs, keeps, heads)
+        sparse = lcpass.optimize(model, plan=plan, example_inputs=inputs, dense_below=0)
+        with torch.no_grad():
+            got = first_tensor(sparse(**inputs))
+        row.errors["sparse_vs_reference"] = _max_err(got, want)
+        row.errors["sparse_vs_dense"] = _max_err(got, ref)
+        if row.errors["sparse_vs_dense"] <= 1e-6:
+            row.status, row.reason = "wrong", "the sparse plan leaves the output unchanged (the method never ran)"
+            return
+        if row.errors["sparse_vs_reference"] > TOL_SPARSE:
+            row.status = "wrong"
+            row.reason = (f"the sparse plan differs from the masked eager reference by "
+                          f"{row.errors['sparse_vs_reference']:.2e}")
+            return
+        if generate and arch.generative and hasattr(sparse, "generate"):
+            prompt = {k: v[:1] for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+            with torch.no_grad():
+                out = sparse.generate(**prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+            n_in = prompt.get("input_ids", prompt.get("decoder_input_ids"))
+            if not isinstance(out, torch.Tensor) or (n_in is not None and out.shape[-1] < 3):
+                row.status, row.reason = "wrong", "generate() after optimize returned no new tokens"
+                return
+    row.status = "exact"

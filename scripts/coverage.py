@@ -1,0 +1,69 @@
+"""The architecture sweep over every architecture the installed transformers builds; writes
+``benchmarks/results/coverage.json`` and prints ``docs/COVERAGE.md`` (never edited by hand).
+
+    python scripts/coverage.py                  # every architecture, default and eager implementations
+    python scripts/coverage.py llama falcon     # some model_types only (prints, does not write)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(*_):
+    raise _Timeout()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_types", nargs="*")
+    ap.add_argument("--timeout", type=int, default=120, help="seconds per architecture")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/coverage.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs/COVERAGE.md"))
+    args = ap.parse_args(argv)
+    import torch
+
+    from lcpass.zoo.auto import architectures
+    from lcpass.zoo.sweep import Coverage, check
+    from lcpass.zoo.coverage_table import impls_for, markdown
+
+    torch.set_num_threads(1)
+    rows = []
+    signal.signal(signal.SIGALRM, _alarm)
+    archs = [a for a in architectures() if not args.model_types or a.model_type in args.model_types]
+    t0 = time.time()
+    for arch in archs:
+        for impl in impls_for(arch):
+            signal.alarm(args.timeout)
+            try:
+                row = check(arch, impl)
+            except _Timeout:
+                row = Coverage(arch.model_type, arch.task, arch.class_name, impl or "default", "error",
+                               f"timed out after {args.timeout} s")
+            signal.alarm(0)
+            rows.append(row)
+            print(f"{row.model_type:28s} {row.attn_impl:8s} {row.status:12s} {row.seconds:5.1f}s {row.reason[:150]}",
+                  flush=True)
+    print(f"{len(rows)} rows in {time.time() - t0:.0f} s", file=sys.stderr)
+    if args.model_types:
+        return 0
+    import transformers
+
+    meta = {"transformers": transformers.__version__, "torch": torch.__version__, "seconds": round(time.time() - t0)}
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
+    Path(args.md).write_text(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
