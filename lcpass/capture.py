@@ -73,7 +73,7 @@ def hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any
     except (TypeError, ValueError):
         return kwargs
     takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if takes and "use_cache" not in kwargs and hasattr(getattr(model, "config", None), "use_cache"):
+    if takes and "use_cache" not in kwargs and hasattr(getattr(model, "config", None), "get_text_config"):
         kwargs["use_cache"] = False
     return kwargs
 

@@ -26,6 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from lcpass import masks as M
+from lcpass.codegen.headdim import pad_head_dims
 from lcpass.engine import element_mask, sparse_attention
 from lcpass.layout import build_layout
 from lcpass.methods import site_crossover, site_mask_mod, spec_parts
@@ -191,6 +192,12 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
     from lcpass.methods import get_method
     from lcpass.methods.dynamic import dynamic_attention
 
+    if q.shape[-1] != v.shape[-1]:
+        # content selection and its attention on one head dim: zero columns change no score, no norm and
+        # no selection; the output drops them (Dk != Dv, MLA)
+        q, k, v, dv = pad_head_dims(q, k, v)
+        return _run_specs(q, k, v, spec=spec, scale=scale, is_causal=is_causal, window=window, softcap=softcap,
+                          site=site, kv_keep=kv_keep)[..., :dv]
     keys = [json.dumps(s, sort_keys=True) for s in specs]
     if len(set(keys)) == 1:
         name, params = specs[0]

@@ -303,7 +303,7 @@ def optimize(
             else:
                 lowering = "sparse"
             row = _site_report(s, specs, lowering, report_len)
-            whole = not kv_kept or (proven.bound_sites and s.name not in proven.bound_sites)
+            whole = not kv_kept or s.name not in proven.bound_sites
             rep.sites.append(replace(row, route=route, kv_fraction=1.0 if whole else row.kv_fraction))
         model.lcpass_report = rep
         out: torch.nn.Module = model

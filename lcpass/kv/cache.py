@@ -38,7 +38,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import (Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer,
+                                     LinearAttentionAndFullAttentionLayer,
+                                     LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
 
 from lcpass.kv.select import Selector, selector_from_spec
 from lcpass.methods import KVPolicy, kv_head_policies, spec_parts
@@ -228,6 +230,40 @@ class CompressedLayer(CacheLayerMixin):
         self.steps = 0
 
     # -- transformers' CacheLayerMixin -------------------------------------------------------------
+    @property
+    def keys(self) -> Optional[Tensor]:
+        """The kept keys ``[B, Hkv, L, D]`` in head order, for code that reads ``layer.keys`` (transformers'
+        own generate helpers); a ValueError when the heads keep different numbers of slots (read ``groups``)."""
+        return self._stacked("keys")
+
+    @keys.setter
+    def keys(self, value: Optional[Tensor]) -> None:
+        if value is not None:
+            raise AttributeError("CompressedLayer.keys is read-only; use update()")
+
+    @property
+    def values(self) -> Optional[Tensor]:
+        return self._stacked("values")
+
+    @values.setter
+    def values(self, value: Optional[Tensor]) -> None:
+        if value is not None:
+            raise AttributeError("CompressedLayer.values is read-only; use update()")
+
+    def _stacked(self, name: str) -> Optional[Tensor]:
+        if self.groups is None:
+            pending = getattr(self, "pending", None)
+            return None if pending is None else pending[0 if name == "keys" else 1]
+        if len(self.groups) == 1:
+            return getattr(self.groups[0], name)
+        lengths = {g.length for g in self.groups}
+        if len(lengths) != 1:
+            raise ValueError(f"CompressedCache layer {self.layer_idx}: its KV heads keep {sorted(lengths)} slots "
+                             f"(per-head budgets); read layer.groups instead of layer.{name}")
+        parts = [getattr(g, name) for g in self.groups]
+        order = torch.tensor([h for g in self.groups for h in g.heads], device=parts[0].device)
+        return torch.cat(parts, 1).index_select(1, torch.argsort(order))
+
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
@@ -372,6 +408,11 @@ class CompressedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return tensor_bytes(self.tensors())
 
+    def kv_nbytes(self) -> int:
+        """Bytes of the attention KV this layer holds (slots, positions, compensation, selector state), without
+        the recurrent / convolution state a hybrid layer also carries."""
+        return tensor_bytes(CompressedLayer.tensors(self))
+
     def dense_nbytes(self) -> int:
         """Bytes a DynamicCache would hold for this layer: K and V of every KV head and slot."""
         if self.pending is not None:
@@ -392,6 +433,48 @@ class CompressedLayer(CacheLayerMixin):
                            "slots": g.length, "bytes": tensor_bytes(g.tensors())})
         return {"layer": self.layer_idx, "site": None if self.binding is None else self.binding.site,
                 "tokens": self.seen, "bytes": self.nbytes(), "dense_bytes": self.dense_nbytes(), "groups": groups}
+
+
+class CompressedHybridLayer(LinearAttentionLayer, CompressedLayer):
+    """A layer holding both a recurrent / convolution state (transformers' own, unchanged) and attention KV
+    compressed as the plan says: what transformers' ``LinearAttentionAndFullAttentionLayer`` is with
+    :class:`CompressedLayer` in place of ``DynamicLayer``."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "CompressedCache", layer_idx: int, number_of_states: int = 1):
+        CompressedLayer.__init__(self, cache, layer_idx)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) == 2 and all(isinstance(a, Tensor) for a in args):  # key_states, value_states
+            CompressedLayer.lazy_initialization(self, *args)
+        else:
+            LinearAttentionLayer.lazy_initialization(self, *args, **kwargs)
+
+    def reset(self) -> None:
+        CompressedLayer.reset(self)
+        LinearAttentionLayer.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        CompressedLayer.reorder_cache(self, beam_idx)
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        CompressedLayer.crop(self, tokens_to_remove)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _linear_tensors(self) -> list[Tensor]:
+        return [t for d in (self.conv_states, self.recurrent_states) for t in d.values() if isinstance(t, Tensor)]
+
+    def tensors(self) -> list[Tensor]:
+        return CompressedLayer.tensors(self) + self._linear_tensors()
+
+    def dense_nbytes(self) -> int:
+        return CompressedLayer.dense_nbytes(self) + tensor_bytes(self._linear_tensors())
 
 
 def within_window(policy: KVPolicy, window: int) -> KVPolicy:
@@ -458,13 +541,15 @@ class CompressedCache(Cache):
             if plan is not None else None
         self.shared: dict[str, Any] = {}  # cross-layer decode state (TidalDecode's positions)
         for i, layer in enumerate(layers or ()):
-            self.layers.append(self._attention_layer(i) if _is_kv_layer(layer) else layer)
+            kind = _kv_kind(layer)
+            self.layers.append(layer if kind is None else self._attention_layer(i, layer))
 
-    def _attention_layer(self, i: int):
+    def _attention_layer(self, i: int, like: Any = None):
+        """The layer that stands in for transformers' attention layer ``like`` (None: a plain one)."""
         if i in self.plain_layers:
-            from transformers.cache_utils import DynamicLayer
-
-            return DynamicLayer()
+            return like if like is not None else DynamicLayer()
+        if like is not None and _kv_kind(like) == "hybrid":
+            return CompressedHybridLayer(self, i, number_of_states=like.number_of_states)
         return CompressedLayer(self, i)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -537,12 +622,14 @@ class CompressedCache(Cache):
                 f"a cache holds KV compressed for one plan: use a fresh CompressedCache() per model/plan")
 
 
-def _is_kv_layer(layer: Any) -> bool:
-    """A plain per-token attention KV layer of transformers (full or sliding), the kind lcpass compresses."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
-
-    return type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and not isinstance(
-        layer, LinearAttentionCacheLayerMixin)
+def _kv_kind(layer: Any) -> Optional[str]:
+    """"attention" for transformers' per-token KV layers (full or sliding), "hybrid" for a layer that also
+    carries recurrent / convolution state (Zamba2, Falcon-H1 ...): the kinds lcpass compresses."""
+    if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+        return "attention"
+    if type(layer) in (LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer):
+        return "hybrid"
+    return None
 
 
 def _layer_tensors(layer: Any) -> list[Tensor]:

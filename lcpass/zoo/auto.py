@@ -85,6 +85,8 @@ OVERRIDES: dict[str, tuple[dict[str, Any], str]] = {
     "jamba": (dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                    expert_layer_offset=1, mamba_dt_rank=8), "attention every 8th layer by default"),
     "whisper": (dict(max_source_positions=16), "input_features must be 2 x max_source_positions frames"),
+    "lfm2": (dict(num_hidden_layers=2, layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
+             "the default config has no convolution layer"),
     "bamba": (dict(attn_layer_indices=[1]), "no attention layer among the first two by default"),
     "granitemoehybrid": (dict(layer_types=["mamba", "attention"]), "every default layer is a Mamba layer"),
     "recurrent_gemma": (dict(num_hidden_layers=3), "block_types repeats (recurrent, recurrent, attention)"),
