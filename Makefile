@@ -1,5 +1,7 @@
 # The two commands of the README. Both create or reuse .venv (scripts/setup.sh).
 VENV ?= .venv
+# pytest-xdist workers (one torch thread each): the CI machine's two cores
+JOBS ?= 2
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
@@ -12,4 +14,4 @@ demo: setup
 	$(VENV)/bin/lcpass demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra --durations=25 tests
+	$(VENV)/bin/python -m pytest -q -ra --durations=25 -n $(JOBS) --dist worksteal tests

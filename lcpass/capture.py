@@ -141,6 +141,7 @@ def capture_dynamo(
     graphs: list[Captured] = []
 
     def grab(gm: GraphModule, example_inputs: list[Any]):
+        _root_module_paths(gm, example_inputs, model)
         params = frozenset(
             n.name for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)
             if isinstance(x, torch.nn.Parameter) or "_parameters_" in n.name
@@ -159,6 +160,60 @@ def capture_dynamo(
     if not graphs:
         raise CaptureError(f"capture via dynamo produced no graph for {type(model).__name__}")
     return graphs
+
+
+def _root_module_paths(gm: GraphModule, example_inputs: list[Any], model: torch.nn.Module) -> None:
+    """Make the graph's module paths relative to ``model``.
+
+    After a graph break dynamo traces the frame of a submodule's forward, and ``nn_module_stack`` paths
+    start at *that* module's ``self`` (``L['self'].layer[0].SelfAttention`` inside ``encoder.block.1``):
+    names repeat across blocks and name no submodule of the model. The prefix is recovered from the
+    parameters the graph reads: a parameter used inside module ``rel`` whose full name in ``model`` is
+    ``<prefix>.<rel>.<leaf>`` gives ``prefix``; every path of the graph is then rewritten to start at
+    ``model``."""
+    from lcpass.patterns.graphinfo import normalise_path
+
+    names: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(name)
+    holders = {n: names[id(x)] for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)
+               if isinstance(x, torch.Tensor) and id(x) in names}
+    if not holders:
+        return
+    prefix = None
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        last = list(stack.values())[-1]
+        rel = normalise_path(last[0] if isinstance(last, tuple) else str(last))
+        for arg in node.args:
+            for full in holders.get(arg, ()):
+                head, _, _leaf = full.rpartition(".")
+                if rel and (head == rel or head.endswith("." + rel)):
+                    prefix = head[: len(head) - len(rel)]
+                elif not rel:
+                    prefix = head + "." if head else ""
+                if prefix is not None:
+                    break
+            if prefix is not None:
+                break
+        if prefix is not None:
+            break
+    if not prefix:
+        return
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        fixed = {}
+        for key, val in stack.items():
+            path = val[0] if isinstance(val, tuple) else str(val)
+            rel = normalise_path(path)
+            full = (prefix + rel).rstrip(".")
+            fixed[key] = (full, *val[1:]) if isinstance(val, tuple) else full
+        node.meta["nn_module_stack"] = fixed
 
 
 def _capture_fx(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> Captured:

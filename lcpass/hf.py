@@ -195,6 +195,12 @@ def _make_attention(impl: str) -> Callable:
             return _original(module, impl)(module, query, key, value, attention_mask, dropout=dropout,
                                            scaling=scaling, **kwargs)
 
+        if rt is not None and not rt.dense and _disagrees_on_causality(impl, rt, module, query, key,
+                                                                       attention_mask, kwargs):
+            hits.fallback(f"the model computes this attention {'bidirectionally' if rt.is_causal else 'causally'}"
+                          f" here (no mask; {impl} with is_causal={getattr(module, 'is_causal', None)}), the "
+                          f"captured graph {'causally' if rt.is_causal else 'bidirectionally'}")
+            rt = None
         out = site_attention(rt, hits, module, query, key, value, attention_mask, dropout, scaling, own,
                              softcap=kwargs.get("softcap"), bias=bias, s_aux=kwargs.get("s_aux"))
         if out is None:
@@ -203,6 +209,23 @@ def _make_attention(impl: str) -> Callable:
 
     lcpass_attention.__name__ = f"lcpass_{impl}_attention"
     return lcpass_attention
+
+
+def _disagrees_on_causality(impl: str, rt: SiteRuntime, module: torch.nn.Module, query: torch.Tensor,
+                            key: torch.Tensor, mask: Optional[torch.Tensor], kwargs: dict) -> bool:
+    """Without a mask, the model's own function decides causality at run time (eager: none; SDPA: the
+    call's or the module's ``is_causal``). Where that differs from the captured site (PaliGemma's SDPA path
+    runs its prefix bidirectionally while its traced mask is causal), the plan would change the answer."""
+    if mask is not None or rt.window >= 0 or query.shape[2] <= 1 or query.shape[2] != key.shape[2]:
+        return False
+    if impl == "eager":
+        own_causal = False
+    elif impl == "sdpa":
+        flag = kwargs.get("is_causal")
+        own_causal = bool(getattr(module, "is_causal", True) if flag is None else flag)
+    else:
+        return False
+    return own_causal != bool(rt.is_causal)
 
 
 def _kv_keep(mask: Optional[torch.Tensor], batch: int, kv_len: int) -> Optional[torch.Tensor]:
@@ -268,8 +291,15 @@ def base_impl(model: torch.nn.Module) -> str:
     return impl[len("lcpass_"):] if impl.startswith("lcpass_") else impl
 
 
-def _reset_next(module, args, kwargs=None):
-    setattr(module, _NEXT_ATTR, 0)
+def _reset_next(modules: list[torch.nn.Module]) -> Callable:
+    """A forward pre-hook for the root model: every site module starts the forward at its first site.
+
+    The ordinals count a module's attention calls over one forward of the *model*, not of the module: a
+    module shared by several layers (ALBERT) or run in a loop (HRM) has one site per call."""
+    def hook(root, args, kwargs=None):
+        for mod in modules:
+            mod.__dict__[_NEXT_ATTR] = 0
+    return hook
 
 
 def install(model: torch.nn.Module, runtimes: dict[str, list[SiteRuntime]], *, rename: bool = True) -> None:
@@ -283,6 +313,7 @@ def install(model: torch.nn.Module, runtimes: dict[str, list[SiteRuntime]], *, r
 
     flat = [rt for rts in runtimes.values() for rt in rts]
     label = plan_label({rt.site: parse_spec(rt.spec) for rt in flat if not rt.dense})
+    site_modules = []
     for path, rts in runtimes.items():
         try:
             module = model.get_submodule(path)
@@ -292,8 +323,10 @@ def install(model: torch.nn.Module, runtimes: dict[str, list[SiteRuntime]], *, r
         setattr(module, SITES_ATTR, tuple(replace(rt, plan=label) for rt in rts))
         setattr(module, HITS_ATTR, tuple(SiteHits() for _ in rts))
         setattr(module, _NEXT_ATTR, 0)
-        if not hasattr(module, _HOOK_ATTR):
-            setattr(module, _HOOK_ATTR, [module.register_forward_pre_hook(_reset_next)])
+        site_modules.append(module)
+    for h in model.__dict__.pop(_HOOK_ATTR, []):
+        h.remove()
+    model.__dict__[_HOOK_ATTR] = [model.register_forward_pre_hook(_reset_next(site_modules))]
     model._lcpass_plan_label = label
     if rename:
         _set_impl(model, _register(impl))

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional, Sequence
 from torch.fx import GraphModule, Node
 
 from .anchors import anchor_order
+from .graphinfo import eliminate_dead_code
 from .maskinfo import MaskInfo, analyse_masks
 from .matcher import Match, Rejection, find_matches
 from .op import CANONICAL_OP, CanonicalArgs, attention, canonical_args, reference
@@ -59,7 +60,7 @@ def canonicalize(
     """
     lower_opaque(gm, flat_inputs)
     order = anchor_order(gm)  # before dead-code elimination: the eager forward runs dead softmaxes too
-    gm.graph.eliminate_dead_code()  # dead values (unreturned attention weights) must not count as users
+    eliminate_dead_code(gm)  # dead values (unreturned attention weights) must not count as users
     matches, rejected = find_matches(gm)
     infos: list[MaskInfo] = analyse_masks(gm, matches, flat_inputs, param_placeholders)
     anchors = [m.anchor.name for m in matches]

@@ -114,3 +114,19 @@ def layer_name(node: Node) -> str:
     last = list(stack.values())[-1]
     path = last[0] if isinstance(last, tuple) else str(last)
     return normalise_path(path)
+
+
+_VMAP_STATE = {"_vmap_increment_nesting": 1, "_vmap_decrement_nesting": -1, "lazy_load_decompositions": 0}
+
+
+def vmap_state(n: Node) -> Optional[int]:
+    """For the functorch state calls export keeps in a graph (masks built with ``torch.vmap``): the vmap
+    level change (+1 / -1; 0 for loading vmap's decompositions); None for every other node."""
+    name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+    return _VMAP_STATE.get(name)
+
+
+def eliminate_dead_code(gm: GraphModule) -> bool:
+    """``gm.graph.eliminate_dead_code()`` that keeps functorch's state calls: a vmap level closed or
+    decompositions loaded have no users, yet the batch-dim ops around them fail without them."""
+    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or vmap_state(n) is not None)

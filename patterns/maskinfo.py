@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from .graphinfo import constant_number
+from .graphinfo import constant_number, vmap_state
 from .matcher import Match
 from .op import positional_keep
 
@@ -81,23 +81,37 @@ def _ancestors(roots: Iterable[Node], through_shapes: bool) -> set[Node]:
 
 
 class _PartialRun(Interpreter):
-    """Run only the nodes in ``needed`` (and the placeholders)."""
+    """Run only the nodes in ``needed`` (and the placeholders), and every vmap level change: a mask built
+    with ``torch.vmap`` (T5Gemma2's) leaves the levels (and vmap's decompositions) a global state its
+    batch-dim ops depend on: they are set up and closed as in the full graph."""
 
     def __init__(self, gm: GraphModule, needed: set[Node]):
         super().__init__(gm, garbage_collect_values=False)
         self.needed = needed
+        self.depth = 0
 
     def run_node(self, n: Node) -> Any:
-        if n.op == "placeholder" or n in self.needed:
-            return super().run_node(n)
+        step = vmap_state(n)
+        if n.op == "placeholder" or n in self.needed or step is not None:
+            out = super().run_node(n)
+            self.depth += step or 0
+            return out
         return None
 
 
 def _evaluate(gm: GraphModule, nodes: Sequence[Node], flat_inputs: Sequence[Any]) -> dict[Node, Any]:
     needed = _ancestors(nodes, through_shapes=True)
     run = _PartialRun(gm, needed)
-    with torch.no_grad():
-        run.run(*flat_inputs, enable_io_processing=False)
+    try:
+        with torch.no_grad():
+            run.run(*flat_inputs, enable_io_processing=False)
+    except RuntimeError:
+        # a state the skipped nodes set up (functorch's vmap plumbing, T5Gemma2's masks): run everything
+        for _ in range(run.depth):  # close the vmap levels the partial run left open
+            torch._C._functorch._vmap_decrement_nesting()
+        run = _PartialRun(gm, set(gm.graph.nodes))
+        with torch.no_grad():
+            run.run(*flat_inputs, enable_io_processing=False)
     return {n: run.env.get(n) for n in nodes}
 
 

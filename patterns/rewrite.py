@@ -9,7 +9,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .graphinfo import rank_of, shape_of, value_of
+from .graphinfo import eliminate_dead_code, rank_of, shape_of, value_of
 from .maskinfo import MaskInfo
 from .matcher import Match, Operand
 from .op import CANONICAL_OP
@@ -171,7 +171,7 @@ def _drop_dead(gm: GraphModule) -> None:
                 if watched and all(all(is_assert(u) for u in w.users) for w in watched):
                     gm.graph.erase_node(node)
                     changed = True
-        changed |= gm.graph.eliminate_dead_code()
+        changed |= eliminate_dead_code(gm)
         if not changed:
             break
     gm.graph.lint()

@@ -3,6 +3,7 @@
 
     python scripts/coverage.py                  # every architecture, default and eager implementations
     python scripts/coverage.py llama falcon     # some model_types only (prints, does not write)
+    python scripts/coverage.py -j 2             # two worker processes (one torch thread each)
 """
 from __future__ import annotations
 
@@ -24,36 +25,55 @@ def _alarm(*_):
     raise _Timeout()
 
 
+def _check(job):
+    """One architecture x implementation, in a worker: the row, or a timeout row."""
+    import torch
+
+    from lcpass.zoo.sweep import Coverage, check
+
+    torch.set_num_threads(1)
+    arch, impl, timeout = job
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        row = check(arch, impl)
+    except _Timeout:
+        row = Coverage(arch.model_type, arch.task, arch.class_name, impl or "default", "error",
+                       f"timed out after {timeout} s")
+    finally:
+        signal.alarm(0)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_types", nargs="*")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per architecture")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/coverage.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/COVERAGE.md"))
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")
     args = ap.parse_args(argv)
     import torch
 
     from lcpass.zoo.auto import architectures
-    from lcpass.zoo.sweep import Coverage, check
     from lcpass.zoo.coverage_table import impls_for, markdown
 
     torch.set_num_threads(1)
-    rows = []
-    signal.signal(signal.SIGALRM, _alarm)
     archs = [a for a in architectures() if not args.model_types or a.model_type in args.model_types]
+    jobs = [(arch, impl, args.timeout) for arch in archs for impl in impls_for(arch)]
     t0 = time.time()
-    for arch in archs:
-        for impl in impls_for(arch):
-            signal.alarm(args.timeout)
-            try:
-                row = check(arch, impl)
-            except _Timeout:
-                row = Coverage(arch.model_type, arch.task, arch.class_name, impl or "default", "error",
-                               f"timed out after {args.timeout} s")
-            signal.alarm(0)
-            rows.append(row)
-            print(f"{row.model_type:28s} {row.attn_impl:8s} {row.status:12s} {row.seconds:5.1f}s {row.reason[:150]}",
-                  flush=True)
+    rows = []
+    if args.jobs > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=20)
+        results = pool.imap(_check, jobs)
+    else:
+        results = map(_check, jobs)
+    for row in results:
+        rows.append(row)
+        print(f"{row.model_type:28s} {row.attn_impl:8s} {row.status:12s} {row.seconds:5.1f}s {row.reason[:150]}",
+              flush=True)
     print(f"{len(rows)} rows in {time.time() - t0:.0f} s", file=sys.stderr)
     if args.model_types:
         return 0

@@ -92,8 +92,15 @@ OVERRIDES: dict[str, tuple[dict[str, Any], str]] = {
     "recurrent_gemma": (dict(num_hidden_layers=3), "block_types repeats (recurrent, recurrent, attention)"),
     "nemotron_h": (dict(layers_block_type=["mamba", "attention"]), "the default pattern starts with Mamba layers"),
     "mamba2": (dict(head_dim=32), "its head_dim is the SSM head's: num_heads x head_dim = expand x hidden_size"),
+    "mobilevit": (dict(image_size=128), "at 32 px every attention of its three stages sees one token"),
     "gpt_neo": (dict(attention_types=[[["global", "local"], 1]], window_size=WINDOW),
                 "attention_types lists 12 (global, local) pairs by default"),
+}
+
+# generation_config fields a family's generate() requires that a config built from scratch lacks
+GENERATION_OVERRIDES: dict[str, dict[str, Any]] = {
+    # generate(composer="composer1") reads the token of each of its config.composer_vocab_size composers
+    "pop2piano": {"composer_to_feature_token": {f"composer{i + 1}": 4 + i for i in range(21)}},
 }
 
 
@@ -377,6 +384,7 @@ def _build_one(arch: Arch, config_cls: type, model_cls: type, kwargs: dict[str, 
             torch.manual_seed(0)
             model = model_cls._from_config(config, attn_implementation=attn_implementation)
             model = model.to(torch.float32).eval()
+            woken = _wake_zero_weights(model)
             inputs = _inputs(model, arch)
             with torch.no_grad():
                 model(**inputs)
@@ -392,4 +400,21 @@ def _build_one(arch: Arch, config_cls: type, model_cls: type, kwargs: dict[str, 
             gc.decoder_start_token_id = TINY["decoder_start_token_id"]
         if gc.pad_token_id is None:
             gc.pad_token_id = TINY["pad_token_id"]
-    return TinyModel(arch, model, inputs, impl, n_params)
+        for key, value in GENERATION_OVERRIDES.get(arch.model_type, {}).items():
+            setattr(gc, key, value)
+    notes = [f"zero-initialised weights drawn at random: {', '.join(woken)}"] if woken else []
+    return TinyModel(arch, model, inputs, impl, n_params, notes)
+
+
+def _wake_zero_weights(model: torch.nn.Module) -> list[str]:
+    """Draw the matrices a family initialises to zero (NeoMME's attention output projection, ReZero-style
+    residual gates) at random, as training would have: at zero the attention cannot reach the output, and
+    the sweep could not tell a method that runs from one that does not."""
+    gen = torch.Generator().manual_seed(2)
+    woken = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and p.is_floating_point() and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                woken.append(name)
+    return woken
