@@ -174,7 +174,10 @@ class _Mode(TorchDispatchMode):
                     args = (x, *args[1:])
             out = func(*args, **kwargs)
             self._softmax_outputs[id(out)] = (n, out, out)
-            self._pending[n] = (out, tuple(out.shape))
+            # what the scores mask out (-inf or the dtype's minimum), read from the softmax input: a
+            # probability can underflow to 0 for a key that is attended (Gemma 4's unscaled tiny scores)
+            self._pending[n] = (x > torch.finfo(x.dtype).min / 2 if x.is_floating_point() else out > 0,
+                                tuple(out.shape))
             return out
         out = func(*args, **kwargs)
         name = _op_name(func)
@@ -182,10 +185,10 @@ class _Mode(TorchDispatchMode):
             for a in args[:3]:
                 hit = self._softmax_outputs.get(id(a)) if isinstance(a, torch.Tensor) else None
                 if hit is not None and hit[0] in self._pending:
-                    probs, shape = self._pending.pop(hit[0])
+                    keep, shape = self._pending.pop(hit[0])
                     index = len(self.calls)
                     self._order[hit[0]] = index
-                    self.calls.append(AttentionCall(index, "softmax", mask_pattern(probs > 0) if probs.dim() >= 2
+                    self.calls.append(AttentionCall(index, "softmax", mask_pattern(keep) if keep.dim() >= 2
                                                     else "other", shape))
         elif name in _CARRY:
             src = next((self._softmax_outputs[id(a)] for a in args

@@ -48,7 +48,7 @@ def _check(job):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_types", nargs="*")
-    ap.add_argument("--timeout", type=int, default=120, help="seconds per architecture")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per architecture")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/coverage.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/COVERAGE.md"))
     ap.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")

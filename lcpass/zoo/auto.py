@@ -77,7 +77,7 @@ TINY: dict[str, int] = dict(
     d_inner=128, dim_ff=128, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
     encoder_hash_byte_group_vocab=VOCAB, vision_feature_layer=-1, text_hidden_size=64, vision_hidden_size=64,
     query_pre_attn_scalar=16, global_head_dim=16, cross_attention_hidden_size=64, encoder_hidden_size=64,
-    num_query_tokens=4, qformer_hidden_size=64, mm_hidden_size=64, audio_hidden_size=64,
+    num_query_tokens=4, qformer_hidden_size=64, mm_hidden_size=64, audio_hidden_size=64, out_hidden_size=64,
 )
 
 # Config values a family needs beyond shrinking, each with the reason; merged over the shrunk values.
@@ -92,6 +92,8 @@ OVERRIDES: dict[str, tuple[dict[str, Any], str]] = {
     "recurrent_gemma": (dict(num_hidden_layers=3), "block_types repeats (recurrent, recurrent, attention)"),
     "nemotron_h": (dict(layers_block_type=["mamba", "attention"]), "the default pattern starts with Mamba layers"),
     "mamba2": (dict(head_dim=32), "its head_dim is the SSM head's: num_heads x head_dim = expand x hidden_size"),
+    "swinv2": (dict(embed_dim=16, num_heads=[2, 2, 4, 4], patch_size=4, window_size=4),
+               "hierarchical: embed_dim (96) doubles at each of four stages, heads per stage, 7 x 7 windows"),
     "mobilevit": (dict(image_size=128), "at 32 px every attention of its three stages sees one token"),
     "gpt_neo": (dict(attention_types=[[["global", "local"], 1]], window_size=WINDOW),
                 "attention_types lists 12 (global, local) pairs by default"),
@@ -264,11 +266,24 @@ def tiny_kwargs(config_cls: type, depth: int = 0) -> dict[str, Any]:
     return out
 
 
+def _safe_attr(config: Any, name: str) -> Any:
+    """``config.<name>``, or None where the config has none or refuses a global read (Gemma 4's per-layer
+    attributes raise rather than return one value)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
+        return None
+
+
 def _fix_rope(config: Any, depth: int = 0) -> None:
     """Multimodal RoPE sections sized for the default head_dim: rescale them to the tiny one."""
-    rope = getattr(config, "rope_parameters", None)
-    head_dim = getattr(config, "head_dim", None) or (
-        (getattr(config, "hidden_size", 0) or 0) // max(getattr(config, "num_attention_heads", 1) or 1, 1))
+    rope = _safe_attr(config, "rope_parameters")
+    hidden, heads = _safe_attr(config, "hidden_size"), _safe_attr(config, "num_attention_heads")
+    head_dim = _safe_attr(config, "head_dim") or (
+        hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None)
+    if isinstance(rope, dict) and "mrope_section" not in rope and "mrope_section" in (
+            getattr(type(config), "ignore_keys_at_rope_validation", None) or ()):
+        rope["mrope_section"] = [16, 24, 24]  # Qwen2-VL's modeling default, sized for head_dim 128
     if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and head_dim:
         sec = rope["mrope_section"]
         half = int(head_dim) // 2
@@ -283,6 +298,23 @@ def _fix_rope(config: Any, depth: int = 0) -> None:
 
 
 def _inputs(model: torch.nn.Module, arch: Arch) -> dict[str, Any]:
+    """The main input, plus any token ids the forward requires besides (BLIP-2's ``input_ids`` next to
+    its ``pixel_values``, InstructBLIP's ``qformer_input_ids``)."""
+    import inspect
+
+    out = _main_inputs(model, arch)
+    gen = torch.Generator().manual_seed(3)
+    text = getattr(model.config, "text_config", None) or model.config
+    vocab = min(int(getattr(text, "vocab_size", None) or VOCAB), VOCAB)
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in out \
+                and p.name.endswith("input_ids"):
+            n = DECODER_SEQ if p.name.startswith("decoder") else SEQ
+            out[p.name] = torch.randint(4, vocab, (BATCH, n), generator=gen)
+    return out
+
+
+def _main_inputs(model: torch.nn.Module, arch: Arch) -> dict[str, Any]:
     config = model.config
     name = getattr(model, "main_input_name", "input_ids")
     gen = torch.Generator().manual_seed(1)
@@ -342,8 +374,12 @@ def build(arch: Arch, attn_implementation: Optional[str] = None) -> TinyModel:
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        config_cls = CONFIG_MAPPING[arch.model_type]
         model_cls = getattr(transformers, arch.class_name)
+        config_cls = CONFIG_MAPPING[arch.model_type]
+        own = getattr(model_cls, "config_class", None)
+        if isinstance(own, type) and issubclass(own, transformers.PretrainedConfig) and own is not config_cls \
+                and own is not transformers.PretrainedConfig:
+            config_cls = own  # Llama4ForCausalLM is mapped from "llama4" but takes the text config
         base = tiny_kwargs(config_cls)
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"{arch.class_name}: {type(exc).__name__}: {_line(exc)}") from exc

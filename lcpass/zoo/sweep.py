@@ -9,7 +9,8 @@ check that fails:
    alone;
 3. **detect** — exactly as many canonical sites as the oracle counted, each with the oracle's mask
    (``is_causal`` / ``window``);
-4. **graph** — the captured graph with canonical sites reproduces the eager output (<= 1e-5);
+4. **graph** — the captured graph with canonical sites reproduces the eager output (<= 1e-5, relative
+   to the output's scale where it exceeds 1);
 5. **dense** — ``lcpass.optimize(method="dense")`` keeps the class and the output (<= 1e-5);
 6. **sparse** — a sparse plan (StreamingLLM sink 2 + window 4 on causal sites, LongLoRA's S²-Attn
    groups of 4 on bidirectional self-attention, cross-attention dense) changes the output and equals
@@ -109,12 +110,15 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _generate_prompt(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The first row of the forward's inputs, as ``generate`` takes them. Pop2Piano's ``generate`` requires
+    """The first sample of the forward's inputs, as ``generate`` takes them. Pop2Piano's ``generate`` requires
     ``input_features`` (its encoder's input embeddings) where its forward takes ``input_ids``: those are the
     embeddings of the same tokens."""
     import inspect
 
-    prompt = {k: v[:1] for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    config = getattr(model, "config", None)
+    # MusicGen's token rows are (sample, codebook) pairs: its one sample is num_codebooks rows
+    rows = int(getattr(getattr(config, "decoder", config), "num_codebooks", 1) or 1)
+    prompt = {k: v[:rows] for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     required = [p.name for p in inspect.signature(model.generate).parameters.values()
                 if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
     if "input_features" in required and "input_features" not in prompt and "input_ids" in prompt:
@@ -289,8 +293,20 @@ def _check(arch: Arch, impl: Optional[str], row: Coverage, generate: bool) -> No
             return
         if generate and arch.generative and hasattr(sparse, "generate"):
             prompt = _generate_prompt(sparse, inputs)
-            with torch.no_grad():
-                out = sparse.generate(**prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+            try:
+                with torch.no_grad():
+                    out = sparse.generate(**prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+            except Exception as exc:  # noqa: BLE001 - lcpass's failure only if the original model generates
+                plain = _fresh(arch, impl).model
+                try:
+                    with torch.no_grad():
+                        plain.generate(**prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+                except Exception as own:  # noqa: BLE001 - the tiny model's generate() fails by itself
+                    row.status = "exact"
+                    row.reason = (f"generate() not checked: it fails on the unoptimized tiny model too "
+                                  f"({type(own).__name__}: {_first_line(own)[:120]})")
+                    return
+                raise exc
             n_in = prompt.get("input_ids", prompt.get("decoder_input_ids"))
             if not isinstance(out, torch.Tensor) or (n_in is not None and out.shape[-1] < 3):
                 row.status, row.reason = "wrong", "generate() after optimize returned no new tokens"
