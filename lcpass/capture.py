@@ -181,26 +181,7 @@ def _root_module_paths(gm: GraphModule, example_inputs: list[Any], model: torch.
                if isinstance(x, torch.Tensor) and id(x) in names}
     if not holders:
         return
-    prefix = None
-    for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.op != "call_function" or not stack:
-            continue
-        last = list(stack.values())[-1]
-        rel = normalise_path(last[0] if isinstance(last, tuple) else str(last))
-        for arg in node.args:
-            for full in holders.get(arg, ()):
-                head, _, _leaf = full.rpartition(".")
-                if rel and (head == rel or head.endswith("." + rel)):
-                    prefix = head[: len(head) - len(rel)]
-                elif not rel:
-                    prefix = head + "." if head else ""
-                if prefix is not None:
-                    break
-            if prefix is not None:
-                break
-        if prefix is not None:
-            break
+    prefix = _frame_prefix(gm, holders)
     if not prefix:
         return
     for node in gm.graph.nodes:
@@ -214,6 +195,27 @@ def _root_module_paths(gm: GraphModule, example_inputs: list[Any], model: torch.
             full = (prefix + rel).rstrip(".")
             fixed[key] = (full, *val[1:]) if isinstance(val, tuple) else full
         node.meta["nn_module_stack"] = fixed
+
+
+def _frame_prefix(gm: GraphModule, holders: dict[Any, list[str]]) -> Optional[str]:
+    """The traced frame's path in the model: from the first parameter read inside module ``rel`` whose
+    full name is ``<prefix><rel>.<leaf>``; None when no parameter tells."""
+    from lcpass.patterns.graphinfo import normalise_path
+
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        last = list(stack.values())[-1]
+        rel = normalise_path(last[0] if isinstance(last, tuple) else str(last))
+        for arg in node.args:
+            for full in holders.get(arg, ()):
+                head = full.rpartition(".")[0]
+                if not rel:
+                    return head + "." if head else ""
+                if head == rel or head.endswith("." + rel):
+                    return head[: len(head) - len(rel)]
+    return None
 
 
 def _capture_fx(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> Captured:
