@@ -266,20 +266,11 @@ def tiny_kwargs(config_cls: type, depth: int = 0) -> dict[str, Any]:
     return out
 
 
-def _safe_attr(config: Any, name: str) -> Any:
-    """``config.<name>``, or None where the config has none or refuses a global read (Gemma 4's per-layer
-    attributes raise rather than return one value)."""
-    try:
-        return getattr(config, name, None)
-    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
-        return None
-
-
 def _fix_rope(config: Any, depth: int = 0) -> None:
     """Multimodal RoPE sections sized for the default head_dim: rescale them to the tiny one."""
-    rope = _safe_attr(config, "rope_parameters")
-    hidden, heads = _safe_attr(config, "hidden_size"), _safe_attr(config, "num_attention_heads")
-    head_dim = _safe_attr(config, "head_dim") or (
+    rope = _get(config, "rope_parameters")
+    hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+    head_dim = _get(config, "head_dim") or (
         hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None)
     if isinstance(rope, dict) and "mrope_section" not in rope and "mrope_section" in (
             getattr(type(config), "ignore_keys_at_rope_validation", None) or ()):
