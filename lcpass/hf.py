@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lcpass.lower import PLANNED_OP
+from lcpass.lower import PLANNED_OP, checked_kind
 
 __all__ = ["SiteRuntime", "SiteHits", "install", "uninstall", "is_transformers_model", "set_kv_cache", "new_cache",
            "cache_kwarg", "site_attention", "module_of", "runtimes_of", "hits_of", "reset_hits", "FALLBACK_OK"]
@@ -163,10 +163,14 @@ def site_attention(rt: Optional[SiteRuntime], hits: Optional[SiteHits], module: 
         mask = attention_mask
         if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
             mask = mask[..., : key.shape[-2]]
-        kind = "padding" if mask is not None else rt.mask_kind
-        if bias is not None:
-            mask, kind = _fold_bias(mask, bias), "bias"
-        out = PLANNED_OP(query, key, value, mask, scale, rt.is_causal, rt.window, cap, 0.0, rt.site, kind, rt.spec)
+        causal, window, kind = rt.is_causal, rt.window, rt.mask_kind
+        if mask is not None or bias is not None:
+            # the model's run-time mask says what this call attends: the site's causality is a claim
+            # about it, checked by the planned op (a caller's custom 4-D mask runs exactly)
+            base = "bias" if bias is not None else "padding"
+            mask = _fold_bias(mask, bias) if bias is not None else mask
+            causal, window, kind = False, -1, checked_kind(rt.is_causal, rt.window, base)
+        out = PLANNED_OP(query, key, value, mask, scale, causal, window, cap, 0.0, rt.site, kind, rt.spec)
     if handle is not None and handle.mode == "prefill":
         own_out = out
         _bind(handle.layer, rt, query, key, attention_mask)

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from lcpass.engine import element_mask
 from lcpass.hf import HITS_ATTR, INLINE_ATTR, SITES_ATTR, SiteHits, SiteRuntime, site_attention
-from lcpass.lower import crossover, is_dynamic_spec, site_mask
+from lcpass.lower import claim_holds, crossover, is_dynamic_spec, site_mask
 
 __all__ = ["InlineSite", "install_inline", "uninstall_inline", "SDPA_FUNCS", "SOFTMAX_FUNCS"]
 
@@ -104,6 +104,11 @@ def _softmax_dim(func, args, kwargs, x: torch.Tensor) -> Optional[int]:
     return int(dim) % x.dim()
 
 
+def _finite_floor(scores: torch.Tensor) -> float:
+    """Scores at or below this are masked out (the model filled them with its dtype's minimum or -inf)."""
+    return torch.finfo(scores.dtype).min / 2 if scores.is_floating_point() else -1e30
+
+
 def _keep(rt: SiteRuntime, scores: torch.Tensor, n_heads: int) -> Optional[torch.Tensor]:
     """The method's keep-mask for ``scores`` [..., Sq, Sk] (same rank), positions relative to each row's
     first real key; None when the scores are not [B, H, Sq, Sk] or [B*H, Sq, Sk]."""
@@ -116,7 +121,7 @@ def _keep(rt: SiteRuntime, scores: torch.Tensor, n_heads: int) -> Optional[torch
         return None
     H = s4.shape[1]
     mask_mod = site_mask(rt.spec, H, sq, sk, bool(rt.is_causal), int(rt.window))
-    finite = torch.finfo(scores.dtype).min / 2 if scores.is_floating_point() else -1e30
+    finite = _finite_floor(scores)
     valid = (s4 > finite).any(1).any(1)  # [B, Sk]: keys some query of the row sees
     if bool(valid.all()):
         keep = element_mask(mask_mod, 1, H, sq, sk, device=scores.device)  # [1, H|1, Sq, Sk]
@@ -146,6 +151,11 @@ def _softmax(rt: SiteRuntime, hits: SiteHits, n_heads: int, func, args, kwargs):
         return func(*args, **kwargs)
     heads = x.shape[1] if x.dim() == 4 else n_heads
     if x.shape[-1] < crossover(rt.spec, heads):
+        return func(*args, **kwargs)
+    if (rt.is_causal or rt.window >= 0) and not claim_holds(x > _finite_floor(x), x.shape[-2], x.shape[-1],
+                                                             bool(rt.is_causal), int(rt.window)):
+        hits.fallback(f"the scores at run time are not masked {'causally' if rt.window < 0 else 'to the window'} "
+                      "as on the example inputs")
         return func(*args, **kwargs)
     keep = _keep(rt, x, n_heads)
     if keep is None:

@@ -31,10 +31,11 @@ from lcpass.engine import element_mask, sparse_attention
 from lcpass.layout import build_layout
 from lcpass.methods import site_crossover, site_mask_mod, spec_parts
 from lcpass.patterns import CANONICAL_OP, Site, canonical_nodes
-from lcpass.patterns.op import reference
+from lcpass.patterns.op import laid_out, output_buffer, positional_keep, reference
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
-           "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec"]
+           "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec",
+           "checked_kind", "checked_claim", "claim_holds", "padding_keys"]
 
 NEG_LIMIT = -1e4
 
@@ -42,13 +43,15 @@ NEG_LIMIT = -1e4
 BACKENDS = ("auto", "cpu", "triton")
 
 
-def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None, backend: str = "auto") -> str:
+def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None, backend: str = "auto",
+              follow_q: bool = False) -> str:
     """A site's per-head method specs as the planned op's ``spec`` string (stable, hashable).
 
     ``dense_below`` overrides the methods' crossover (the key length below which the site runs
     dense); None keeps each method's own. ``backend``: ``"cpu"`` (the block engine), ``"triton"``
     (generated kernels; the CPU engine with a warning where a spec is unsupported) or ``"auto"``
-    (Triton for CUDA tensors, the CPU engine otherwise).
+    (Triton for CUDA tensors, the CPU engine otherwise). ``follow_q``: the output is laid out in q's
+    memory order, as the SDPA call the site replaces returned it (else contiguous, as a matrix product).
     """
     if backend not in BACKENDS:
         raise ValueError(f"lcpass: backend={backend!r}; use one of {BACKENDS}")
@@ -56,8 +59,10 @@ def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None, back
     for spec in head_specs:
         name, params = spec_parts(spec)
         items.append({"method": name, "params": dict(sorted(params.items()))})
-    return json.dumps({"heads": items, "dense_below": dense_below, "backend": backend}, sort_keys=True,
-                      separators=(",", ":"))
+    data = {"heads": items, "dense_below": dense_below, "backend": backend}
+    if follow_q:
+        data["follow_q"] = True
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 @lru_cache(maxsize=1024)
@@ -69,6 +74,11 @@ def _parse_full(spec: str) -> tuple[tuple[tuple[str, dict[str, Any]], ...], Opti
 @lru_cache(maxsize=1024)
 def _backend(spec: str) -> str:
     return json.loads(spec).get("backend", "auto")
+
+
+@lru_cache(maxsize=1024)
+def _follow_q(spec: str) -> bool:
+    return bool(json.loads(spec).get("follow_q", False))
 
 
 def _use_triton(spec: str, q: torch.Tensor) -> bool:
@@ -224,25 +234,90 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
     return out
 
 
+def checked_kind(is_causal: bool, window: int, base: str) -> str:
+    """The mask kind of a site whose causality / window is a claim about a mask tensor (read from an
+    input's example value, or the model's run-time mask): ``causal?+padding``, ``sliding(8)?+bias``; the
+    planned op checks the claim on every call."""
+    if not is_causal and window < 0:
+        return base
+    return f"{f'sliding({window})' if window >= 0 else 'causal'}?+{base}"
+
+
+def checked_claim(mask_kind: str) -> Optional[tuple[bool, int]]:
+    """The (is_causal, window) a mask kind claims to be checked on every call; None when it claims none."""
+    head = (mask_kind or "").split("+")[0]
+    if not head.endswith("?"):
+        return None
+    head = head[:-1]
+    if head.startswith("sliding(") and head.endswith(")"):
+        return (True, int(head[len("sliding("):-1]))
+    return (True, -1) if head == "causal" else None
+
+
+def _keep_of(mask: torch.Tensor) -> torch.Tensor:
+    """A mask's keep pattern (True = the score is attended), at least 4-D like the scores."""
+    keep = mask if mask.dtype == torch.bool else mask > NEG_LIMIT
+    return keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape)) if keep.dim() < 4 else keep
+
+
+def claim_holds(mask: torch.Tensor, q_len: int, kv_len: int, is_causal: bool, window: int) -> bool:
+    """Whether ``mask`` hides every score that causality / the window hide (so imposing them is exact)."""
+    pos = positional_keep(q_len, kv_len, is_causal, window, mask.device)
+    return pos is None or not bool((_keep_of(mask) & ~pos).any())
+
+
+def padding_keys(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, is_causal: bool,
+                 window: int) -> tuple[bool, Optional[torch.Tensor]]:
+    """Whether ``mask`` is padding on top of the positional part, and its per-key validity [B, Sk] (None
+    when every key is valid). Padding: each query row that sees a key sees exactly the positional keys
+    that are valid for its batch row, and a float mask adds nothing but 0 there. Anything else (a
+    caller's arbitrary mask, a bias) is not padding and runs the exact masked path."""
+    keep = _keep_of(mask)
+    if not mask.dtype == torch.bool and bool((mask.masked_fill(~keep.expand(mask.shape), 0) != 0).any()):
+        return False, None
+    kv_keep = _kv_keep(mask, batch)
+    form = positional_keep(q_len, kv_len, is_causal, window, mask.device)
+    form = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device) if form is None else form
+    form = form[None, None] if kv_keep is None else form[None, None] & kv_keep[:, None, None, :]
+    rows = form.any(-1, keepdim=True)  # query rows that see some key (padded queries see none)
+    return not bool(((keep != form) & rows).any()), kv_keep
+
+
+def _warn(site: str, why: str) -> None:
+    # Python's warning filters show it once per place by default; an exact call is never silent
+    warnings.warn(f"lcpass: site {site}: {why}; this call runs exact dense attention (correct, not faster)",
+                  stacklevel=3)
+
+
 def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec):
     specs = _parse(spec)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     if all(name == "dense" for name, _ in specs) or sk < crossover(spec, hq) or dropout_p > 0:
         return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+    claim = checked_claim(mask_kind)
+    if claim is not None and mask is not None:
+        if not claim_holds(mask, sq, sk, *claim):
+            _warn(site, f"the mask passed at run time is not {mask_kind.split('+')[0][:-1]} as the "
+                             "example's was")
+            return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+        is_causal, window = claim  # the mask hides at least what the claim hides: imposing it is exact
     dynamic = _is_dynamic(specs)
     if dynamic and (not is_causal or window >= 0 or softcap):
         # content selection is defined on plain causal attention: anything else stays exactly dense
         return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
-    if mask is not None and lowering_kind(mask_kind) != "sparse":
-        if dynamic:
-            return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
-        # A bias or an unnamed pattern: exact dense attention with the method's mask on top.
-        keep = element_mask(site_mask(spec, hq, sq, sk, bool(is_causal), int(window)), 1, hq, sq, sk,
-                            device=q.device)
-        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
-        return reference(q, k, v, mask, scale, False, -1, softcap, 0.0)
+    kv_keep = None
+    if mask is not None:
+        padding, kv_keep = (padding_keys(mask, q.shape[0], sq, sk, bool(is_causal), int(window))
+                            if lowering_kind(mask_kind) == "sparse" else (False, None))
+        if not padding:
+            if dynamic:
+                return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+            # A bias or an arbitrary mask: exact dense attention with the method's mask on top.
+            keep = element_mask(site_mask(spec, hq, sq, sk, bool(is_causal), int(window)), 1, hq, sq, sk,
+                                device=q.device)
+            mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+            return reference(q, k, v, mask, scale, False, -1, softcap, 0.0)
     run = dict(spec=spec, scale=scale, is_causal=is_causal, window=window, softcap=softcap, site=site)
-    kv_keep = _kv_keep(mask, q.shape[0]) if mask is not None else None
     if kv_keep is None:
         return _run_specs(q, k, v, kv_keep=None, **run)
     rows = _row_ranges(kv_keep)
@@ -279,13 +354,13 @@ def planned_attention(
     mask_kind: str,
     spec: str,
 ) -> torch.Tensor:
-    return planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind,
-                                  spec)
+    return laid_out(planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site,
+                                           mask_kind, spec), q, _follow_q(spec))
 
 
 @planned_attention.register_fake
 def _planned_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return output_buffer(q, v.shape[-1], _follow_q(spec))
 
 
 PLANNED_OP = torch.ops.lcpass.planned_attention.default
@@ -310,7 +385,7 @@ def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Op
             continue
         args = list(node.args)
         # (q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source) -> planned op
-        new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend))
+        new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend, follow_q=args[10] == "sdpa"))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(PLANNED_OP, new_args)
         new.meta.update(node.meta)

@@ -260,6 +260,16 @@ def optimize(
                 error = exc
         if found is None:
             raise error
+        if kwargs.get("dynamic_seq") and found[0][1].rejected:
+            # a symbolic length can hide what a softmax's terms are (a bias before a reshape of unknown
+            # shape): where the example's own shapes show more attention, lower that graph instead
+            static = detect(model, example_inputs, fallback=False)
+            if len(static[0][1].sites) > len(found[0][1].sites):
+                warnings.warn(f"lcpass.optimize: {type(model).__name__}: with a symbolic sequence length "
+                              f"{len(found[0][1].sites)} of {len(static[0][1].sites)} attention sites are found "
+                              f"({found[0][1].rejected[0].reason}); the optimized module is specialised to the "
+                              "example's shapes", stacklevel=2)
+                found = static
     cap, det = found[0]
     if hf and len(found) > 1:  # dynamo's graphs (export failed): the sites of all of them
         det = Detection(det.gm, [s for _, d in found for s in d.sites], [r for _, d in found for r in d.rejected])

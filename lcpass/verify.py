@@ -28,7 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcpass.engine import reference_attention
-from lcpass.lower import NEG_LIMIT, PLANNED_OP, crossover, lowering_kind, parse_spec, site_mask
+from lcpass.lower import (NEG_LIMIT, PLANNED_OP, checked_claim, claim_holds, crossover, lowering_kind, padding_keys,
+                          parse_spec, site_mask)
 from lcpass.patterns.op import reference
 
 __all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "record_planned_calls"]
@@ -119,9 +120,17 @@ def _expected(a: dict[str, Any]) -> torch.Tensor:
         return reference(q.float(), k.float(), v.float(), None if mask is None else
                          (mask if mask.dtype == torch.bool else mask.float()), a["scale"], a["is_causal"],
                          a["window"], a["softcap"], 0.0).to(q.dtype)
+    claim = checked_claim(a["mask_kind"])
+    if claim is not None and mask is not None:
+        if not claim_holds(mask, sq, sk, *claim):  # the claim fails: exact attention, as the op runs it
+            return reference(q.float(), k.float(), v.float(), mask if mask.dtype == torch.bool else mask.float(),
+                             a["scale"], a["is_causal"], a["window"], a["softcap"], 0.0).to(q.dtype)
+        a = {**a, "is_causal": claim[0], "window": claim[1]}
     mask_mod = site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"]))
     score_mod = _softcap_mod(a["softcap"]) if a["softcap"] else None
-    if mask is not None and lowering_kind(a["mask_kind"]) != "sparse":
+    padding = mask is not None and lowering_kind(a["mask_kind"]) == "sparse" and \
+        padding_keys(mask, q.shape[0], sq, sk, bool(a["is_causal"]), int(a["window"]))[0]
+    if mask is not None and not padding:
         from lcpass.engine import element_mask
 
         keep = element_mask(mask_mod, 1, hq, sq, sk, device=q.device)

@@ -48,6 +48,30 @@ def same_size(a: Any, b: Any) -> bool:
         return False
 
 
+_aten = torch.ops.aten
+_PASS_THROUGH = {_aten.lift_fresh_copy.default, _aten.clone.default, _aten.detach.default, _aten.detach_.default,
+                 _aten.alias.default, _aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout,
+                 _aten.to.device, _aten.to.other, torch.ops.prims.convert_element_type.default, torch.Tensor.detach,
+                 torch.Tensor.to}
+
+_ZEROS = {_aten.zeros.default, _aten.zeros_like.default, torch.zeros, torch.zeros_like}
+_ONES = {_aten.ones.default, _aten.ones_like.default, torch.ones, torch.ones_like}
+
+
+def _mutated(node: Node) -> bool:
+    """Whether some user writes ``node`` in place (``masked_fill_``, ``+=``, ``copy_``)."""
+    for u in node.users:
+        t = u.target
+        if isinstance(t, torch._ops.OpOverload):
+            name = t.overloadpacket.__name__
+        else:
+            name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        if u.args and u.args[0] is node and (name.endswith("_") and not name.endswith("__")
+                                             or name in ("iadd", "isub", "imul", "itruediv", "ior", "iand")):
+            return True
+    return False
+
+
 def constant_number(value: Any, gm: Optional[GraphModule] = None) -> Optional[float]:
     """A Python number for a literal, a 0-d constant tensor, or a node holding one; else None."""
     if isinstance(value, bool):
@@ -66,15 +90,23 @@ def constant_number(value: Any, gm: Optional[GraphModule] = None) -> Optional[fl
                     return float(t.item())
             except AttributeError:
                 return None
-        if value.op == "call_function" and value.target in (
-            torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.clone.default
-        ):
-            return constant_number(value.args[0], gm)
+        if value.op == "call_function" and value.target in _PASS_THROUGH:
+            # a constant copied, detached or cast (``torch.tensor(finfo.min).to(dtype).detach()``)
+            return constant_number(value.args[0], gm) if value.args else None
+        if value.op == "call_method" and value.target in ("detach", "detach_", "clone", "to", "float", "half",
+                                                          "bfloat16", "type_as", "contiguous"):
+            return constant_number(value.args[0], gm) if value.args else None
         if value.op == "call_function" and value.target in (
             torch.ops.aten.full.default, torch.ops.aten.scalar_tensor.default, torch.ops.aten.full_like.default
-        ):
+        ) and not _mutated(value):
             fill = value.args[0] if value.target is torch.ops.aten.scalar_tensor.default else value.args[1]
             return constant_number(fill, gm)
+        if _mutated(value):
+            return None  # a tensor written in place later (dynamo graphs are not functional): not a constant
+        if value.op == "call_function" and value.target in _ZEROS:
+            return 0.0
+        if value.op == "call_function" and value.target in _ONES:
+            return 1.0
         v = value_of(value)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)

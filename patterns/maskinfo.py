@@ -9,6 +9,13 @@ Two questions decide it:
    sliding window W, or all-True is replaced by ``is_causal`` / ``window`` and the tensor is dropped;
    anything else is kept exactly. The window size is read from the value when the example is longer
    than the window, and from the mask's ``kv > q - W`` comparison constant otherwise.
+3. **Is a mask built from inputs structural?** A mask that depends on a forward input is data: its
+   example value decides nothing by itself. It is evaluated again with every mask-like input (bool,
+   0/1 integers, 0/-inf floats) set to attend everything; causality or a window that remains and that
+   the example only narrows is structure (``create_causal_mask(attention_mask)``). Anything else read
+   from the example (a caller's ``[S, S]`` mask that happens to be causal, a mask materialised in an
+   earlier dynamo graph, one built from positions) is a *checked* claim: the canonical op keeps only
+   the tensor, and a planned method that relies on the claim checks it on every call.
 """
 from __future__ import annotations
 
@@ -38,14 +45,23 @@ class MaskInfo:
     is_causal: bool
     window: int  # -1 for none
     keep_tensor: bool  # whether the mask tensor must stay in the canonical op
+    # is_causal / window were read from a forward input's example value: the canonical op keeps only the
+    # tensor (exact for any value); the planner may use the claim, the planned op checks it on every call
+    checked: bool = False
 
     @property
     def label(self) -> str:
         if self.kind == "sliding":
             return f"sliding({self.window})"
         if self.kind in ("padding", "bias") and self.is_causal:
-            return (f"sliding({self.window})+" if self.window >= 0 else "causal+") + self.kind
+            claim = f"sliding({self.window})" if self.window >= 0 else "causal"
+            return f"{claim}{'?' if self.checked else ''}+{self.kind}"
         return self.kind
+
+    @property
+    def op_causal(self) -> tuple[bool, int]:
+        """(is_causal, window) the canonical op may impose: structure only, never a checked claim."""
+        return (False, -1) if self.checked else (self.is_causal, self.window)
 
 
 _SHAPE_READS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int}
@@ -192,6 +208,56 @@ def _implied(keep: torch.Tensor, window_candidates: set[int]) -> tuple[bool, int
     return (True, -1)
 
 
+def _mask_like(x: Any) -> Optional[torch.Tensor]:
+    """For a forward input that looks like a mask, the same input attending everything; else None.
+
+    Mask-like: bool; 0/1 integers with at least two dims (``attention_mask [B, S]``); floats that are 0
+    or a huge negative (an additive mask). Token ids, positions and features are not."""
+    if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        return None
+    if x.dtype == torch.bool:
+        return torch.ones_like(x)
+    if not x.is_floating_point() and x.dim() >= 2:
+        return torch.ones_like(x) if bool(((x == 0) | (x == 1)).all()) else None
+    if x.is_floating_point() and x.dim() >= 2:
+        return torch.zeros_like(x) if bool(((x == 0) | (x <= NEG_LIMIT)).all()) else None
+    return None
+
+
+def _attend_all_inputs(gm: GraphModule, flat_inputs: Sequence[Any], params: set[str]) -> tuple[list[Any], set[str]]:
+    """``flat_inputs`` with every mask-like forward input replaced by one that attends everything, and
+    the names of the placeholders replaced."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out, replaced = list(flat_inputs), set()
+    for i, (node, x) in enumerate(zip(holders, flat_inputs)):
+        if node.name in params or "_buffers_" in node.name or "_parameters_" in node.name:
+            continue
+        alt = _mask_like(x)
+        if alt is not None:
+            out[i] = alt
+            replaced.add(node.name)
+    return out, replaced
+
+
+def _structural(m: Match, combined: Optional[torch.Tensor], attend_all: dict[Node, Any],
+                window_candidates: set[int], claim: tuple[bool, int]) -> bool:
+    """Whether the causality / window ``claim`` of a mask built from forward inputs holds for *any* value
+    of those inputs, not only the example's. Every input the mask depends on must be mask-like; set to
+    attend everything, the mask is evaluated again: what remains is built from shapes and constants (the
+    causal part of ``create_causal_mask(attention_mask)``) and the example input may only take keys away
+    from it. A caller's ``[S, S]`` mask that happens to be causal on the example is data: nothing remains.
+    """
+    if not attend_all:
+        return False
+    alt = _combined(m, attend_all)
+    if alt is None or combined is None or alt.shape != combined.shape:
+        return False
+    keep_alt = torch.isfinite(alt)
+    if bool((torch.isfinite(combined) & ~keep_alt).any()):
+        return False  # the example input lets a query see a key the structure alone hides
+    return _positional(keep_alt, window_candidates) == claim
+
+
 def _is_param_node(gm: GraphModule, n: Node, params: set[str]) -> bool:
     """A learned parameter (not a buffer or constant: a registered causal-mask buffer is positional)."""
     if n.op == "placeholder":
@@ -213,9 +279,17 @@ def analyse_masks(
     """One :class:`MaskInfo` per match, in order."""
     terms = [n for m in matches for n in [b for b, _ in m.bias] + [c for c, _ in m.keep] if isinstance(n, Node)]
     values: dict[Node, Any] = {}
+    params = set(param_placeholders)
+    attend_all: dict[Node, Any] = {}  # the masks with every mask-like input attending everything
+    replaced: set[str] = set()
     if terms and flat_inputs is not None:
         values = _evaluate(gm, terms, flat_inputs)
-    params = set(param_placeholders)
+        alt, replaced = _attend_all_inputs(gm, flat_inputs, params)
+        if replaced:
+            try:
+                attend_all = _evaluate(gm, terms, alt)
+            except Exception:  # noqa: BLE001 - cannot tell structure from data: every claim is checked
+                attend_all = {}
     out: list[MaskInfo] = []
     for m in matches:
         nodes = [b for b, _ in m.bias] + [c for c, _ in m.keep]
@@ -224,7 +298,9 @@ def analyse_masks(
             continue
         deps = _ancestors(nodes, through_shapes=False)
         # dynamo lifts buffers to placeholders too: a registered mask buffer is a constant, not input
-        user = any(n.op == "placeholder" and n.name not in params and "_buffers_" not in n.name for n in deps)
+        inputs = {n.name for n in deps if n.op == "placeholder" and n.name not in params
+                  and "_buffers_" not in n.name and "_parameters_" not in n.name}
+        user = bool(inputs)
         param = any(_is_param_node(gm, n, params) for n in deps)
         combined = _combined(m, values) if values else None
         pattern = None
@@ -236,12 +312,15 @@ def analyse_masks(
         causal, window = pattern if pattern is not None else (False, -1)
         if pattern is None and combined is not None and (user or param):
             causal, window = _implied(torch.isfinite(combined), _window_constants(nodes))
+        # a claim read from an input's example value is data: checked on every call, never structure
+        checked = user and (causal or window >= 0) and not (
+            inputs <= replaced and _structural(m, combined, attend_all, _window_constants(nodes), (causal, window)))
         if m.is_causal:  # SDPA's own flag on top of a mask is not combinable in torch; keep it exact
-            causal = True
+            causal, checked = True, False
         if user and (combined is None or pure):
-            out.append(MaskInfo("padding", causal, window, True))
+            out.append(MaskInfo("padding", causal, window, True, checked))
         elif param or (combined is not None and not pure):
-            out.append(MaskInfo("bias", causal, window, True))
+            out.append(MaskInfo("bias", causal, window, True, checked))
         elif pattern is None:
             out.append(MaskInfo("custom", False, -1, True))
         elif not causal:

@@ -73,6 +73,9 @@ class Match:
     # a bias / mask term added before reshapes of the scores: the (input shape, output shape) of each
     # reshape between the term and the softmax, innermost first, to bring the term to the softmax's layout
     term_views: dict[Node, list[tuple[tuple[int, ...], tuple[int, ...]]]] = field(default_factory=dict)
+    # tensor factors of the scores that are constant along the keys ([.., Sq | 1, 1]: a learned per-head
+    # logit scale, Swin-v2's cosine scale): folded into q, which is exact (q·k is linear in q)
+    q_scales: list[Node] = field(default_factory=list)
 
 
 _MATMULS = ("matmul", "bmm", "einsum", "baddbmm")
@@ -280,12 +283,60 @@ def _leads_to_product(gm: GraphModule, node, depth: int = 12) -> bool:
             return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
         elif op.kind in ("where",):
             return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
-        elif op.kind == "masked_fill":
-            node = op["x"]
+        elif op.kind in ("masked_fill", "sub"):
+            node = op["x"] if op.kind == "masked_fill" else op["a"]
+        elif op.kind == "maximum":
+            return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
         else:
             return False
         depth -= 1
     return False
+
+
+def _tensor_factor(gm: GraphModule, op: Op, node: Node) -> tuple[Node, Node]:
+    """(scores, factor) for scores multiplied (or divided) by a tensor that is constant along the keys
+    and does not depend on the scores: a learned logit scale ``[H, 1, 1]``, a cosine-attention scale."""
+    a, b = op["a"], op["b"]
+    if op.kind == "mul" and not _leads_to_product(gm, a) and _leads_to_product(gm, b):
+        a, b = b, a
+    if not isinstance(b, Node) or not _leads_to_product(gm, a) or _leads_to_product(gm, b):
+        raise Reject(f"the scores are multiplied by a non-constant ({node.name}); not a recognised scale")
+    fs, ss = shape_of(b), shape_of(node)
+    if fs is None or ss is None or len(fs) > len(ss) or (fs and fs[-1] != 1):
+        raise Reject(f"the scores are multiplied by a tensor of shape {fs} ({node.name}) that varies along the "
+                     "keys; only factors constant along the keys (per head or per query) fold into q")
+    if op.kind == "div":
+        raise Reject(f"the scores are divided by a tensor ({node.name}); not a recognised scale")
+    return a, b
+
+
+_MAX_CALLS = (torch.max, torch.amax, torch.ops.aten.max.dim, torch.ops.aten.amax.default)
+
+
+def _row_max_of(gm: GraphModule, node: object, scores: Node) -> bool:
+    """``scores.max(-1, keepdim=True)[0]`` / ``amax(scores, -1, keepdim=True)`` (possibly detached or
+    cast): each row's own maximum, whose subtraction the softmax does not see."""
+    for _ in range(6):
+        if not isinstance(node, Node):
+            return False
+        op = op_of(node, gm)
+        if op is not None and (op.kind in ("cast", "identity") or (op.kind == "getitem" and op["index"] == 0)):
+            node = op["x"]
+            continue
+        if node.op == "call_function" and node.target is getattr and node.args[1:] == ("values",):
+            node = node.args[0]
+            continue
+        break
+    if not isinstance(node, Node):
+        return False
+    if not ((node.op == "call_function" and node.target in _MAX_CALLS)
+            or (node.op == "call_method" and node.target in ("max", "amax"))):
+        return False
+    args = list(node.args)
+    dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+    r = rank_of(scores)
+    return bool(args) and args[0] is scores and r is not None and _norm_dim(dim, r) == r - 1 and bool(keepdim)
 
 
 def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
@@ -321,9 +372,13 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
             base = op["a"]
             if c is None and kind == "mul":
                 c, base = constant_number(op["a"], gm), op["b"]
-            if c is None or op["rounding_mode"] is not None:
-                # softcap: mul(tanh(div(s, cap)), cap)
-                raise Reject(f"the scores are multiplied by a non-constant ({node.name}); not a recognised scale")
+            if op["rounding_mode"] is not None:
+                raise Reject(f"the scores are divided with rounding ({node.name}); not a recognised scale")
+            if c is None:
+                scores, factor = _tensor_factor(gm, op, node)
+                outer.append(("tscale", (factor, len(views))))
+                node = scores
+                continue
             tanh = op_of(base, gm)
             if kind == "mul" and tanh is not None and tanh.kind == "tanh":
                 inner = op_of(tanh["x"], gm)
@@ -392,39 +447,65 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
                              "dtype's minimum")
             node = scores
         elif kind == "sub":
-            c = constant_number(op["b"], gm)
-            if c is None:
-                raise Reject(f"the scores pass through a subtraction of a tensor ({node.name})")
-            node = op["a"]  # a constant shift: softmax-invariant
+            if op["alpha"] not in (1, 1.0):
+                raise Reject(f"sub with alpha={op['alpha']} on the scores")
+            a, b = op["a"], op["b"]
+            if not _leads_to_product(gm, a):
+                raise Reject(f"the scores are subtracted from something ({node.name}): softmax of -scores")
+            if constant_number(b, gm) is not None or _row_max_of(gm, b, a):
+                node = a  # a constant shift, or each row's own maximum: softmax-invariant
+                continue
+            if _leads_to_product(gm, b):
+                raise Reject(f"both operands of {node.name} lead to a matmul: cannot tell the scores from the bias")
+            if reshaped and any(not p for p, _ in views):
+                raise Reject(f"a bias is subtracted before a reshape of the scores ({node.name}) of unknown shape")
+            note(b)
+            outer.append(("bias", (b, -1.0)))  # scores - c * mask: an additive bias with coefficient -1
+            node = a
         elif kind in _MATMULS:
             m.scores_rank = rank_of(x) or 4
             inner: list[tuple[str, object]] = []
             if kind == "baddbmm":  # beta * bias + alpha * (a @ b)
                 alpha, beta = constant_number(op["alpha"]), constant_number(op["beta"])
-                if beta != 1.0 or alpha is None:
+                if beta not in (0.0, 1.0) or alpha is None:
                     raise Reject(f"baddbmm with beta={op['beta']}, alpha={op['alpha']}")
-                inner = [("scale", alpha), ("bias", op["x"])]
-                note(op["x"])
+                inner = [("scale", alpha)]
+                if beta == 1.0 and constant_number(op["x"], gm) != 0.0:  # beta=0 or a zero input: no bias
+                    inner.append(("bias", op["x"]))
+                    note(op["x"])
                 if views and any(not p for p, _ in views):
                     raise Reject(f"baddbmm's bias reaches the softmax through a reshape of unknown shape")
-            _apply_terms(m, inner + list(reversed(outer)))
+            _apply_terms(m, inner + list(reversed(outer)), len(views))
             return node
         else:
             raise Reject(f"the softmax input passes through {target_name(node)}, which is not a scale, "
                          "softcap, mask or bias of q·kᵀ")
 
 
-def _apply_terms(m: Match, inner_to_outer: list[tuple[str, object]]) -> None:
-    """Replay the score terms from the product outward into scale -> softcap -> bias/keep."""
+def _apply_terms(m: Match, inner_to_outer: list[tuple[str, object]], n_views: int) -> None:
+    """Replay the score terms from the product outward into scale -> softcap -> bias/keep. ``n_views``:
+    the reshapes of the scores between the product and the softmax (a tensor factor must sit inside all)."""
     seen_mask = False
     for kind, value in inner_to_outer:
         if kind == "scale":
-            if m.softcap:
-                raise Reject("the scores are scaled after the softcap")
             if m.keep and value <= 0:
                 raise Reject(f"the masked scores are multiplied by {value} <= 0")
+            if m.softcap:
+                if seen_mask:
+                    raise Reject("the scores are scaled after a softcap and a mask")
+                if value <= 0:
+                    raise Reject(f"the softcapped scores are multiplied by {value} <= 0")
+                # c * cap * tanh(s / cap) is cap' * tanh(s' / cap') with cap' = c * cap, s' = c * s
+                m.softcap *= value
             m.bias = [(b, coef * value) for b, coef in m.bias]  # a later scale scales the bias too
             m.scale *= value
+        elif kind == "tscale":
+            factor, depth = value
+            if seen_mask or m.softcap:
+                raise Reject(f"the scores are multiplied by a tensor ({factor.name}) after a mask, bias or softcap")
+            if depth != n_views:
+                raise Reject(f"the scores are multiplied by a tensor ({factor.name}) across a reshape of the scores")
+            m.q_scales.append(factor)
         elif kind == "softcap":
             if seen_mask:
                 raise Reject("a mask or bias is applied before the softcap")
@@ -433,7 +514,7 @@ def _apply_terms(m: Match, inner_to_outer: list[tuple[str, object]]) -> None:
             m.softcap = float(value)
         elif kind == "bias":
             seen_mask = True
-            m.bias.append((value, 1.0))
+            m.bias.append(value if isinstance(value, tuple) else (value, 1.0))
         elif kind == "keep":
             seen_mask = True
             m.keep.append(value)
@@ -485,6 +566,13 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
         m.q = _operand(gm, a, scale)
         m.k = _operand(gm, b, scale, is_key=True)
     m.scale *= scale[0]
+    for f in m.q_scales:
+        fs, qs = shape_of(f) or (), shape_of(m.q.node) or ()
+        merged = len(qs) == 4 and m.scores_rank == 3 and len(fs) <= 3 and (
+            len(fs) < 3 or fs[0] == 1 or same_size(fs[0], qs[0] * qs[1]))  # [B*H, Sq|1, 1] unmerges to q's
+        if rank_of(m.q.node) != m.scores_rank and not merged and any(d != 1 for d in fs):
+            raise Reject(f"the scores are multiplied by a tensor of shape {tuple(fs)} ({f.name}) in a layout "
+                         "other than q's (heads merged into the batch)")
     # forward: probabilities -> @ v
     cur = node
     while True:

@@ -38,8 +38,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 
-__all__ = ["attention", "CANONICAL_OP", "CanonicalArgs", "canonical_args", "positional_keep", "reference"]
+__all__ = ["attention", "CANONICAL_OP", "CanonicalArgs", "canonical_args", "positional_keep", "reference",
+           "output_buffer", "laid_out"]
 
 
 def positional_keep(
@@ -104,6 +106,27 @@ def reference(
     return torch.matmul(probs, v)
 
 
+def output_buffer(q: torch.Tensor, dv: int, follow_q: bool) -> torch.Tensor:
+    """An empty [B, Hq, Sq, Dv] output laid out as the replaced call laid out its own: in q's memory order
+    for SDPA (which follows its query: GPT-2- or ViT-style code transposes q and views SDPA's output
+    without a copy), contiguous for a matrix product. Real and fake kernels both use it, so the strides
+    torch.compile assumes are the strides every call returns."""
+    shape = (*q.shape[:-1], dv)
+    if not follow_q:
+        return q.new_empty(shape)
+    perm, _ = compute_elementwise_output_logical_to_physical_perm(q)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return q.new_empty([shape[p] for p in perm]).permute(inverse)
+
+
+def laid_out(out: torch.Tensor, q: torch.Tensor, follow_q: bool) -> torch.Tensor:
+    """``out`` in :func:`output_buffer`'s layout (a copy only when it differs)."""
+    want = output_buffer(q, out.shape[-1], follow_q)
+    if want.stride() == out.stride():
+        return out
+    return want.copy_(out)
+
+
 @torch.library.custom_op("lcpass::attention", mutates_args=())
 def attention(
     q: torch.Tensor,
@@ -118,13 +141,13 @@ def attention(
     site: str,
     source: str,
 ) -> torch.Tensor:
-    return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+    return laid_out(reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p), q, source == "sdpa")
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source):
     # out: [B, Hq, Sq, Dv]
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return output_buffer(q, v.shape[-1], source == "sdpa")
 
 
 def _attention_setup_context(ctx, inputs, output):

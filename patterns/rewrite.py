@@ -9,7 +9,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .graphinfo import eliminate_dead_code, rank_of, shape_of, value_of
+from .graphinfo import dtype_of, eliminate_dead_code, rank_of, shape_of, value_of
 from .maskinfo import MaskInfo
 from .matcher import Match, Operand
 from .op import CANONICAL_OP
@@ -50,21 +50,44 @@ def _to_meta(v: Any) -> Any:
     return v
 
 
+def _attr(gm: GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _meta(v: Any) -> Any:
+    """A meta tensor of a value's shape, dtype and strides (fake, real or TensorMetadata)."""
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+    return _to_meta(v)
+
+
 def _fake(target, args: tuple) -> Any:
     """The new node's value on fake (or meta) tensors, so later stages can read its shape."""
     vals = map_arg(args, value_of)
     leaves = torch.utils._pytree.tree_leaves(vals)
     mode = torch._guards.detect_fake_mode([v for v in leaves if isinstance(v, torch.Tensor)])
-    try:
-        if mode is not None:
+    if mode is not None:
+        try:
             with mode:
                 return target(*vals)
-        return target(*map_arg(args, lambda n: _to_meta(value_of(n))))
+        except Exception:  # noqa: BLE001 - e.g. a real parameter next to fake activations: try meta
+            pass
+    try:
+        return target(*map_arg(args, lambda n: _meta(value_of(n))))
     except Exception:  # meta is a convenience for later stages; never fail a rewrite on it
         return None
 
 
 def _call(gm: GraphModule, target, args: tuple, like: Node) -> Node:
+    for a in torch.utils._pytree.tree_leaves(args):
+        if isinstance(a, Node) and a.op == "get_attr" and value_of(a) is None:
+            try:  # a module attribute (a learned scale) has no recorded value: give it its meta
+                a.meta["val"] = _meta(_attr(gm, str(a.target)))
+            except AttributeError:
+                pass
     node = gm.graph.call_function(target, args)
     val = _fake(target, args)
     if val is not None:
@@ -82,6 +105,24 @@ def _as4d(gm: GraphModule, op: Operand, like: Node) -> Node:
     if rank_of(node) == 3:  # [N, S, D] -> [N, 1, S, D]
         node = _call(gm, aten.unsqueeze.default, (node, 1), like)
     return node
+
+
+def _scaled_q(gm: GraphModule, m: Match, like: Node) -> Operand:
+    """q with the scores' tensor factors folded in (each constant along the keys, so exact), in q's dtype."""
+    if not m.q_scales:
+        return m.q
+    node = m.q.node
+    dtype = dtype_of(node)
+    qs = shape_of(node)
+    for f in m.q_scales:
+        fs = shape_of(f)
+        if m.scores_rank == 3 and qs is not None and fs is not None and len(qs) == 4 and len(fs) == 3 \
+                and fs[0] != 1:
+            f = _call(gm, aten.reshape.default, (f, [qs[0], qs[1], fs[1], fs[2]]), like)  # [B*H, ..] -> [B, H, ..]
+        node = _call(gm, aten.mul.Tensor, (node, f), like)
+    if dtype is not None and dtype_of(node) != dtype:
+        node = _call(gm, torch.ops.prims.convert_element_type.default, (node, dtype), like)
+    return Operand(node, m.q.group, m.q.transpose)
 
 
 def _in_scores_layout(gm: GraphModule, m: Match, term: Node, like: Node) -> Node:
@@ -138,12 +179,13 @@ def rewrite_matches(gm: GraphModule, matches: list[Match], infos: list[MaskInfo]
             name = f"{name}#{used[name] - 1}"
         like = m.anchor
         with gm.graph.inserting_before(m.end):
-            q4 = _as4d(gm, m.q, like)
+            q4 = _as4d(gm, _scaled_q(gm, m, like), like)
             k4 = _as4d(gm, m.k, like)
             v4 = _as4d(gm, m.v, like)
             mask = _mask_node(gm, m, q4, like) if info.keep_tensor else None
-            out = _call(gm, CANONICAL_OP, (q4, k4, v4, mask, float(m.scale), bool(info.is_causal),
-                                           int(info.window), float(m.softcap), float(m.dropout_p), name, m.source),
+            causal, window = info.op_causal
+            out = _call(gm, CANONICAL_OP, (q4, k4, v4, mask, float(m.scale), bool(causal),
+                                           int(window), float(m.softcap), float(m.dropout_p), name, m.source),
                         like)
             result = out
             if rank_of(m.end) == 3:
