@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 
 from lcpass import masks as M
 from lcpass.lower import crossover as _crossover
-from lcpass.lower import lowering_kind, site_mask
+from lcpass.lower import checked_claim, lowering_kind, site_mask
 from lcpass.onnx_dynamic import check_state, dynamic_method, emit_dynamic_mask
 from lcpass.onnx_sparse import add_kv_buffers, sparse_function_proto
 
@@ -311,8 +311,18 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
     # the exact path (canonical op; planned op below its crossover): the site's own mask + the mask tensor
     keep = _and(body, _emit_mask(body, _base_mask(fn.is_causal, fn.window), h, q, kv, fn.n_heads), bool_mask)
     bias = "mask" if fn.mask == "float" else None  # a float mask is added to the scores
+    violated = None  # a checked claim that the run-time mask breaks: the exact path, as planned_attention runs
     if fn.planned:
         short, short_bias = keep, bias
+        claim = checked_claim(fn.mask_kind) if fn.mask != "none" else None
+        if claim is not None:
+            user = bool_mask or body.op("Greater", "mask", body.op("CastLike", body.const(NEG_LIMIT, np.float32),
+                                                                   "mask"))
+            hidden = body.op("Not", _emit_mask(body, _base_mask(*claim), h, q, kv, fn.n_heads))
+            violated = body.op("Cast", body.op("ReduceMax", body.op("Cast", body.op("And", user, hidden),
+                                                                    to=TensorProto.INT64), keepdims=0),
+                               to=TensorProto.BOOL)
+            fn = replace(fn, is_causal=claim[0], window=claim[1])  # the method's mask with the claim imposed
         sparse = fn.mask == "none" or lowering_kind(fn.mask_kind) == "sparse"
         dynamic = dynamic_method(fn)
         if dynamic is not None:
@@ -350,10 +360,11 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
             long = _and(body, _emit_mask(body, _long_mask(fn), h, q, kv, fn.n_heads), bool_mask)
             long_bias = bias
         cross = _crossover(fn.spec, fn.n_heads)
-        if cross <= 0:
+        if cross <= 0 and violated is None:
             keep, bias = long, long_bias
         else:
-            below = body.op("Less", sk, body.const(cross))
+            below = body.op("Less", sk, body.const(max(cross, 0)))
+            below = below if violated is None else body.op("Or", below, violated)
             true = body.const(True, np.bool_)
             keep = None if short is None and long is None else _select(body, below, short or true, long or true)
             if short_bias is None and long_bias is None:

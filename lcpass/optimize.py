@@ -97,19 +97,38 @@ class OptimizeReport:
 class OptimizedModule(torch.nn.Module):
     """A plain module whose attention sites were lowered; same forward arguments as the original."""
 
-    def __init__(self, original: torch.nn.Module, gm: torch.fx.GraphModule, route: str, report: OptimizeReport):
+    def __init__(self, original: torch.nn.Module, gm: torch.fx.GraphModule, route: str, report: OptimizeReport,
+                 example_inputs: ExampleInputs = None):
         super().__init__()
         self.graph_module = gm
         self.lcpass_report = report
         self._route = route
         self._signature = _inspect.signature(original.forward)
         self._original_type = type(original).__name__
+        self._captured: Optional[tuple[str, tuple[str, ...]]] = None  # ("args" | "kwargs", parameter names)
+        params = [p for p in self._signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        if isinstance(example_inputs, dict):
+            self._captured = ("kwargs", tuple(example_inputs))
+        elif isinstance(example_inputs, (tuple, list)) and len(example_inputs) <= len(params):
+            self._captured = ("args", tuple(p.name for p in params[:len(example_inputs)]))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._route == "fx":
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             return self.graph_module(*bound.arguments.values())
+        if self._captured is not None:
+            # an exported graph takes its inputs in the form it was captured with (positional or by
+            # name): a caller may pass them either way, as to the original module
+            bound = self._signature.bind(*args, **kwargs)
+            form, names = self._captured
+            if set(bound.arguments) <= set(names):
+                if form == "kwargs":
+                    return self.graph_module(**bound.arguments)
+                if list(bound.arguments) == list(names)[:len(bound.arguments)]:
+                    return self.graph_module(*bound.arguments.values())
         return self.graph_module(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -324,7 +343,7 @@ def optimize(
         bound_cache_appends(cap.gm, det.sites, the_plan.resolve)  # tensor KV caches returned by forward
         for s in det.sites:
             rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), lowered[s.name], report_len))
-        out = OptimizedModule(model, cap.gm, cap.route, rep)
+        out = OptimizedModule(model, cap.gm, cap.route, rep, example_inputs)
     if verify:
         from lcpass.verify import verify_model
 

@@ -5,6 +5,8 @@ The oracle is eager PyTorch on *fresh* masks, not the example the graph was capt
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,37 @@ def test_the_compile_door_keeps_a_user_mask_exact():
         for _ in range(2):
             m = _fresh((), gen)
             torch.testing.assert_close(compiled(x, m), model(x, m), rtol=0, atol=1e-5)
+
+
+def test_the_onnx_door_checks_the_claim_too(tmp_path):
+    """onnxruntime runs the same check: a fresh non-causal mask gives eager's answer, a causal one with
+    padding gives the method's, as lcpass.optimize does."""
+    import onnxruntime as ort
+
+    from lcpass.export import export
+
+    torch.manual_seed(0)
+    model = UserMaskAttention("where").eval()
+    x = torch.randn(B, S, H * D)
+    inputs = {"x": x, "mask": _causal((B, 1, S, S)).clone()}
+    plan = dict(method="streaming", sink=1, window=3, dense_below=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(model, inputs, tmp_path / "m.onnx", dynamic_seq=False, **plan)
+        opt = lcpass.optimize(model, example_inputs=inputs, **plan)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    names = [i.name for i in sess.get_inputs()]
+    padded = _causal((B, 1, S, S)).clone()
+    padded[1, :, :, -2:] = False
+    fresh = _fresh((B, 1), torch.Generator().manual_seed(3))
+    for m, rows in ((fresh, S), (padded, S - 2)):
+        feed = {k: v.numpy() for k, v in {"x": x, "mask": m}.items() if k in names}
+        got = torch.from_numpy(sess.run(None, feed)[0])
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = opt(x, m)
+        torch.testing.assert_close(got[:, :rows], want[:, :rows], rtol=0, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in
+                                   {"x": x, "mask": fresh}.items() if k in names})[0]), model(x, fresh),
+                                   rtol=0, atol=1e-4)
