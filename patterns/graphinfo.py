@@ -66,6 +66,8 @@ def _mutated(node: Node) -> bool:
             name = t.overloadpacket.__name__
         else:
             name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        if name in ("detach_", "requires_grad_"):
+            continue  # autograd metadata, not the values
         if u.args and u.args[0] is node and (name.endswith("_") and not name.endswith("__")
                                              or name in ("iadd", "isub", "imul", "itruediv", "ior", "iand")):
             return True
@@ -110,7 +112,57 @@ def constant_number(value: Any, gm: Optional[GraphModule] = None) -> Optional[fl
         v = value_of(value)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
+        if gm is not None:
+            return _fold(value, gm)
     return None
+
+
+_FOLD_LIMIT = 16  # nodes: a scale computed from constants (``sqrt(tensor(d) * factor)``), not a subgraph
+
+
+def _fold(node: Node, gm: GraphModule) -> Optional[float]:
+    """The value of a one-element tensor computed only from literals and constant tensors (no input, no
+    parameter, nothing random or written in place), by running those few nodes; else None."""
+    order: list[Node] = []  # inputs before users (depth-first post-order)
+    state: dict[Node, bool] = {}
+
+    def visit(n: Node) -> bool:
+        if n in state:
+            return state[n]
+        state[n] = False
+        if len(state) > _FOLD_LIMIT or n.op not in ("call_function", "get_attr") or _mutated(n):
+            return False
+        if n.op == "call_function" and ("rand" in str(n.target) or "dropout" in str(n.target)):
+            return False
+        if not all(visit(a) for a in n.all_input_nodes):
+            return False
+        state[n] = True
+        order.append(n)
+        return True
+
+    if not visit(node):
+        return None
+    env: dict[Node, Any] = {}
+    try:
+        for n in order:
+            if n.op == "get_attr":
+                t: Any = gm
+                for part in str(n.target).split("."):
+                    t = getattr(t, part)
+                if isinstance(t, torch.nn.Parameter):
+                    return None
+                env[n] = t
+            else:
+                args = torch.fx.node.map_arg(n.args, env.__getitem__)
+                kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
+                with torch.no_grad():
+                    env[n] = n.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - not foldable here: not a constant
+        return None
+    out = env.get(node)
+    if isinstance(out, torch.Tensor) and out.numel() == 1 and not isinstance(out, torch._subclasses.FakeTensor):
+        return float(out.item())
+    return float(out) if isinstance(out, (int, float)) and not isinstance(out, bool) else None
 
 
 def is_neg_inf_like(x: Optional[float]) -> bool:

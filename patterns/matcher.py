@@ -48,6 +48,7 @@ class Operand:
     node: Node
     group: int = 1  # repeat_kv factor folded away (k, v only)
     transpose: bool = False  # einsum spellings that hold kᵀ
+    perm: Optional[tuple[int, ...]] = None  # einsum spellings in another layout ([B, S, H, D] ...): to [B, H, S, D]
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Match:
     # tensor factors of the scores that are constant along the keys ([.., Sq | 1, 1]: a learned per-head
     # logit scale, Swin-v2's cosine scale): folded into q, which is exact (q·k is linear in q)
     q_scales: list[Node] = field(default_factory=list)
+    out_perm: Optional[tuple[int, ...]] = None  # the value einsum's output layout, from [B, H, Sq, Dv]
 
 
 _MATMULS = ("matmul", "bmm", "einsum", "baddbmm")
@@ -237,7 +239,15 @@ def _parse_einsum(eq: str) -> tuple[list[str], str]:
     return lhs.split(","), out
 
 
-def _einsum_qk(op: Op) -> tuple[Node, Node, bool]:
+def _to_order(have: str, want: str) -> Optional[tuple[int, ...]]:
+    """The permutation taking an operand indexed ``have`` to ``want`` (None when already in order)."""
+    perm = tuple(have.index(c) for c in want)
+    return None if perm == tuple(range(len(want))) else perm
+
+
+def _einsum_qk(op: Op) -> tuple[Node, Optional[tuple[int, ...]], Node, Optional[tuple[int, ...]], bool]:
+    """(q, q's permutation, k, k's permutation, k held transposed) for ``q·kᵀ`` written as an einsum in
+    any index order whose output ends with the query and key indices (``bind,bjnd->bnij``)."""
     ins, out = _parse_einsum(op["equation"])
     a, b = op["operands"]
     if len(ins) != 2 or len(out) < 3:
@@ -248,22 +258,31 @@ def _einsum_qk(op: Op) -> tuple[Node, Node, bool]:
         raise Reject(f"einsum '{op['equation']}' does not contract exactly one index")
     d = contracted[0]
     if ins[0] == batch + i + d and ins[1] == batch + j + d:
-        return a, b, False
+        return a, None, b, None, False
     if ins[0] == batch + i + d and ins[1] == batch + d + j:
-        return a, b, True
+        return a, None, b, None, True
+    if len(out) == 4 and sorted(ins[0]) == sorted(batch + i + d) and sorted(ins[1]) == sorted(batch + j + d):
+        return a, _to_order(ins[0], batch + i + d), b, _to_order(ins[1], batch + j + d), False
     raise Reject(f"einsum '{op['equation']}' is not q·kᵀ over the last index")
 
 
-def _einsum_pv(op: Op, probs: Node) -> Node:
+def _einsum_pv(op: Op, probs: Node) -> tuple[Node, Optional[tuple[int, ...]], Optional[tuple[int, ...]]]:
+    """(v, v's permutation to [batch, keys, Dv], the output's permutation from [batch, queries, Dv])."""
     ins, out = _parse_einsum(op["equation"])
     p, v = op["operands"]
     if p is not probs:
         raise Reject("the attention probabilities are the right operand of the value einsum")
-    batch, i, e = out[:-2], out[-2], out[-1]
-    j = [c for c in ins[0] if c not in out]
-    if len(j) != 1 or ins[0] != batch + i + j[0] or ins[1] != batch + j[0] + e:
+    batch, i, j = ins[0][:-2], ins[0][-2], ins[0][-1]
+    e = [c for c in ins[1] if c not in ins[0]]
+    if len(e) != 1 or j in out or sorted(ins[1]) != sorted(batch + j + e[0]) or \
+            sorted(out) != sorted(batch + i + e[0]):
         raise Reject(f"einsum '{op['equation']}' is not probabilities·v")
-    return v
+    e = e[0]
+    if ins[1] == batch + j + e and out == batch + i + e:
+        return v, None, None
+    if len(out) != 4:
+        raise Reject(f"einsum '{op['equation']}' is probabilities·v in a layout lcpass reads only with 4-D operands")
+    return v, _to_order(ins[1], batch + j + e), _to_order(batch + i + e, out)
 
 
 # --------------------------------------------------------------------------- scores walk
@@ -339,6 +358,69 @@ def _row_max_of(gm: GraphModule, node: object, scores: Node) -> bool:
     return bool(args) and args[0] is scores and r is not None and _norm_dim(dim, r) == r - 1 and bool(keepdim)
 
 
+def _product_of(gm: GraphModule, node: object, depth: int = 12) -> Optional[Node]:
+    """The q·kᵀ product an operand of the scores leads back to (first one found), or None."""
+    while isinstance(node, Node) and depth > 0:
+        op = op_of(node, gm)
+        if op is None:
+            return None
+        if op.kind in _MATMULS:
+            return node
+        if op.kind in ("add", "where", "maximum"):
+            return _product_of(gm, op["a"], depth - 1) or _product_of(gm, op["b"], depth - 1)
+        if op.kind in ("mul", "div"):
+            node = op["b"] if op.kind == "mul" and constant_number(op["a"], gm) is not None else op["a"]
+        elif op.kind == "sub":
+            node = op["a"]
+        else:
+            node = op["x"] if "x" in op.args else None
+        depth -= 1
+    return None
+
+
+def _key_of(gm: GraphModule, product: Node) -> object:
+    op = op_of(product, gm)
+    return op["operands"][1] if op.kind == "einsum" else op["b"]
+
+
+def _inputs_of(node: object) -> set[Node]:
+    """The forward inputs (placeholders that are not lifted parameters or buffers) ``node`` depends on."""
+    seen: set[Node] = set()
+    stack = [node] if isinstance(node, Node) else []
+    found: set[Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and "_parameters_" not in n.name and "_buffers_" not in n.name:
+            found.add(n)
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def _content_term(gm: GraphModule, m: Match, node: Node, a: Node, b: Node) -> tuple[Node, Node]:
+    """(scores, bias) when both operands of an add are products with q: the content term is the one whose
+    keys come from the same inputs as the values (XLNet's ``ac + bd``, DeBERTa's content + position
+    terms, Funnel's); the other (keys from position embeddings) is an additive bias, kept exactly."""
+    why = f"both operands of {node.name} lead to a matmul: cannot tell the scores from the bias"
+    probe = Match(anchor=m.anchor, end=m.anchor, q=None, k=None, v=None, scale=1.0)  # type: ignore[arg-type]
+    try:
+        _walk_values(gm, probe, m.anchor)
+    except Reject:
+        raise Reject(why) from None
+    values = _inputs_of(probe.v.node)
+    pa, pb = _product_of(gm, a), _product_of(gm, b)
+    if not values or pa is None or pb is None:
+        raise Reject(why)
+    ka, kb = _inputs_of(_key_of(gm, pa)) & values, _inputs_of(_key_of(gm, pb)) & values
+    if ka and not kb:
+        return a, b
+    if kb and not ka:
+        return b, a
+    raise Reject(why + " (both keys, or neither, come from the values' inputs)")
+
+
 def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
     """From the softmax input back to the q·kᵀ product; fills scale/softcap/bias/keep on ``m``."""
     outer: list[tuple[str, object]] = []  # terms seen from the softmax inward
@@ -404,8 +486,9 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
                 raise Reject(f"the operands of {node.name} are not a matmul of q and kᵀ: "
                              "the softmax input is not attention scores")
             if in_a and in_b:
-                raise Reject(f"both operands of {node.name} lead to a matmul: cannot tell the scores from the bias")
-            scores, bias = (a, b) if in_a else (b, a)
+                scores, bias = _content_term(gm, m, node, a, b)
+            else:
+                scores, bias = (a, b) if in_a else (b, a)
             if reshaped and (not isinstance(bias, Node) or any(not p for p, _ in views)):
                 raise Reject(f"a bias is added before a reshape of the scores ({node.name}) of unknown shape")
             if not isinstance(bias, Node):
@@ -554,9 +637,9 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
     pop = op_of(product, gm)
     scale = [1.0]
     if pop.kind == "einsum":
-        qn, kn, kt = _einsum_qk(pop)
-        m.q = _operand(gm, qn, scale)
-        m.k = _operand(gm, kn, scale)
+        qn, qp, kn, kp, kt = _einsum_qk(pop)
+        m.q = _operand(gm, qn, scale) if qp is None else Operand(_peel(gm, qn, scale), perm=qp)
+        m.k = _operand(gm, kn, scale) if kp is None else Operand(_peel(gm, kn, scale), perm=kp)
         m.k.transpose = kt
         m.source = "einsum"
     else:
@@ -566,6 +649,8 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
         m.q = _operand(gm, a, scale)
         m.k = _operand(gm, b, scale, is_key=True)
     m.scale *= scale[0]
+    if m.q_scales and m.q.perm is not None:
+        raise Reject(f"the scores are multiplied by a tensor ({m.q_scales[0].name}) and q is in an einsum layout")
     for f in m.q_scales:
         fs, qs = shape_of(f) or (), shape_of(m.q.node) or ()
         merged = len(qs) == 4 and m.scores_rank == 3 and len(fs) <= 3 and (
@@ -574,6 +659,12 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
             raise Reject(f"the scores are multiplied by a tensor of shape {tuple(fs)} ({f.name}) in a layout "
                          "other than q's (heads merged into the batch)")
     # forward: probabilities -> @ v
+    _walk_values(gm, m, node)
+    return m
+
+
+def _walk_values(gm: GraphModule, m: Match, node: Node) -> None:
+    """From the softmax forward to ``@ v``; fills v, end, dropout and the output layout on ``m``."""
     cur = node
     while True:
         users = _users(cur)
@@ -605,12 +696,12 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
             m.end = u
             break
         elif op.kind == "einsum":
-            m.v = _operand(gm, _einsum_pv(op, cur), [1.0])
+            vn, vp, m.out_perm = _einsum_pv(op, cur)
+            m.v = _operand(gm, vn, [1.0]) if vp is None else Operand(_peel(gm, vn, [1.0]), perm=vp)
             m.end = u
             break
         else:
             raise Reject(f"no value matmul follows: the probabilities flow into {target_name(u)}")
-    return m
 
 
 def _match_sdpa(gm: GraphModule, node: Node, op: Op) -> Match:
@@ -676,11 +767,21 @@ def find_matches(gm: GraphModule) -> tuple[list[Match], list[Rejection]]:
     return matches, rejected
 
 
+def operand_shape(o: Operand) -> Optional[tuple]:
+    """An operand's shape in the canonical layout (its einsum permutation and kᵀ undone)."""
+    s = shape_of(o.node)
+    if s is None:
+        return None
+    if o.perm is not None:
+        s = tuple(s[p] for p in o.perm)
+    return (*s[:-2], s[-1], s[-2]) if o.transpose else s
+
+
 def _check_operands(m: Match) -> None:
     ranks = {rank_of(m.q.node), rank_of(m.k.node), rank_of(m.v.node)}
     if len(ranks) != 1 or next(iter(ranks)) not in (3, 4):
         raise Reject(f"q, k, v ranks {sorted(r for r in ranks if r is not None)} are not all 3 or all 4")
-    qs, ks = shape_of(m.q.node), shape_of(m.k.node)
+    qs, ks = operand_shape(m.q), operand_shape(m.k)
     if len(qs) == 4:
         hq, hkv = qs[1], ks[1]
         if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv != 0:

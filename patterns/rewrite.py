@@ -100,6 +100,8 @@ def _call(gm: GraphModule, target, args: tuple, like: Node) -> Node:
 
 def _as4d(gm: GraphModule, op: Operand, like: Node) -> Node:
     node = op.node
+    if op.perm is not None:
+        node = _call(gm, aten.permute.default, (node, list(op.perm)), like)
     if op.transpose:
         node = _call(gm, aten.transpose.int, (node, -2, -1), like)
     if rank_of(node) == 3:  # [N, S, D] -> [N, 1, S, D]
@@ -122,7 +124,7 @@ def _scaled_q(gm: GraphModule, m: Match, like: Node) -> Operand:
         node = _call(gm, aten.mul.Tensor, (node, f), like)
     if dtype is not None and dtype_of(node) != dtype:
         node = _call(gm, torch.ops.prims.convert_element_type.default, (node, dtype), like)
-    return Operand(node, m.q.group, m.q.transpose)
+    return Operand(node, m.q.group, m.q.transpose, m.q.perm)
 
 
 def _in_scores_layout(gm: GraphModule, m: Match, term: Node, like: Node) -> Node:
@@ -188,6 +190,8 @@ def rewrite_matches(gm: GraphModule, matches: list[Match], infos: list[MaskInfo]
                                            int(window), float(m.softcap), float(m.dropout_p), name, m.source),
                         like)
             result = out
+            if m.out_perm is not None:  # the value einsum wrote another layout ('bnij,jbnd->ibnd')
+                result = _call(gm, aten.permute.default, (out, list(m.out_perm)), like)
             if rank_of(m.end) == 3:
                 if rank_of(m.q.node) == 3:
                     result = _call(gm, aten.squeeze.dim, (out, 1), like)
