@@ -140,6 +140,10 @@ def site_attention(rt: Optional[SiteRuntime], hits: Optional[SiteHits], module: 
     if hits is not None:
         hits.calls += 1
     handle = getattr(key, "_lcpass_kv", None)
+    if handle is not None and s_aux is not None:
+        raise ValueError(f"lcpass: site {rt.site if rt else type(module).__name__}: compressed KV caches do not "
+                         "carry learned attention sinks (s_aux) yet; use the model's own cache "
+                         "(lcpass.hf.set_kv_cache(model, False))")
     scale = float(scaling) if scaling is not None else (rt.scale if rt else query.shape[-1] ** -0.5)
     cap = float(softcap or (rt.softcap if rt else 0.0) or 0.0)
     if handle is not None and handle.mode != "prefill":
@@ -157,8 +161,9 @@ def site_attention(rt: Optional[SiteRuntime], hits: Optional[SiteHits], module: 
         pass
     elif dropout and module.training:
         hits is not None and hits.fallback("training-dropout")
-    elif s_aux is not None:
-        hits is not None and hits.fallback("learned attention sinks (s_aux)")
+    elif s_aux is not None and (not isinstance(s_aux, torch.Tensor) or s_aux.numel() != query.shape[1]):
+        hits is not None and hits.fallback(f"learned attention sinks (s_aux) of shape "
+                                           f"{tuple(getattr(s_aux, 'shape', ()))}, not one per query head")
     else:
         mask = attention_mask
         if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
@@ -170,7 +175,8 @@ def site_attention(rt: Optional[SiteRuntime], hits: Optional[SiteHits], module: 
             base = "bias" if bias is not None else "padding"
             mask = _fold_bias(mask, bias) if bias is not None else mask
             causal, window, kind = False, -1, checked_kind(rt.is_causal, rt.window, base)
-        out = PLANNED_OP(query, key, value, mask, scale, causal, window, cap, 0.0, rt.site, kind, rt.spec)
+        sinks = None if s_aux is None else s_aux.reshape(1, -1, 1, 1)  # one logit per query head
+        out = PLANNED_OP(query, key, value, mask, scale, causal, window, cap, 0.0, rt.site, kind, rt.spec, sinks)
     if handle is not None and handle.mode == "prefill":
         own_out = out
         _bind(handle.layer, rt, query, key, attention_mask)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect as _inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -23,19 +23,19 @@ from functools import lru_cache
 from typing import Any, Optional, Sequence
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from lcpass import masks as M
 from lcpass.codegen.headdim import pad_head_dims
 from lcpass.engine import element_mask, sparse_attention
 from lcpass.layout import build_layout
 from lcpass.methods import site_crossover, site_mask_mod, spec_parts
-from lcpass.patterns import CANONICAL_OP, Site, canonical_nodes
+from lcpass.patterns import Site, canonical_nodes
 from lcpass.patterns.op import laid_out, output_buffer, positional_keep, reference
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
            "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec",
-           "checked_kind", "checked_claim", "claim_holds", "padding_keys"]
+           "checked_kind", "checked_claim", "claim_holds", "padding_keys", "with_sinks"]
 
 NEG_LIMIT = -1e4
 
@@ -183,15 +183,28 @@ def is_dynamic_spec(spec: str) -> bool:
     return _is_dynamic(_parse(spec))
 
 
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention ``out`` [B, Hq, Sq, Dv] with one more logit per row that attends nothing (learned sinks,
+    [B, Hq, Sq, 1]): the row's probabilities shrink by ``sigmoid(lse - sink)``, ``lse`` [B, Hq, Sq] the
+    log-sum-exp over the keys it attends (a row without keys, lse = -inf, outputs zeros)."""
+    w = torch.sigmoid(lse.float() - sinks[..., 0].float())
+    return (out.float() * w[..., None]).to(out.dtype)
+
+
 def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int, softcap: float, site: str,
-               kv_keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """The site's method(s) on unpadded q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]."""
+               kv_keep: Optional[torch.Tensor], sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The site's method(s) on unpadded q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; ``sinks`` [B, Hq, Sq, 1]
+    (static methods only: the engine returns the log-sum-exp they need)."""
     specs = _parse(spec)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     if not _is_dynamic(specs):
         mask_mod = site_mask(spec, hq, sq, sk, bool(is_causal), int(window))
         layout = build_layout(mask_mod, hq, sq, sk)
         score_mod = _softcap_mod(softcap) if softcap else None
+        if sinks is not None:  # the engine (on any device) knows each row's log-sum-exp
+            out, lse = sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                                        kv_keep=kv_keep, return_lse=True)
+            return with_sinks(out, lse, sinks)
         if _use_triton(spec, q):
             from lcpass.codegen import attention_or_fallback
 
@@ -230,7 +243,7 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         sub = spec_json([tuple(json.loads(key))], backend=_backend(spec))
         out[:, idx] = _run_specs(q[:, idx], k[:, idx // group], v[:, idx // group], spec=sub, scale=scale,
                                  is_causal=is_causal, window=window, softcap=softcap, site=f"{site}/{key}",
-                                 kv_keep=kv_keep)
+                                 kv_keep=kv_keep, sinks=None if sinks is None else sinks[:, idx])
     return out
 
 
@@ -289,22 +302,28 @@ def _warn(site: str, why: str) -> None:
                   stacklevel=3)
 
 
-def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec):
+def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec,
+                           sinks=None):
     specs = _parse(spec)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     if all(name == "dense" for name, _ in specs) or sk < crossover(spec, hq) or dropout_p > 0:
-        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
     claim = checked_claim(mask_kind)
     if claim is not None and mask is not None:
         if not claim_holds(mask, sq, sk, *claim):
             _warn(site, f"the mask passed at run time is not {mask_kind.split('+')[0][:-1]} as the "
                              "example's was")
-            return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+            return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
         is_causal, window = claim  # the mask hides at least what the claim hides: imposing it is exact
     dynamic = _is_dynamic(specs)
     if dynamic and (not is_causal or window >= 0 or softcap):
         # content selection is defined on plain causal attention: anything else stays exactly dense
-        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
+    if dynamic and sinks is not None:
+        _warn(site, "dynamic methods do not carry learned sinks yet")
+        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
+    if sinks is not None:
+        sinks = sinks.expand(q.shape[0], hq, sq, 1)
     kv_keep = None
     if mask is not None:
         padding, kv_keep = (padding_keys(mask, q.shape[0], sq, sk, bool(is_causal), int(window))
@@ -316,16 +335,16 @@ def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dro
             keep = element_mask(site_mask(spec, hq, sq, sk, bool(is_causal), int(window)), 1, hq, sq, sk,
                                 device=q.device)
             mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
-            return reference(q, k, v, mask, scale, False, -1, softcap, 0.0)
+            return reference(q, k, v, mask, scale, False, -1, softcap, 0.0, sinks)
     run = dict(spec=spec, scale=scale, is_causal=is_causal, window=window, softcap=softcap, site=site)
     if kv_keep is None:
-        return _run_specs(q, k, v, kv_keep=None, **run)
+        return _run_specs(q, k, v, kv_keep=None, sinks=sinks, **run)
     rows = _row_ranges(kv_keep)
     if rows is None:
         if dynamic:
             raise ValueError(f"lcpass: site {site}: padding that is not one contiguous run of real keys per row "
                              "cannot run a dynamic method; pad on one side")
-        return _run_specs(q, k, v, kv_keep=kv_keep, **run)
+        return _run_specs(q, k, v, kv_keep=kv_keep, sinks=sinks, **run)
     # Padding: each row runs alone on its real keys, so positions (sinks, windows) count from its first
     # real token exactly as in an unbatched run; padded query rows output zeros.
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
@@ -335,7 +354,9 @@ def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dro
         if e <= p or q_hi <= q_lo:
             continue
         out[b:b + 1, :, q_lo:q_hi] = _run_specs(q[b:b + 1, :, q_lo:q_hi], k[b:b + 1, :, p:e],
-                                                v[b:b + 1, :, p:e], kv_keep=None, **run)
+                                                v[b:b + 1, :, p:e], kv_keep=None,
+                                                sinks=None if sinks is None else sinks[b:b + 1, :, q_lo:q_hi],
+                                                **run)
     return out
 
 
@@ -353,13 +374,14 @@ def planned_attention(
     site: str,
     mask_kind: str,
     spec: str,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return laid_out(planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site,
-                                           mask_kind, spec), q, _follow_q(spec))
+                                           mask_kind, spec, sinks), q, _follow_q(spec))
 
 
 @planned_attention.register_fake
-def _planned_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec):
+def _planned_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec, sinks=None):
     return output_buffer(q, v.shape[-1], _follow_q(spec))
 
 
@@ -385,7 +407,9 @@ def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Op
             continue
         args = list(node.args)
         # (q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source) -> planned op
-        new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend, follow_q=args[10] == "sdpa"))
+        # (..., source[, sinks]) -> (..., mask_kind, spec[, sinks])
+        new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend, follow_q=args[10] == "sdpa"),
+                    *args[11:])
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(PLANNED_OP, new_args)
         new.meta.update(node.meta)

@@ -74,6 +74,7 @@ class AttentionFunction:
     same_len: bool  # Sq == Sk symbolically (self-attention without cache)
     static_len: tuple[int, ...] = ()  # (Sq, Sk) when the export has a fixed sequence length
     ort_max_len: int = 0  # onnx_ops="ort": keys the SparseAttention layout covers (0 = default lowering)
+    sinks: bool = False  # a learned sink logit per row (input "sinks", broadcastable to [B, Hq, Sq, 1])
 
     @property
     def name(self) -> str:
@@ -156,6 +157,8 @@ def _long_mask(fn: AttentionFunction) -> M.MaskMod:
 def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
     """The window W when every head is a causal sliding window of W keys at every length, else None
     (what ``com.microsoft.GroupQueryAttention(local_window_size=W)`` expresses)."""
+    if fn.sinks:
+        return None
     if fn.mask != "none" or not fn.same_len or fn.n_heads % fn.n_kv_heads:
         return None
     short = _simplify(_base_mask(fn.is_causal, fn.window))
@@ -277,7 +280,7 @@ def _and(body: _Body, a: Optional[str], b: Optional[str]) -> Optional[str]:
 def function_proto(fn: AttentionFunction) -> onnx.FunctionProto:
     """The ``lcpass`` function body for one site configuration (see the module docstring)."""
     body = _Body()
-    inputs = ["q", "k", "v"] + (["mask"] if fn.mask != "none" else [])
+    inputs = ["q", "k", "v"] + (["mask"] if fn.mask != "none" else []) + (["sinks"] if fn.sinks else [])
     doc = (f"lcpass {'planned' if fn.planned else 'canonical'} attention: {fn.spec or 'exact'}; scale={fn.scale}, "
            f"is_causal={fn.is_causal}, window={fn.window}, softcap={fn.softcap}, mask={fn.mask} ({fn.mask_kind})")
     layout = sparse_layout(fn) if fn.ort_max_len else None
@@ -328,7 +331,7 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
         if dynamic is not None:
             # content selection on plain causal attention without a mask tensor (dynamic_method refuses
             # padding); anything else runs exactly dense at every length, as planned_attention does
-            if fn.is_causal and fn.window < 0 and not fn.softcap and fn.mask == "none":
+            if fn.is_causal and fn.window < 0 and not fn.softcap and fn.mask == "none" and not fn.sinks:
                 long = emit_dynamic_mask(body, fn, dynamic[0], dynamic[1], q, kv, _sq, sk)
             else:
                 long = short
@@ -381,7 +384,12 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
     attrs: dict[str, Any] = {"scale": float(fn.scale), "is_causal": 0}
     if fn.softcap:
         attrs["softcap"] = float(fn.softcap)
-    ins = ["q", "k", "v"] + ([attn_mask] if attn_mask is not None else [])
+    qkv = _with_sink_key(body, fn) if fn.sinks else ["q", "k", "v"]
+    if fn.sinks and attn_mask is not None:  # the sink key is seen by every row, and adds no bias
+        pad = body.const(True, np.bool_) if attn_mask == keep and bias is None else body.op(
+            "CastLike", body.const(0.0, np.float32), attn_mask)
+        attn_mask = body.op("Pad", attn_mask, body.const([0, 1]), pad, body.const([-1]))
+    ins = qkv + ([attn_mask] if attn_mask is not None else [])
     y = body.op("Attention", *ins, **attrs)
     if keep is None:
         body.nodes.append(helper.make_node("Identity", [y], ["y"]))
@@ -391,6 +399,32 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
                                       keepdims=1), to=TensorProto.BOOL)
     body.nodes.append(helper.make_node("Where", [any_key, y, body.op("CastLike", body.const(0.0, np.float32), y)],
                                        ["y"]))
+
+
+def _with_sink_key(body: _Body, fn: AttentionFunction) -> list[str]:
+    """q, k, v with one more key whose score is each row's sink logit and whose value is zero: q gains a
+    column sink / scale, k a zero column, and a last key row (0, ..., 0, 1); v a zero row. The row's
+    softmax then has the sink logit in its denominator and nothing in its numerator, as gpt-oss computes."""
+    if fn.softcap:
+        raise ONNXExportError("learned sinks with a softcap have no ONNX form in lcpass yet (the cap would apply "
+                              "to the sink logit)")
+    zero = body.op("CastLike", body.const(0.0, np.float32), "q")
+    one = body.op("CastLike", body.const(1.0, np.float32), "q")
+    rows = body.op("Concat", body.op("Shape", "q", start=0, end=3), body.const([1]), axis=0)  # [B, Hq, Sq, 1]
+    column = body.op("Div", body.op("Expand", body.op("CastLike", "sinks", "q"), rows),
+                     body.op("CastLike", body.const(float(fn.scale), np.float32), "q"))
+    q = body.op("Concat", "q", column, axis=-1)
+    first = body.op("Slice", "k", body.const([0]), body.const([1]), body.const([3]))  # [B, Hkv, Sk, 1]
+    k = body.op("Concat", "k", body.op("Mul", first, zero), axis=-1)  # [B, Hkv, Sk, D + 1]
+    row = body.op("Slice", k, body.const([0]), body.const([1]), body.const([2]))  # [B, Hkv, 1, D + 1]
+    last = body.op("Slice", row, body.const([-1]), body.const([2 ** 62]), body.const([3]))
+    sink_key = body.op("Concat", body.op("Mul", body.op("Slice", row, body.const([0]), body.const([-1]),
+                                                        body.const([3])), zero),
+                       body.op("Add", body.op("Mul", last, zero), one), axis=-1)
+    k = body.op("Concat", k, sink_key, axis=2)
+    vrow = body.op("Slice", "v", body.const([0]), body.const([1]), body.const([2]))
+    v = body.op("Concat", "v", body.op("Mul", vrow, zero), axis=2)
+    return [q, k, v]
 
 
 def _gqa_body(body: _Body, fn: AttentionFunction, window: int) -> None:
@@ -415,12 +449,14 @@ def _gqa_body(body: _Body, fn: AttentionFunction, window: int) -> None:
 # ------------------------------------------------------------------------------------ exporter glue
 
 
-def _schema(name: str, with_mask: bool) -> onnx.defs.OpSchema:
+def _schema(name: str, with_mask: bool, with_sinks: bool = False) -> onnx.defs.OpSchema:
     FP = onnx.defs.OpSchema.FormalParameter
-    inputs = [FP("q", "T"), FP("k", "T"), FP("v", "T")] + ([FP("mask", "M")] if with_mask else [])
+    inputs = [FP("q", "T"), FP("k", "T"), FP("v", "T")] + ([FP("mask", "M")] if with_mask else []) + (
+        [FP("sinks", "S")] if with_sinks else [])
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
     return onnx.defs.OpSchema(name, DOMAIN, 1, inputs=inputs, outputs=[FP("y", "T")],
-                              type_constraints=[("T", floats, "q, k, v, y"), ("M", floats + ["tensor(bool)"], "mask")])
+                              type_constraints=[("T", floats, "q, k, v, y"), ("M", floats + ["tensor(bool)"], "mask"),
+                                                ("S", floats, "sinks")])
 
 
 def _static(dim: Any, what: str, site: str) -> int:
@@ -453,7 +489,7 @@ def translation_table(functions: dict[str, AttentionFunction], ort_max_len: int 
 
     opset = values.Opset(DOMAIN, 1)
 
-    def emit(planned: bool, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec):
+    def emit(planned: bool, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec, sinks=None):
         q_shape, k_shape = q.shape, k.shape
         mtype = "none" if mask is None else ("bool" if str(mask.dtype).upper().endswith("BOOL") else "float")
         fn = AttentionFunction(
@@ -461,23 +497,26 @@ def translation_table(functions: dict[str, AttentionFunction], ort_max_len: int 
             _static(q_shape[3], "head_dim", site), float(scale), bool(is_causal), int(window), float(softcap), mtype,
             mask_kind if planned else "", spec if planned else "", q_shape[2] == k_shape[2],
             (q_shape[2], k_shape[2]) if isinstance(q_shape[2], int) and isinstance(k_shape[2], int) else (),
-            ort_max_len if planned else 0)
+            ort_max_len if planned and sinks is None else 0, sinks is not None)
+        if planned and sinks is not None and ort_max_len and notes is not None:
+            notes[site] = "learned sinks: the site keeps the standard Attention lowering"
         if fn.ort_max_len and sparse_layout(fn) is None:
             if notes is not None:
                 notes[site] = _sparse(fn)[1]
             fn = replace(fn, ort_max_len=0)
         function_proto(fn)  # fail now (with the site's name) rather than after the export
         functions[fn.name] = fn
-        node = values.Op(opset, fn.name, _schema(fn.name, mask is not None))
-        return node(q, k, v, mask) if mask is not None else node(q, k, v)
+        node = values.Op(opset, fn.name, _schema(fn.name, mask is not None, sinks is not None))
+        ins = [q, k, v] + ([mask] if mask is not None else []) + ([sinks] if sinks is not None else [])
+        return node(*ins)
 
     def planned_attention(q, k, v, mask=None, scale=1.0, is_causal=False, window=-1, softcap=0.0, dropout_p=0.0,
-                          site="", mask_kind="none", spec=""):
-        return emit(True, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec)
+                          site="", mask_kind="none", spec="", sinks=None):
+        return emit(True, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec, sinks)
 
     def attention(q, k, v, mask=None, scale=1.0, is_causal=False, window=-1, softcap=0.0, dropout_p=0.0, site="",
-                  source=""):
-        return emit(False, q, k, v, mask, scale, is_causal, window, softcap, site, "", "")
+                  source="", sinks=None):
+        return emit(False, q, k, v, mask, scale, is_causal, window, softcap, site, "", "", sinks)
 
     return {torch.ops.lcpass.planned_attention.default: planned_attention,
             torch.ops.lcpass.attention.default: attention}

@@ -135,6 +135,9 @@ class OptimizedModule(torch.nn.Module):
         return f"optimized {self._original_type} ({self.lcpass_report.rewritten} sites rewritten)"
 
 
+ALREADY_SPARSE = "already sparse"
+
+
 def _check_all_found(model: torch.nn.Module, inputs: dict[str, Any], det: Detection, strict: bool) -> None:
     """The eager forward's attention computations (the dispatcher-level count of :mod:`lcpass.oracle`)
     against the detected sites: more attention than sites means some was not recognised."""
@@ -142,7 +145,14 @@ def _check_all_found(model: torch.nn.Module, inputs: dict[str, Any], det: Detect
     from lcpass.oracle import attention_calls
 
     calls, _ = attention_calls(model, hf_defaults(model, inputs))
-    missed = len(calls) - len(det.sites)
+    # attention the model already computes sparsely (BigBird's blocks, Longformer's bands) is accounted
+    # for: it keeps the model's own code, which is said, not hidden
+    sparse = [r for r in det.rejected if r.reason.startswith(ALREADY_SPARSE)]
+    if sparse:
+        where = ", ".join(sorted({r.site or r.node for r in sparse}))
+        warnings.warn(f"lcpass.optimize({type(model).__name__}): {where} compute attention that is "
+                      f"{sparse[0].reason}", stacklevel=3)
+    missed = len(calls) - len(det.sites) - len(sparse)
     if missed <= 0:
         return
     reasons = "; ".join(f"{r.site or r.node}: {r.reason}" for r in det.rejected[:4]) or "no softmax was examined"
@@ -296,7 +306,9 @@ def optimize(
     if hf:
         _check_all_found(model, _kwargs_of(example_inputs), det, strict)
     if not det.sites:
-        warnings.warn(f"lcpass.optimize: no attention found in {name}; returning it unchanged", stacklevel=2)
+        what = ("only attention it already computes sparsely" if any(
+            r.reason.startswith(ALREADY_SPARSE) for r in det.rejected) else "no attention")
+        warnings.warn(f"lcpass.optimize: {what} found in {name}; returning it unchanged", stacklevel=2)
         return model
     if the_plan is None:
         the_plan = Plan.uniform(det.sites, method, **params)
@@ -347,8 +359,10 @@ def optimize(
     if verify:
         from lcpass.verify import verify_model
 
+        # the inputs detection ran on: the captured keyword arguments (a transformers model's default ids),
+        # else the caller's example inputs as given (positional ones included)
         args = found[0][0].extra.get("kwargs") if found[0][0].route == "export" else None
-        rep.verify = verify_model(out, args if args is not None else example_inputs)
+        rep.verify = verify_model(out, args if args else example_inputs)
     if report:
         rep.print()
     return out

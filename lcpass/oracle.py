@@ -10,7 +10,11 @@ kernels do:
 * a softmax (``_softmax`` / ``_safe_softmax``) is one attention when its output, through views, casts and
   dropout, is an operand of a matrix product (``bmm`` / ``mm``): that is the ``P @ V``. A softmax that
   never meets a matrix product (an MoE router, a classifier head) is not attention. Its mask is read off
-  the probabilities: the keys with probability exactly 0.
+  the probabilities: the keys with probability exactly 0. Columns sliced off the probabilities before
+  the product (gpt-oss's learned sink logit, concatenated after the keys and dropped after the softmax)
+  are not keys: the mask and the attention's shape are those of the columns kept. A ``logsumexp`` of the
+  very scores a softmax then reads (Granite-SWA's sinks, ``out * sigmoid(lse - sink)``) is part of that
+  attention: :func:`masked_forward` restricts it with the same keep-mask.
 
 Each attention's mask is reported as a pattern over (query, key) positions with queries at the end of the
 keys (decode convention): ``"none"``, ``"causal"``, ``"sliding(W)"``, ``"other"`` (a fixed pattern none
@@ -52,7 +56,7 @@ _MATMUL = {aten.bmm.default, aten.mm.default, aten.baddbmm.default}
 _CARRY = {"view", "_unsafe_view", "reshape", "_to_copy", "clone", "expand", "transpose", "permute", "slice",
           "contiguous", "native_dropout", "where", "masked_fill", "detach", "select", "unsqueeze", "squeeze",
           "alias", "t", "mul", "div", "split", "unbind", "narrow", "index_select", "to", "type_as", "flatten",
-          "unflatten", "_reshape_alias", "dropout", "copy", "lift_fresh", "as_strided"}
+          "unflatten", "_reshape_alias", "dropout", "copy", "lift_fresh", "as_strided", "constant_pad_nd", "pad"}
 
 Keep = Callable[[int, int, int], torch.Tensor]  # (sq, sk, n_heads) -> bool [H or 1, sq, sk]
 
@@ -114,6 +118,39 @@ class _Mode(TorchDispatchMode):
         self._n = 0  # attention-candidate counter (fused kernels and softmaxes, execution order)
         self._order: dict[int, int] = {}  # candidate n -> attention index
         self._fused_or_softmax = 0
+        self._dropped: dict[int, int] = {}  # softmax n -> trailing columns sliced off before P @ V (sinks)
+        self._lse_seen: dict[int, tuple[int, torch.Tensor]] = {}  # id(scores) -> (logsumexp number, scores)
+        self._lse_of: dict[int, int] = {}  # logsumexp number -> the softmax n that read the same scores
+        self._n_lse = 0
+
+    def _logsumexp(self, func, args, kwargs):
+        """A logsumexp of scores a softmax reads next is part of that attention: same keep-mask."""
+        k = self._n_lse
+        self._n_lse += 1
+        x = args[0]
+        self._lse_seen[id(x)] = (k, x)
+        n = getattr(self, "_ref_lse_of", {}).get(k)
+        index = self._ref_index.get(n) if n is not None and hasattr(self, "_ref_index") else None
+        if index is not None and index in self.keeps:
+            extra = self._keep_for(index, tuple(x.shape), x.device)
+            if extra is not None:
+                args = (x.masked_fill(~extra, float("-inf")), *args[1:])
+        return func(*args, **kwargs)
+
+    def _drop_columns(self, n: int, probs: torch.Tensor, args: tuple) -> None:
+        """``probs[..., :end]`` straight after the softmax: the trailing columns are not keys (sinks)."""
+        dim = args[1] if len(args) > 1 else 0
+        start = args[2] if len(args) > 2 else None
+        end = args[3] if len(args) > 3 else None
+        step = args[4] if len(args) > 4 else 1
+        size = probs.shape[-1]
+        if dim not in (-1, probs.dim() - 1) or start not in (None, 0) or step != 1 or end is None:
+            return
+        end = end + size if end < 0 else min(end, size)
+        if 0 < end < size:
+            keep, shape = self._pending[n]
+            self._pending[n] = (keep[..., :end], (*shape[:-1], end))
+            self._dropped[n] = size - end
 
     # -- reference: restrict scores ------------------------------------------------------------
     def _keep_for(self, index: int, shape: tuple[int, ...], device) -> Optional[torch.Tensor]:
@@ -159,16 +196,25 @@ class _Mode(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _FUSED:
             return self._fused(func, args, kwargs)
+        if func is aten.logsumexp.default:
+            return self._logsumexp(func, args, kwargs)
         if func in _SOFTMAX:
             n = self._n
             self._n += 1
             index = self._order.get(n)
             x = args[0]
+            seen = self._lse_seen.pop(id(x), None)
+            if seen is not None and seen[1] is x:
+                self._lse_of[seen[0]] = n
             if index is None and self.keeps:
                 # the reference run follows the first run's numbering: softmax n was attention index[n]
                 index = self._ref_index.get(n) if hasattr(self, "_ref_index") else None
             if index is not None and index in self.keeps:
-                extra = self._keep_for(index, tuple(x.shape), x.device)
+                drop = getattr(self, "_ref_dropped", {}).get(n, 0)
+                extra = self._keep_for(index, (*x.shape[:-1], x.shape[-1] - drop), x.device)
+                if extra is not None and drop:  # sink columns stay attended
+                    extra = torch.cat([extra.expand(*x.shape[:-1], x.shape[-1] - drop),
+                                       extra.new_ones(*x.shape[:-1], drop)], -1)
                 if extra is not None:
                     x = x.masked_fill(~extra, float("-inf"))
                     args = (x, *args[1:])
@@ -193,6 +239,8 @@ class _Mode(TorchDispatchMode):
         elif name in _CARRY:
             src = next((self._softmax_outputs[id(a)] for a in args
                         if isinstance(a, torch.Tensor) and id(a) in self._softmax_outputs), None)
+            if src is not None and name == "slice" and src[2] is src[1] and src[0] in self._pending:
+                self._drop_columns(src[0], src[1], args)
             if src is not None:
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     if isinstance(t, torch.Tensor):
@@ -228,6 +276,8 @@ def masked_forward(model: torch.nn.Module, inputs: dict[str, Any], keeps: dict[i
         _forward(model, inputs)
     mode = _Mode(keeps, heads)
     mode._ref_index = dict(probe._order)  # softmax number -> attention index, from the unmodified run
+    mode._ref_dropped = dict(probe._dropped)
+    mode._ref_lse_of = dict(probe._lse_of)
     with mode:
         out = _forward(model, inputs)
     return first_tensor(out)

@@ -32,13 +32,16 @@ from lcpass.lower import (NEG_LIMIT, PLANNED_OP, checked_claim, claim_holds, cro
                           parse_spec, site_mask)
 from lcpass.patterns.op import reference
 
-__all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "record_planned_calls"]
+__all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "record_planned_calls", "specified_output",
+           "PLANNED_ARGS"]
 
 # max |planned - reference|, relative to max(1, max |reference|): the engine computes exact attention over
 # the blocks it keeps, so what remains is summation order (fp32) or the low-precision output rounding
 DTYPE_BOUNDS = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
-_ARGS = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "mask_kind", "spec")
+PLANNED_ARGS = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "mask_kind",
+                "spec", "sinks")
+_ARGS = PLANNED_ARGS
 
 
 class VerifyReport(dict):
@@ -91,7 +94,7 @@ def record_planned_calls(model: torch.nn.Module, example_inputs: Any) -> dict[st
     return {site: call.args for site, call in rec.calls.items()}
 
 
-class _NotVerifiable(Exception):
+class _NotVerifiable(ValueError):
     """A site whose method has no static reference (dynamic, content-based selection)."""
 
 
@@ -108,9 +111,24 @@ def _softcap_mod(softcap: float):
     return softcap_mod
 
 
-def _expected(a: dict[str, Any]) -> torch.Tensor:
-    """What the planned op is specified to return, computed densely in float32."""
+def _oracle(q, k, v, mask_mod, *, scale, score_mod, softcap, kv_keep=None, sinks=None):
+    """reference_attention; with learned sinks the canonical reference (a sink column in the softmax) on the
+    materialised mask, so the planned op's log-sum-exp route is checked against the eager formulation."""
+    if sinks is None:
+        return reference_attention(q, k, v, mask_mod, scale=scale, score_mod=score_mod, kv_keep=kv_keep)
+    from lcpass.engine import element_mask
+
+    full = element_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], kv_keep, device=q.device)
+    return reference(q.float(), k.float(), v.float(), full, scale, False, -1, softcap, 0.0, sinks).to(q.dtype)
+
+
+def specified_output(a: dict[str, Any]) -> torch.Tensor:
+    """What the planned op is specified to return for its named arguments ``a``, computed densely in
+    float32 from plain PyTorch (differentiable; :mod:`lcpass.grad` takes the op's gradient from it).
+    Raises ValueError for dynamic methods (no fixed mask)."""
     q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
+    sinks = a.get("sinks")
+    sinks = None if sinks is None else sinks.float()
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     specs = parse_spec(a["spec"])
     if _dynamic(specs):
@@ -119,12 +137,12 @@ def _expected(a: dict[str, Any]) -> torch.Tensor:
     if all(n == "dense" for n, _ in specs) or sk < crossover(a["spec"], hq) or a["dropout_p"] > 0:
         return reference(q.float(), k.float(), v.float(), None if mask is None else
                          (mask if mask.dtype == torch.bool else mask.float()), a["scale"], a["is_causal"],
-                         a["window"], a["softcap"], 0.0).to(q.dtype)
+                         a["window"], a["softcap"], 0.0, sinks).to(q.dtype)
     claim = checked_claim(a["mask_kind"])
     if claim is not None and mask is not None:
         if not claim_holds(mask, sq, sk, *claim):  # the claim fails: exact attention, as the op runs it
             return reference(q.float(), k.float(), v.float(), mask if mask.dtype == torch.bool else mask.float(),
-                             a["scale"], a["is_causal"], a["window"], a["softcap"], 0.0).to(q.dtype)
+                             a["scale"], a["is_causal"], a["window"], a["softcap"], 0.0, sinks).to(q.dtype)
         a = {**a, "is_causal": claim[0], "window": claim[1]}
     mask_mod = site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"]))
     score_mod = _softcap_mod(a["softcap"]) if a["softcap"] else None
@@ -135,7 +153,8 @@ def _expected(a: dict[str, Any]) -> torch.Tensor:
 
         keep = element_mask(mask_mod, 1, hq, sq, sk, device=q.device)
         full = mask & keep if mask.dtype == torch.bool else mask.float().masked_fill(~keep, float("-inf"))
-        return reference(q.float(), k.float(), v.float(), full, a["scale"], False, -1, a["softcap"], 0.0).to(q.dtype)
+        return reference(q.float(), k.float(), v.float(), full, a["scale"], False, -1, a["softcap"], 0.0,
+                         sinks).to(q.dtype)
     kv_keep = None
     if mask is not None:
         keep = mask if mask.dtype == torch.bool else mask > NEG_LIMIT
@@ -149,11 +168,13 @@ def _expected(a: dict[str, Any]) -> torch.Tensor:
                 if e <= p or hi <= lo:
                     continue
                 row = site_mask(a["spec"], hq, hi - lo, e - p, bool(a["is_causal"]), int(a["window"]))
-                out[b:b + 1, :, lo:hi] = reference_attention(q[b:b + 1, :, lo:hi], k[b:b + 1, :, p:e],
-                                                             v[b:b + 1, :, p:e], row, scale=a["scale"],
-                                                             score_mod=score_mod)
+                rs = None if sinks is None else sinks.expand(*q.shape[:-1], 1)[b:b + 1, :, lo:hi]
+                out[b:b + 1, :, lo:hi] = _oracle(q[b:b + 1, :, lo:hi], k[b:b + 1, :, p:e], v[b:b + 1, :, p:e], row,
+                                                 scale=a["scale"], score_mod=score_mod, softcap=a["softcap"],
+                                                 sinks=rs)
             return out
-    return reference_attention(q, k, v, mask_mod, scale=a["scale"], score_mod=score_mod, kv_keep=kv_keep)
+    return _oracle(q, k, v, mask_mod, scale=a["scale"], score_mod=score_mod, softcap=a["softcap"], kv_keep=kv_keep,
+                   sinks=sinks)
 
 
 def _runs(kv_keep: torch.Tensor) -> Optional[list[tuple[int, int]]]:
@@ -169,8 +190,8 @@ def _runs(kv_keep: torch.Tensor) -> Optional[list[tuple[int, int]]]:
 
 def verify_call(args: dict[str, Any]) -> tuple[float, float]:
     """(max abs error, bound) of one recorded planned call against the reference."""
-    want = _expected(args)
-    got = PLANNED_OP(*(args[n] for n in _ARGS))
+    want = specified_output(args)
+    got = PLANNED_OP(*(args.get(n) for n in _ARGS))
     err = float((got.float() - want.float()).abs().max().item()) if got.numel() else 0.0
     bound = DTYPE_BOUNDS.get(args["q"].dtype, 1e-4) * max(1.0, float(want.float().abs().max().item()))
     return err, bound

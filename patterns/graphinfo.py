@@ -10,6 +10,8 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
+from .vocab import op_of
+
 __all__ = ["value_of", "shape_of", "rank_of", "dtype_of", "constant_number", "layer_name", "same_size"]
 
 
@@ -210,7 +212,23 @@ def vmap_state(n: Node) -> Optional[int]:
     return _VMAP_STATE.get(name)
 
 
+# random ops torch marks impure (nondeterministic_seeded) that a rewrite leaves without users: the attention
+# a canonical op replaced (it applies the dropout itself) and dropout on its probabilities. Kept, they would
+# run on every call next to the op that replaced them.
+_DEAD_RANDOM = ("sdpa", "sdpa_cpu", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "dropout")
+
+
+def _impure(n: Node) -> bool:
+    if vmap_state(n) is not None:
+        return True
+    if not n.is_impure():
+        return False
+    op = op_of(n)
+    return op is None or op.kind not in _DEAD_RANDOM
+
+
 def eliminate_dead_code(gm: GraphModule) -> bool:
-    """``gm.graph.eliminate_dead_code()`` that keeps functorch's state calls: a vmap level closed or
-    decompositions loaded have no users, yet the batch-dim ops around them fail without them."""
-    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or vmap_state(n) is not None)
+    """``gm.graph.eliminate_dead_code()`` that keeps functorch's state calls (a vmap level closed or
+    decompositions loaded have no users, yet the batch-dim ops around them fail without them) and drops
+    dead attention and dropout calls (random, so torch would keep them)."""
+    return gm.graph.eliminate_dead_code(is_impure_node=_impure)

@@ -78,6 +78,11 @@ class Match:
     # logit scale, Swin-v2's cosine scale): folded into q, which is exact (q·k is linear in q)
     q_scales: list[Node] = field(default_factory=list)
     out_perm: Optional[tuple[int, ...]] = None  # the value einsum's output layout, from [B, H, Sq, Dv]
+    # learned attention sinks (gpt-oss): a logit column [B|1, H|1, Sq|1, 1] (or [B*H|1, Sq|1, 1] on merged
+    # scores) concatenated after the masked scores, its probability dropped before the value product
+    sink: Optional[Node] = None
+    sink_dropped: bool = False
+    sink_lse: bool = False  # the sink applied after the value product: out * sigmoid(logsumexp(s) - sink)
 
 
 _MATMULS = ("matmul", "bmm", "einsum", "baddbmm")
@@ -124,8 +129,9 @@ def _is_batch_merge(gm: GraphModule, node: Node) -> Optional[Node]:
     return None
 
 
-def _peel(gm: GraphModule, node: Node, scale: list[float]) -> Node:
-    """Strip casts, constant scale factors and matmul-decomposition reshapes off an operand."""
+def _peel(gm: GraphModule, node: Node, scale: Optional[list[float]]) -> Node:
+    """Strip casts, constant scale factors (into ``scale``; kept when it is None: a factor on v scales the
+    output, not the scores) and matmul-decomposition reshapes off an operand."""
     while True:
         op = op_of(node, gm)
         if op is None:
@@ -133,7 +139,7 @@ def _peel(gm: GraphModule, node: Node, scale: list[float]) -> Node:
         if op.kind in ("cast", "identity"):
             node = op["x"]
             continue
-        if op.kind in ("mul", "div"):
+        if op.kind in ("mul", "div") and scale is not None:
             a, b = op["a"], op["b"]
             c = constant_number(b, gm)
             base = a
@@ -143,6 +149,8 @@ def _peel(gm: GraphModule, node: Node, scale: list[float]) -> Node:
                 scale[0] *= (1.0 / c) if op.kind == "div" else c
                 node = base
                 continue
+            return node
+        if op.kind in ("mul", "div"):
             return node
         if op.kind == "expand" and shape_of(op["x"]) == shape_of(node):
             node = op["x"]
@@ -217,7 +225,7 @@ def _is_parameter(gm: GraphModule, node: Node) -> bool:
     return node.op == "placeholder" and "_parameters_" in node.name
 
 
-def _operand(gm: GraphModule, node: Node, scale: list[float], *, is_key: bool = False) -> Operand:
+def _operand(gm: GraphModule, node: Node, scale: Optional[list[float]], *, is_key: bool = False) -> Operand:
     node = _peel(gm, node, scale)
     if is_key:
         base = _untranspose(gm, node)
@@ -288,28 +296,7 @@ def _einsum_pv(op: Op, probs: Node) -> tuple[Node, Optional[tuple[int, ...]], Op
 # --------------------------------------------------------------------------- scores walk
 def _leads_to_product(gm: GraphModule, node, depth: int = 12) -> bool:
     """Does this operand of an add lead back to a q·kᵀ product through score-chain ops?"""
-    while isinstance(node, Node) and depth > 0:
-        op = op_of(node, gm)
-        if op is None:
-            return False
-        if op.kind in _MATMULS:
-            return True
-        if op.kind in ("cast", "identity", "view", "tanh"):
-            node = op["x"]
-        elif op.kind in ("mul", "div"):  # follow the tensor side of a scaling
-            node = op["b"] if op.kind == "mul" and constant_number(op["a"], gm) is not None else op["a"]
-        elif op.kind == "add":
-            return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
-        elif op.kind in ("where",):
-            return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
-        elif op.kind in ("masked_fill", "sub"):
-            node = op["x"] if op.kind == "masked_fill" else op["a"]
-        elif op.kind == "maximum":
-            return _leads_to_product(gm, op["a"], depth - 1) or _leads_to_product(gm, op["b"], depth - 1)
-        else:
-            return False
-        depth -= 1
-    return False
+    return _product_of(gm, node, depth) is not None
 
 
 def _tensor_factor(gm: GraphModule, op: Op, node: Node) -> tuple[Node, Node]:
@@ -358,8 +345,12 @@ def _row_max_of(gm: GraphModule, node: object, scores: Node) -> bool:
     return bool(args) and args[0] is scores and r is not None and _norm_dim(dim, r) == r - 1 and bool(keepdim)
 
 
+_FOLLOW_X = ("cast", "identity", "view", "tanh", "masked_fill")
+
+
 def _product_of(gm: GraphModule, node: object, depth: int = 12) -> Optional[Node]:
-    """The q·kᵀ product an operand of the scores leads back to (first one found), or None."""
+    """The q·kᵀ product an operand of the scores leads back to through score-chain ops (the first one
+    found), or None. The one list of ops a score chain may pass; :func:`_walk_scores` reads each."""
     while isinstance(node, Node) and depth > 0:
         op = op_of(node, gm)
         if op is None:
@@ -368,12 +359,16 @@ def _product_of(gm: GraphModule, node: object, depth: int = 12) -> Optional[Node
             return node
         if op.kind in ("add", "where", "maximum"):
             return _product_of(gm, op["a"], depth - 1) or _product_of(gm, op["b"], depth - 1)
-        if op.kind in ("mul", "div"):
+        if op.kind in ("mul", "div"):  # follow the tensor side of a scaling
             node = op["b"] if op.kind == "mul" and constant_number(op["a"], gm) is not None else op["a"]
         elif op.kind == "sub":
             node = op["a"]
+        elif op.kind == "cat" and isinstance(op["tensors"], (list, tuple)) and op["tensors"]:
+            node = op["tensors"][0]  # scores with a sink column after them
+        elif op.kind in _FOLLOW_X:
+            node = op["x"]
         else:
-            node = op["x"] if "x" in op.args else None
+            return None
         depth -= 1
     return None
 
@@ -545,6 +540,8 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
             note(b)
             outer.append(("bias", (b, -1.0)))  # scores - c * mask: an additive bias with coefficient -1
             node = a
+        elif kind == "cat":
+            node = _sink_column(gm, m, op, node, bool(outer or views))
         elif kind in _MATMULS:
             m.scores_rank = rank_of(x) or 4
             inner: list[tuple[str, object]] = []
@@ -557,12 +554,98 @@ def _walk_scores(gm: GraphModule, m: Match, x: Node) -> Node:
                     inner.append(("bias", op["x"]))
                     note(op["x"])
                 if views and any(not p for p, _ in views):
-                    raise Reject(f"baddbmm's bias reaches the softmax through a reshape of unknown shape")
+                    raise Reject("baddbmm's bias reaches the softmax through a reshape of unknown shape")
             _apply_terms(m, inner + list(reversed(outer)), len(views))
             return node
         else:
             raise Reject(f"the softmax input passes through {target_name(node)}, which is not a scale, "
                          "softcap, mask or bias of q·kᵀ")
+
+
+def _sink_column(gm: GraphModule, m: Match, op: Op, node: Node, outside: bool) -> Node:
+    """``cat([scores, sink], -1)``: one extra logit per row after the masked scores (gpt-oss's learned
+    sinks). Returns the scores; records the sink column on ``m``."""
+    parts, r = op["tensors"], rank_of(node)
+    if isinstance(parts, (list, tuple)) and sum(_leads_to_product(gm, p) for p in parts) >= 2 \
+            and _norm_dim(op["dim"], r) == (r or 0) - 1:
+        raise Reject(f"{BLOCK_SPARSE}: the scores concatenate several q·kᵀ blocks on the key axis ({node.name})")
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or _norm_dim(op["dim"], r) != (r or 0) - 1:
+        raise Reject(f"the scores are concatenated with something ({node.name}) other than one column of "
+                     "logits on the key axis")
+    scores, sink = parts
+    col = shape_of(sink)
+    if not _leads_to_product(gm, scores) or _leads_to_product(gm, sink) or col is None or col[-1] != 1:
+        raise Reject(f"{node.name} concatenates the scores with {getattr(sink, 'name', sink)!r}, which is not "
+                     "one column of sink logits independent of the scores")
+    if m.sink is not None or outside:
+        raise Reject(f"the sink column ({node.name}) is scaled, masked or reshaped with the scores after it "
+                     "joins them; only a shift (the row maximum) may follow")
+    if r not in (3, 4):
+        raise Reject(f"a sink column on rank-{r} scores ({node.name}); lcpass reads sinks on [B, H, Sq, Sk] "
+                     "or [B*H, Sq, Sk] scores")
+    m.sink = sink
+    return scores
+
+
+def _through(gm: GraphModule, node: object, kinds=("cast", "identity")) -> object:
+    while isinstance(node, Node) and op_of(node, gm) is not None and op_of(node, gm).kind in kinds:
+        node = op_of(node, gm)["x"]
+    return node
+
+
+def _lse_sink(gm: GraphModule, m: Match, softmax: Node) -> None:
+    """``out * sigmoid(logsumexp(s, -1) - sink)[..., None]`` right after ``P @ v`` (Granite-SWA): the same
+    learned sink as a concatenated logit column, applied from the row's log-sum-exp. The product becomes
+    the site's end; ``s`` must be the very scores the softmax reads."""
+    users = _users(m.end)
+    if m.sink is not None or len(users) != 1 or m.scores_rank != 4:
+        return
+    mul = op_of(users[0], gm)
+    if mul is None or mul.kind != "mul":
+        return
+    factor = mul["b"] if _through(gm, mul["a"]) is m.end else mul["a"] if _through(gm, mul["b"]) is m.end else None
+    sq = op_of(_through(gm, factor), gm)
+    if sq is None or sq.kind != "unsqueeze" or _norm_dim(sq["dim"], rank_of(sq.node)) != 3:
+        return
+    sig = op_of(_through(gm, sq["x"]), gm)
+    sub = op_of(_through(gm, sig["x"]), gm) if sig is not None and sig.kind == "sigmoid" else None
+    if sub is None or sub.kind != "sub" or sub["alpha"] not in (1, 1.0):
+        return
+    lse = op_of(_through(gm, sub["a"]), gm)
+    scores = _softmax_input(gm, softmax)
+    dims = lse["dim"] if lse is not None else None
+    dims = dims[0] if isinstance(dims, (list, tuple)) and len(dims) == 1 else dims
+    if lse is None or lse.kind != "logsumexp" or lse["keepdim"] or scores is None \
+            or _through(gm, lse["x"]) is not _through(gm, scores[0]) or _norm_dim(dims, rank_of(lse["x"])) != 3:
+        return
+    sink = sub["b"]
+    if not isinstance(sink, Node) or _leads_to_product(gm, sink) or (shape_of(sink) is not None and len(shape_of(sink)) > 3):
+        return
+    m.sink, m.sink_dropped, m.sink_lse = sink, True, True
+    m.chain.extend([mul.node, sq.node, sig.node, sub.node, lse.node])
+    m.end = mul.node
+
+
+def _drops_sink(op: Op, node: Node) -> bool:
+    """``probs[..., :-1]`` / ``aten.slice(probs, -1, 0, -1)``: the sink column dropped."""
+    r = rank_of(op["x"])
+    if r is None:
+        return False
+    if op.kind == "slice":
+        return (_norm_dim(op["dim"], r) == r - 1 and op["start"] in (None, 0) and op["step"] in (None, 1)
+                and _is_minus_one(op["end"], shape_of(op["x"])))
+    index = op["index"]
+    if not isinstance(index, tuple) or not index or not isinstance(index[-1], slice):
+        return False
+    last, lead = index[-1], index[:-1]
+    if not (lead == (Ellipsis,) or (len(lead) == r - 1 and all(i == slice(None) for i in lead))):
+        return False
+    return last.start in (None, 0) and last.step in (None, 1) and _is_minus_one(last.stop, shape_of(op["x"]))
+
+
+def _is_minus_one(end: object, shape: Optional[tuple]) -> bool:
+    """An end index that drops exactly the last column."""
+    return end == -1 or (shape is not None and isinstance(shape[-1], int) and end == shape[-1] - 1)
 
 
 def _apply_terms(m: Match, inner_to_outer: list[tuple[str, object]], n_views: int) -> None:
@@ -633,7 +716,13 @@ def _match_softmax(gm: GraphModule, node: Node, x: Node, dim) -> Match:
     if d != r - 1:
         raise Reject(f"softmax over dim {dim} of a rank-{r} tensor, not the key axis (last dim)")
     m = Match(anchor=node, end=node, q=None, k=None, v=None, scale=1.0, source="eager-softmax")  # type: ignore[arg-type]
-    product = _walk_scores(gm, m, x)
+    try:
+        product = _walk_scores(gm, m, x)
+    except Reject:
+        via = _rearranged_product(gm, x) if isinstance(x, Node) else None
+        if via is not None:
+            raise Reject(BANDED.format(via=via)) from None
+        raise
     pop = op_of(product, gm)
     scale = [1.0]
     if pop.kind == "einsum":
@@ -687,17 +776,23 @@ def _walk_values(gm: GraphModule, m: Match, node: Node) -> None:
             cur = u
         elif op.kind == "getitem" and op["index"] == 0:
             cur = u
+        elif op.kind in ("slice", "getitem") and m.sink is not None and not m.sink_dropped and _drops_sink(op, u):
+            m.sink_dropped = True
+            cur = u
         elif op.kind == "where" and (constant_number(op["a"], gm) == 0.0 or constant_number(op["b"], gm) == 0.0):
             cur = u  # the safe-softmax row zeroing: what the canonical op does too
+        elif m.sink is not None and not m.sink_dropped and op.kind in ("matmul", "bmm", "einsum"):
+            raise Reject(f"the sink column's probability is not dropped before the value product ({u.name})")
         elif op.kind in ("matmul", "bmm"):
             if op["a"] is not cur:
                 raise Reject("the probabilities are the right operand of the value matmul")
-            m.v = _operand(gm, op["b"], [1.0])
+            m.v = _operand(gm, op["b"], None)
             m.end = u
+            _lse_sink(gm, m, node)
             break
         elif op.kind == "einsum":
             vn, vp, m.out_perm = _einsum_pv(op, cur)
-            m.v = _operand(gm, vn, [1.0]) if vp is None else Operand(_peel(gm, vn, [1.0]), perm=vp)
+            m.v = _operand(gm, vn, None) if vp is None else Operand(_peel(gm, vn, None), perm=vp)
             m.end = u
             break
         else:
@@ -745,6 +840,41 @@ def _match_sdpa(gm: GraphModule, node: Node, op: Op) -> Match:
     return m
 
 
+BLOCK_SPARSE = ("already sparse (block-sparse attention, as BigBird computes it: softmaxes over gathered key blocks); "
+                "lcpass leaves it as the model computes it")
+BANDED = ("already sparse (banded attention over overlapping chunks, as Longformer computes its sliding window: "
+          "the scores are a product of strided chunks rearranged by {via}); lcpass leaves it as the model computes it")
+_REARRANGE = ("pad", "constant_pad_nd", "as_strided", "unfold")
+
+
+def _rearranged_product(gm: GraphModule, node: Node, limit: int = 48) -> Optional[str]:
+    """The rearranging op (a pad, as_strided, unfold) through which a matrix product reaches ``node``, when
+    one does within ``limit`` nodes upstream: attention computed on chunks and re-laid out as bands."""
+    frontier, seen, via = [(node, None)], set(), None
+    while frontier and len(seen) < limit:
+        n, through = frontier.pop(0)
+        if not isinstance(n, Node) or n in seen:
+            continue
+        seen.add(n)
+        name = target_name(n) if n.op in ("call_function", "call_method") else ""
+        here = through or next((r for r in _REARRANGE if r in name.lower()), None)
+        op = op_of(n, gm)
+        if op is not None and op.kind in _MATMULS and through is not None:
+            via = through
+            break
+        frontier.extend((a, here) for a in n.all_input_nodes)
+    return via
+
+
+def _block_sparse_sites(rejected: list[Rejection]) -> list[Rejection]:
+    """Every softmax of a site that computes block-sparse attention is part of it: say so, not why each
+    piece alone is not attention."""
+    sparse = {r.site for r in rejected if r.reason.startswith(BLOCK_SPARSE)}
+    return [r if r.site not in sparse or r.reason.startswith(BLOCK_SPARSE)
+            else Rejection(r.node, r.site, f"{BLOCK_SPARSE} (this softmax is one of its blocks: {r.reason})")
+            for r in rejected]
+
+
 def find_matches(gm: GraphModule) -> tuple[list[Match], list[Rejection]]:
     """Every attention site in ``gm`` as a :class:`Match`, and every softmax left alone with its reason."""
     matches: list[Match] = []
@@ -764,7 +894,7 @@ def find_matches(gm: GraphModule) -> tuple[list[Match], list[Rejection]]:
             matches.append(m)
         except Reject as why:
             rejected.append(Rejection(node.name, layer_name(node), str(why)))
-    return matches, rejected
+    return matches, _block_sparse_sites(rejected)
 
 
 def operand_shape(o: Operand) -> Optional[tuple]:

@@ -18,9 +18,13 @@ Its named arguments are all that later stages (plan, lower, verify) read:
     dropout_p    float; dropout on the probabilities (applied only when > 0)
     site         provenance: the layer name from ``nn_module_stack`` (e.g. ``model.layers.0.self_attn``)
     source       provenance: the source form (``sdpa``, ``eager-softmax``, ``einsum``, ``baddbmm`` ...)
+    sinks        optional, broadcastable to [B, Hq, Sq, 1]: learned attention-sink logits (gpt-oss): one
+                 extra logit per row joins the softmax and its probability is dropped (it attends a zero
+                 value), so ``out = attention(...) * sigmoid(lse - sink)`` with ``lse`` the row's
+                 log-sum-exp over its keys; any method that knows its ``lse`` carries sinks exactly
 
 The default implementation is exact (plain PyTorch), so capture + canonicalisation never change
-results. Scores are combined in the order: scale -> softcap -> mask/bias -> softmax.
+results. Scores are combined in the order: scale -> softcap -> mask/bias -> [sink column] -> softmax.
 
 Example::
 
@@ -70,10 +74,12 @@ def reference(
     window: int = -1,
     softcap: float = 0.0,
     dropout_p: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Exact attention with the canonical op's semantics, in plain PyTorch.
 
-    Rows that see no key at all output zeros (as ``torch``'s ``_safe_softmax`` does).
+    Rows that see no key at all output zeros (as ``torch``'s ``_safe_softmax`` does; with ``sinks`` the
+    sink takes the whole probability, and it attends nothing).
     """
     # q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D]
     hq, hkv = q.shape[1], k.shape[1]
@@ -89,7 +95,7 @@ def reference(
     if mask is not None and mask.dtype == torch.bool:
         keep = mask if keep is None else (mask & keep)
         mask = None
-    if softcap == 0.0 and dropout_p == 0.0 and mask is None:
+    if softcap == 0.0 and dropout_p == 0.0 and mask is None and sinks is None:
         # The fused path: bit-for-bit what models calling SDPA get.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, Hq, Sq, Sk]
@@ -99,7 +105,12 @@ def reference(
         scores = scores + mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sinks is not None:  # one more logit per row; its probability attends nothing
+        b, h = scores.shape[0], scores.shape[1]
+        column = sinks.to(scores.dtype).expand(b, h, sq, 1)
+        probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype)  # fully masked rows -> 0
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
@@ -140,38 +151,44 @@ def attention(
     dropout_p: float,
     site: str,
     source: str,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return laid_out(reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p), q, source == "sdpa")
+    return laid_out(reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks), q,
+                    source == "sdpa")
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source):
+def _attention_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source, sinks=None):
     # out: [B, Hq, Sq, Dv]
     return output_buffer(q, v.shape[-1], source == "sdpa")
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, window, softcap, dropout_p, _site, _source = inputs
-    ctx.save_for_backward(q, k, v, mask if mask is not None else None)
-    ctx.has_mask = mask is not None
+    q, k, v, mask, scale, is_causal, window, softcap, dropout_p, _site, _source, *rest = inputs
+    sinks = rest[0] if rest else None
+    ctx.save_for_backward(q, k, v, mask, sinks)
     ctx.params = (scale, is_causal, window, softcap, dropout_p)
 
 
 def _attention_backward(ctx, grad_out):
-    q, k, v, mask = ctx.saved_tensors
+    q, k, v, mask, sinks = ctx.saved_tensors
     scale, is_causal, window, softcap, dropout_p = ctx.params
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = reference(*leaves, mask, scale, is_causal, window, softcap, dropout_p)
+        if sinks is not None and sinks.requires_grad:
+            leaves.append(sinks.detach().requires_grad_(True))
+        out = reference(*leaves[:3], mask, scale, is_causal, window, softcap, dropout_p,
+                        leaves[3] if len(leaves) > 3 else sinks)
         grads = torch.autograd.grad(out, leaves, grad_out)
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads[:3], None, None, None, None, None, None, None, None, grads[3] if len(grads) > 3 else None)
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 CANONICAL_OP = torch.ops.lcpass.attention.default
 
-_ARG_NAMES = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "source")
+_ARG_NAMES = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "source",
+              "sinks")
 
 
 @dataclass(frozen=True)
@@ -189,6 +206,7 @@ class CanonicalArgs:
     dropout_p: float
     site: str
     source: str
+    sinks: object = None
 
 
 def canonical_args(node: torch.fx.Node) -> CanonicalArgs:

@@ -38,6 +38,7 @@ class Site:
     node: str  # the canonical node's name in the rewritten graph
     anchor: str = ""  # "sdpa" | "softmax": the call the site was found from
     anchor_index: int = -1  # its position among the site module's calls of that kind (patterns.anchors)
+    sinks: bool = False  # learned per-head sink logits join the softmax (the canonical op's ``sinks``)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -163,6 +164,22 @@ def _mask_node(gm: GraphModule, m: Match, q4: Node, like: Node) -> Optional[Node
     return mask
 
 
+def _sink_node(gm: GraphModule, m: Match, q4: Node, like: Node) -> Node:
+    """The sink column in the canonical layout [B|1, Hq|1, Sq|1, 1] (merged [B*H, Sq, 1] scores unmerged)."""
+    sink = m.sink
+    if m.sink_lse:  # a [B|1, H|1, Sq|1] (or fewer dims) logit subtracted from the row's log-sum-exp
+        return _call(gm, aten.unsqueeze.default, (sink, -1), like)
+    if rank_of(sink) == 3:
+        if rank_of(m.q.node) == 3:  # the site runs as [N, 1, S, D]
+            return _call(gm, aten.unsqueeze.default, (sink, 1), like)
+        qs, ss = shape_of(q4), shape_of(sink)
+        if ss[0] != 1:
+            sink = _call(gm, aten.expand.default, (sink, [qs[0] * qs[1], ss[1], 1]), like)
+            return _call(gm, aten.reshape.default, (sink, [qs[0], qs[1], ss[1], 1]), like)
+        return _call(gm, aten.unsqueeze.default, (sink, 0), like)
+    return sink
+
+
 def _int(x: Any) -> int:
     try:
         return int(x)
@@ -186,9 +203,10 @@ def rewrite_matches(gm: GraphModule, matches: list[Match], infos: list[MaskInfo]
             v4 = _as4d(gm, m.v, like)
             mask = _mask_node(gm, m, q4, like) if info.keep_tensor else None
             causal, window = info.op_causal
+            sinks = () if m.sink is None else (_sink_node(gm, m, q4, like),)
             out = _call(gm, CANONICAL_OP, (q4, k4, v4, mask, float(m.scale), bool(causal),
-                                           int(window), float(m.softcap), float(m.dropout_p), name, m.source),
-                        like)
+                                           int(window), float(m.softcap), float(m.dropout_p), name, m.source,
+                                           *sinks), like)
             result = out
             if m.out_perm is not None:  # the value einsum wrote another layout ('bnij,jbnd->ibnd')
                 result = _call(gm, aten.permute.default, (out, list(m.out_perm)), like)
@@ -198,11 +216,11 @@ def rewrite_matches(gm: GraphModule, matches: list[Match], infos: list[MaskInfo]
                 else:
                     result = _call(gm, aten.flatten.using_ints, (out, 0, 1), like)
         m.end.replace_all_uses_with(result)
-        qs, ks, vs = shape_of(q4), shape_of(k4), shape_of(v4)
+        qs, ks = shape_of(q4), shape_of(k4)
         sites.append(Site(name=name, source=m.source, n_heads=_int(qs[1]), n_kv_heads=_int(ks[1]),
                           head_dim=_int(qs[-1]), mask=info.label, is_causal=info.is_causal, window=info.window,
                           scale=float(m.scale), softcap=float(m.softcap), dropout_p=float(m.dropout_p),
-                          node=out.name))
+                          node=out.name, sinks=m.sink is not None))
     _drop_dead(gm)
     return sites
 

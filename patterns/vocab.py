@@ -83,6 +83,8 @@ _TABLE: list[tuple[str, tuple, tuple[str, ...], dict[str, Any]]] = [
      ("x", "cond", "value"), {}),
     ("tanh", (torch.tanh, F.tanh, aten.tanh, "method:tanh"), ("x",), {}),
     ("exp", (torch.exp, aten.exp, "method:exp"), ("x",), {}),
+    ("sigmoid", (torch.sigmoid, F.sigmoid, aten.sigmoid, "method:sigmoid"), ("x",), {}),
+    ("logsumexp", (torch.logsumexp, aten.logsumexp, "method:logsumexp"), ("x", "dim", "keepdim"), {"keepdim": False}),
     ("amax", (torch.amax, aten.amax, "method:amax"), ("x", "dim", "keepdim"), {"keepdim": False}),
     ("sum", (torch.sum, aten.sum, "method:sum"), ("x", "dim", "keepdim"), {"keepdim": False}),
     ("cast", (aten._to_copy, aten.to, torch.ops.prims.convert_element_type,
@@ -100,6 +102,8 @@ _TABLE: list[tuple[str, tuple, tuple[str, ...], dict[str, Any]]] = [
     ("expand", (aten.expand, "method:expand"), ("x", "shape"), {}),
     ("unsqueeze", (torch.unsqueeze, aten.unsqueeze, "method:unsqueeze"), ("x", "dim"), {}),
     ("getitem", (operator.getitem,), ("x", "index"), {}),
+    ("cat", (torch.cat, torch.concat, torch.concatenate, aten.cat), ("tensors", "dim"), {"dim": 0}),
+    ("slice", (aten.slice,), ("x", "dim", "start", "end", "step"), {"dim": 0, "start": None, "end": None, "step": 1}),
     ("logical_not", (torch.logical_not, aten.logical_not, operator.invert, aten.bitwise_not,
                      "method:logical_not", "method:__invert__", "method:bitwise_not"), ("x",), {}),
 ]
@@ -165,6 +169,10 @@ def op_of(node: Any, gm: Optional[torch.fx.GraphModule] = None) -> Optional[Op]:
     if kind in ("view", "expand", "permute") and extra:  # x.view(a, b, c)
         args[{"view": "shape", "expand": "shape", "permute": "dims"}[kind]] = [args.get(
             {"view": "shape", "expand": "shape", "permute": "dims"}[kind])] + extra
+    if kind == "dropout" and "training" in node.kwargs:  # F.dropout(x, p, training=...) names it "training"
+        args["train"] = node.kwargs["training"]
+    if kind == "dropout" and "input" in node.kwargs:
+        args["x"] = node.kwargs["input"]
     if kind == "sum" and args.get("dim") is None and "dim" in node.kwargs:
         args["dim"] = node.kwargs["dim"]
     if kind == "cast":

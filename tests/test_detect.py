@@ -223,3 +223,31 @@ def test_aten_sdpa_variants(route):
         got = cap.gm(*args)
         got = got[0] if isinstance(got, (tuple, list)) else got
         assert (got - want).abs().max().item() <= TOL
+
+
+def test_block_sparse_attention_is_refused_as_already_sparse():
+    """BigBird's block-sparse form (softmaxes over gathered key blocks, concatenated on the key axis) is
+    refused with a reason that says it is already sparse, on every one of its softmaxes; optimize counts
+    them against the eager oracle, says so, and leaves the model (and its output) as it was."""
+    import transformers
+
+    import lcpass
+
+    cfg = transformers.BigBirdConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, attention_type="block_sparse", block_size=2,
+                                     num_random_blocks=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BigBirdModel(cfg).eval()
+    ids = torch.randint(0, 100, (1, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = lcpass.inspect(model, {"input_ids": ids})
+        assert not found.sites and len(found.rejected) == 5
+        assert all(r.reason.startswith("already sparse (block-sparse attention") for r in found.rejected), found.rejected
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+    with pytest.warns(UserWarning, match="already sparse"):
+        out = lcpass.optimize(model, method="dense", example_inputs={"input_ids": ids})
+    assert out is model and not hasattr(model, "lcpass_report")
+    with torch.no_grad():
+        assert torch.equal(out(input_ids=ids).last_hidden_state, want)

@@ -253,3 +253,49 @@ def test_plain_module_runs_at_other_lengths():
     for n in (7, 25):
         inputs = {name: x[:, :n] if n <= x.shape[1] else torch.cat([x, x], 1)[:, :n]}
         assert (_run(m, inputs) - _run(z.model, inputs)).abs().max().item() <= TOL
+
+
+class _SdpaLayer(torch.nn.Module):
+    """GPT-2 / ViT-style code: transposed q/k/v views into SDPA, dropout written out as in training code."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        p = 0.1 if self.training else 0.0
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return out.transpose(1, 2).reshape(b, n, 16)
+
+
+def test_the_lowered_graph_runs_only_the_planned_attention():
+    """The attention a site replaced is gone from the lowered graph (torch marks SDPA random, so a plain
+    dead-code pass keeps it and every call would pay dense attention next to the method); the compile
+    door lowers the same way, and eval-mode dropout spelled F.dropout(..., training=False) is no dropout."""
+    x = torch.randn(2, 40, 16)
+    model = _SdpaLayer().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = lcpass.optimize(model, method="streaming", sink=1, window=8, dense_below=0, example_inputs=(x,))
+    targets = [str(n.target) for n in opt.graph_module.graph.nodes if n.op == "call_function"]
+    assert "lcpass.planned_attention.default" in targets
+    assert not [t for t in targets if "scaled_dot_product" in t or "dropout" in t], targets
+
+    class Eval(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            s = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+            p = torch.nn.functional.dropout(torch.softmax(s, -1), 0.3, training=self.training)
+            return (p @ v).transpose(1, 2).reshape(b, n, 16)
+
+    ev = Eval().eval()
+    compiled = torch.compile(ev, backend="lcpass", options={"method": "dense", "inner": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ev(x), rtol=0, atol=1e-5)

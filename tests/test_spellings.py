@@ -21,13 +21,10 @@ Profiles: ``default`` (derandomized, bounded, runs in ``make test``) and ``long`
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
-import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -57,6 +54,7 @@ class Spelling:
     gqa: str  # repeat | expand (only with Hkv < Hq)
     layout: str  # transpose | permute
     float_softmax: bool
+    sink: bool = False  # a learned sink logit per head concatenated to the scores, dropped after the softmax
 
 
 spellings = st.builds(
@@ -72,6 +70,7 @@ spellings = st.builds(
     gqa=st.sampled_from(["repeat", "expand"]),
     layout=st.sampled_from(["transpose", "permute"]),
     float_softmax=st.booleans(),
+    sink=st.booleans(),
 )
 
 
@@ -87,6 +86,7 @@ class Generated(torch.nn.Module):
         self.v_proj = torch.nn.Linear(8, hkv * D)
         self.head_scale = torch.nn.Parameter(torch.rand(hq, 1, 1) + 0.2)
         self.rel_bias = torch.nn.Parameter(torch.randn(hq, S, S) * 0.5)
+        self.sinks = torch.nn.Parameter(torch.randn(hq) * 2)
         self.extra_keep = None  # the reference's method mask (never set while lcpass captures)
 
     def _heads(self, t: torch.Tensor, h: int) -> torch.Tensor:
@@ -183,7 +183,13 @@ class Generated(torch.nn.Module):
             s = s + self.rel_bias
         if merged and s.dim() == 4:
             s = s.view(b * hq, n, n)
+        if sp.sink:  # gpt-oss: one more logit per row, the row maximum subtracted, the column dropped below
+            col = self.sinks.reshape(1, hq, 1, 1).expand(b, hq, n, 1)
+            s = torch.cat([s, col.reshape(b * hq, n, 1) if merged else col], dim=-1)
+            s = s - s.max(dim=-1, keepdim=True).values
         p = s.float().softmax(-1).to(v.dtype) if sp.float_softmax else s.softmax(dim=-1)
+        if sp.sink:
+            p = p[..., :-1]
         if merged:
             out = torch.bmm(p, v.reshape(b * hq, n, D)).view(b, hq, n, D)
         elif sp.product == "einsum":

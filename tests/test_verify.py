@@ -29,8 +29,9 @@ def test_wrong_lowering_is_reported_by_name(monkeypatch):
     z = get_zoo_model("llama-tiny")
     m = lcpass.optimize(copy.deepcopy(z.model), example_inputs=z.example_inputs, **STREAM)
 
-    def ignores_the_method(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec):
-        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
+    def ignores_the_method(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec,
+                           sinks=None):
+        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
 
     monkeypatch.setattr(lcpass.lower, "planned_attention_impl", ignores_the_method)
     with pytest.warns(UserWarning, match="model.layers.0.self_attn"):

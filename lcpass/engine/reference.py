@@ -55,8 +55,10 @@ def element_mask(mask_mod: MaskMod | None, B: int, H: int, Sq: int, Sk: int,
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask_mod: MaskMod | None, *, scale: float,
-                        score_mod: ScoreMod | None = None, kv_keep: Tensor | None = None) -> Tensor:
+                        score_mod: ScoreMod | None = None, kv_keep: Tensor | None = None,
+                        return_lse: bool = False):
     """Dense masked attention in plain PyTorch, computed in float32 (the oracle; small N only).
+    ``return_lse``: also each row's log-sum-exp over its visible keys, Float[B, Hq, Sq] (-inf: no key).
 
     >>> from lcpass.masks import causal_mask
     >>> q = k = v = torch.randn(1, 2, 5, 8)
@@ -79,13 +81,15 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask_mod: MaskMod | Non
     m = element_mask(mask_mod, B, Hq, Sq, Sk, kv_keep, q.device)
     s = s.masked_fill(~m, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without any key -> zeros
-    return torch.matmul(p, vf).to(q.dtype)
+    out = torch.matmul(p, vf).to(q.dtype)
+    return (out, torch.logsumexp(s, dim=-1)) if return_lse else out
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, is_causal: bool = False,
                     attn_mask: Tensor | None = None, kv_keep: Tensor | None = None,
-                    score_mod: ScoreMod | None = None) -> Tensor:
+                    score_mod: ScoreMod | None = None, return_lse: bool = False):
     """SDPA on the whole sequence (the fallback below the crossover length).
+    ``return_lse``: also each row's log-sum-exp, Float[B, Hq, Sq] (the math path).
 
     ``is_causal`` uses absolute positions (query ``i`` sees keys ``<= Sk - Sq + i``), unlike SDPA's
     top-left convention when ``Sq != Sk``. ``attn_mask``: Bool broadcastable to ``[B, Hq, Sq, Sk]``.
@@ -105,7 +109,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, is_causal:
     if kv_keep is not None:
         keep = kv_keep[:, None, None, :]
         mask = keep if mask is None else mask & keep
-    if score_mod is not None:
+    if score_mod is not None or return_lse:
         mm = None
         if mask is not None:
             mask4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
@@ -113,7 +117,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, is_causal:
             def mm(b, h, qi, ki):
                 return mask4[b % mask4.shape[0], h % mask4.shape[1],
                              (qi - (Sk - Sq)) % mask4.shape[2], ki % mask4.shape[3]]
-        return reference_attention(q, k, v, mm, scale=scale, score_mod=score_mod)
+        return reference_attention(q, k, v, mm, scale=scale, score_mod=score_mod, return_lse=return_lse)
     gqa = Hq != k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                          enable_gqa=gqa)

@@ -74,7 +74,7 @@ def _dense_mask(layout: BlockLayout, mask_mod: MaskMod | None) -> Tensor:
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,
                      mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
-                     kv_keep: Tensor | None = None, dense_below: int = DENSE_BELOW) -> Tensor:
+                     kv_keep: Tensor | None = None, dense_below: int = DENSE_BELOW, return_lse: bool = False):
     """Attention over the blocks of ``layout`` only.
 
     q [B, Hq, Sq, Dk], k [B, Hkv, Sk, Dk], v [B, Hkv, Sk, Dv] (Hkv | Hq), queries at absolute positions
@@ -86,6 +86,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     keys, or when the layout is exactly causal / full, run whole-sequence SDPA; ``0`` always runs the
     block engine (tests, benchmarks). fp32 and bf16. The block engine is CPU-only: tensors on other
     devices take the dense path (correct, O(Sq*Sk) mask) - GPUs use the generated kernels instead.
+    ``return_lse``: return ``(out, lse)`` with each row's log-sum-exp over the keys it attends,
+    Float[B, Hq, Sq] (-inf for a row without keys), which learned sinks and merges need.
 
     >>> from lcpass.layout import build_layout
     >>> from lcpass.masks import streaming_mask
@@ -101,19 +103,20 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
         # columns are zero) to the larger one, and drop the padding from the output
         d = max(dk, dv)
         q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
-        return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
-                                kv_keep=kv_keep, dense_below=dense_below)[..., :dv]
+        res = sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                               kv_keep=kv_keep, dense_below=dense_below, return_lse=return_lse)
+        return (res[0][..., :dv], res[1]) if return_lse else res[..., :dv]
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if Sk < dense_below or q.device.type != "cpu":  # (other devices: correct, dense; use the kernels)
         mask = _dense_mask(layout, mask_mod).to(q.device)
         return dense_attention(q, k, v, scale=scale, attn_mask=mask, kv_keep=kv_keep,
-                               score_mod=score_mod)
+                               score_mod=score_mod, return_lse=return_lse)
     plan = get_plan(layout, B, Hq, Hkv, mask_mod=mask_mod, kv_keep=kv_keep,
                     allow_causal=score_mod is None)
-    if plan.dense is not None and score_mod is None and kv_keep is None and dense_below > 0:
+    if plan.dense is not None and score_mod is None and kv_keep is None and dense_below > 0 and not return_lse:
         return dense_attention(q, k, v, scale=scale, is_causal=plan.dense == "causal")
-    return run_plan(plan, q, k, v, scale=scale, score_mod=score_mod)
+    return run_plan(plan, q, k, v, scale=scale, score_mod=score_mod, return_lse=return_lse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,13 +149,14 @@ def _pad_kv(plan: EnginePlan, t: Tensor) -> Tensor:
 
 
 def run_plan(plan: EnginePlan, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
-             score_mod: ScoreMod | None = None) -> Tensor:
-    """Execute ``plan`` (no dense shortcut). Returns [B, Hq, Sq, D] in q's dtype."""
+             score_mod: ScoreMod | None = None, return_lse: bool = False):
+    """Execute ``plan`` (no dense shortcut). Returns [B, Hq, Sq, D] in q's dtype (and, with
+    ``return_lse``, each row's log-sum-exp Float[B, Hq, Sq])."""
     Qp = _pack_q(plan, q).contiguous()
     Kp, Vp = _pad_kv(plan, k), _pad_kv(plan, v)
     B, Hq, Sq, D = q.shape
     R_all = plan.RG * plan.Mq
-    need_lse = any(b.merge for b in plan.buckets)
+    need_lse = return_lse or any(b.merge for b in plan.buckets)
     # results go straight into the output: res [B, Hq, Mq*bq, D] seen as acc [RG, Mq, Ge, bq, D]
     res = torch.empty(B, Hq, plan.Mq * plan.bq, D, device=q.device,
                       dtype=torch.float32 if need_lse else q.dtype)
@@ -160,6 +164,8 @@ def run_plan(plan: EnginePlan, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     if plan.uncovered is not None:
         acc[_rows_of(plan, plan.uncovered)] = 0.0
     lse = torch.empty((R_all, plan.M), dtype=torch.float32, device=q.device) if need_lse else None
+    if plan.uncovered is not None and lse is not None:
+        lse[plan.uncovered] = float("-inf")
     shape = (plan.Ge, plan.bq, D)
     for bucket in plan.buckets:
         for sel, out, l in _run_bucket(plan, bucket, Qp, Kp, Vp, scale, score_mod):
@@ -171,7 +177,11 @@ def run_plan(plan: EnginePlan, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
             if need_lse:
                 lse[sel] = l
     out = res if plan.Mq * plan.bq == Sq else res[:, :, :Sq].contiguous()
-    return out.to(q.dtype)
+    if not return_lse:
+        return out.to(q.dtype)
+    # row r = rg * Mq + mq holds Ge heads x bq queries (see _pack_q)
+    rows = lse.view(B, Hq // plan.Ge, plan.Mq, plan.Ge, plan.bq).transpose(2, 3)
+    return out.to(q.dtype), rows.reshape(B, Hq, plan.Mq * plan.bq)[:, :, :Sq]
 
 
 def _merge(acc: Tensor, lse: Tensor, idx: tuple[Tensor, Tensor], sel, out: Tensor, l: Tensor) -> None:

@@ -42,6 +42,8 @@ def markdown(rows: Sequence[Any], meta: dict[str, Any]) -> str:
         "exact": "every check passed: sites = the eager oracle's attentions, graph and dense plan exact, the sparse "
                  "plan equals its written-out reference, generate() works",
         "no-attention": "the eager forward computes no attention (SSM, convnet): optimize leaves the model alone",
+        "already-sparse": "the model computes its attention sparsely itself (Longformer's bands, BigBird's blocks): "
+                          "found, named, left as the model computes it; optimize keeps the output exactly",
         "refused": "lcpass.optimize raises UnsupportedModelError with the reason shown",
         "wrong": "a check found a wrong result (a bug: the sweep test fails on it)",
         "error": "a check raised (a bug: the sweep test fails on it)",
