@@ -20,6 +20,7 @@ from lcpass.optimize import OptimizedModule, OptimizeReport, optimize
 from lcpass.plan import Plan
 from lcpass.export import ExportResult, export
 from lcpass.verify import VerifyReport, verify_model
+from lcpass import grad as _grad  # noqa: F401  registers the planned op's backward
 
 __version__ = "0.1.0"
 

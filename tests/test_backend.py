@@ -152,3 +152,44 @@ def test_bad_options():
     with pytest.raises(ValueError, match="window"):
         backend_options({"method": "streaming", "window": -1})
     assert model_site_name("L.args.0.model.layers.3.self_attn") == "model.layers.3.self_attn"
+
+
+class _Causal(torch.nn.Module):
+    """Causal attention with an optional extra keep-mask (the hand-built reference of a sparse plan)."""
+
+    def __init__(self, keep=None):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.keep = keep
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        keep = torch.ones(n, n, dtype=torch.bool).tril() if self.keep is None else self.keep(n)
+        s = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~keep, float("-inf"))
+        return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+def test_the_compile_door_works_outside_no_grad_and_its_gradient_is_the_methods():
+    """Parameters require grad, so AOTAutograd traces a backward even for inference: the planned op has one
+    (the derivative of the method written densely). Output and input gradient equal those of the model with
+    the streaming keep-mask written out, through autograd."""
+    torch.manual_seed(0)
+    model = _Causal()
+
+    def streaming(n, sink=STREAM["sink"], window=STREAM["window"]):
+        i = torch.arange(n)
+        return (i[None, :] <= i[:, None]) & ((i[None, :] < sink) | (i[:, None] - i[None, :] < window))
+
+    ref = copy.deepcopy(model)
+    ref.keep = streaming
+    compiled = torch.compile(copy.deepcopy(model), backend="lcpass", options=STREAM)
+    x = torch.randn(2, 19, 16, requires_grad=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    want = ref(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, x.grad, rtol=0, atol=1e-5)
