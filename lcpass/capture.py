@@ -78,19 +78,55 @@ def hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any
     return kwargs
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any], seq_dim: int):
-    """One symbolic ``seq`` for dim ``seq_dim`` of every tensor input, keyed by parameter name (bounded by
-    the model's position table when it has one, e.g. BERT's learned positions)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or (1 << 20)
-    seq = torch.export.Dim("seq", min=2, max=int(limit))
+def sequence_dim(model: torch.nn.Module) -> Any:
+    """The symbolic sequence length: 2 .. the model's position limit (learned position tables bound it)."""
+    config = getattr(model, "config", None)
+    limit = None
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        limit = limit or getattr(config, attr, None)
+    return torch.export.Dim("seq", min=2, max=int(limit) if limit else 1 << 16)
+
+
+def sequence_shapes(fn: Any, args: Sequence[Any], kwargs: dict[str, Any], seq: Any, seq_dim: int = 1,
+                    by_size: bool = True) -> dict[str, Any]:
+    """``dynamic_shapes`` for ``torch.export``, keyed by ``fn``'s parameter names: the example's sequence
+    length ``S`` is dim ``seq_dim`` of the first tensor input that has one, and every dim past the batch of
+    every tensor input whose size is ``S`` is that length (ids ``[B, S]``, a mask ``[S, S]`` or
+    ``[B, 1, S, S]``). ``by_size=False``: dim ``seq_dim`` of every tensor input, whatever its size.
+
+    >>> sequence_shapes(lambda x, mask: 0, (torch.zeros(2, 7, 8), torch.ones(2, 1, 7, 7)), {}, seq)
+    {'x': {1: seq}, 'mask': {2: seq, 3: seq}}
+    """
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    tensors = [v for v in bound.arguments.values() if isinstance(v, torch.Tensor) and v.dim() > seq_dim]
+    n = tensors[0].shape[seq_dim] if tensors else None
 
     def spec(x):
-        if isinstance(x, torch.Tensor) and x.dim() > seq_dim:
-            return {seq_dim: seq}
-        return None
+        if not isinstance(x, torch.Tensor):
+            return None
+        if not by_size:
+            return {seq_dim: seq} if x.dim() > seq_dim else None
+        dims = {d: seq for d in range(1, x.dim()) if x.shape[d] == n}
+        return dims or None
 
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
     return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def export_dynamic(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any], seq: Any,
+                   seq_dim: int = 1) -> Any:
+    """``torch.export.export`` with a symbolic sequence length (:func:`sequence_shapes`); when a dim that
+    only happens to have the sequence's size is fixed by the model (a hidden size equal to the example's
+    length), once more with dim ``seq_dim`` of every input only."""
+    first = sequence_shapes(model.forward, args, kwargs, seq, seq_dim)
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=first)
+    except Exception:  # noqa: BLE001 - retried below; the second failure is the one reported
+        plain = sequence_shapes(model.forward, args, kwargs, seq, seq_dim, by_size=False)
+        if plain == first:
+            raise
+    with torch.no_grad():
+        return torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=plain)
 
 
 def capture(
@@ -108,7 +144,8 @@ def capture(
     Args:
         route: ``"export"`` (default), ``"dynamo"`` (first graph; see :func:`capture_dynamo` for all)
             or ``"fx"``.
-        dynamic_seq: export with a symbolic sequence dimension (``seq_dim`` of every tensor input).
+        dynamic_seq: export with a symbolic sequence length (:func:`sequence_shapes`: ``seq_dim`` of the
+            first tensor input, and each dim of every tensor input of that size).
         decompose: lower the exported program to core ATen (``run_decompositions()``).
     """
     kwargs = dict(kwargs or {})
@@ -121,9 +158,12 @@ def capture(
         return _capture_fx(model, args, kwargs)
     kwargs = hf_defaults(model, kwargs)
     try:
-        shapes = _dynamic_shapes(model, args, kwargs, seq_dim) if dynamic_seq else None
-        with torch.no_grad():
-            ep = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=shapes)
+        if dynamic_seq:
+            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or (1 << 20)
+            ep = export_dynamic(model, args, kwargs, torch.export.Dim("seq", min=2, max=int(limit)), seq_dim)
+        else:
+            with torch.no_grad():
+                ep = torch.export.export(model, tuple(args), kwargs, strict=False)
         if decompose:
             ep = ep.run_decompositions()
         gm = ep.module()

@@ -33,7 +33,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from lcpass.capture import CaptureError, Captured, capture
+from lcpass.capture import CaptureError, Captured, capture, export_dynamic
+from lcpass.capture import sequence_dim as seq_dim
 from lcpass.inspect import ExampleInputs, _split
 from lcpass.lower import lower_graph
 from lcpass.patterns import canonicalize
@@ -113,22 +114,6 @@ def _plain_outputs(gm: torch.fx.GraphModule, fixed: dict[str, Any]) -> torch.nn.
     return cls(gm, fixed)
 
 
-def _dynamic_shapes(fn, args: tuple, kwargs: dict[str, Any], seq: Any) -> dict[str, Any]:
-    """Dim 1 of every tensor input is the sequence length; keyed by the forward's parameter names."""
-    bound = _inspect.signature(fn).bind(*args, **kwargs)
-    return {name: ({1: seq} if isinstance(v, torch.Tensor) and v.dim() > 1 else None)
-            for name, v in bound.arguments.items()}
-
-
-def seq_dim(model: torch.nn.Module) -> Any:
-    """The symbolic sequence length: 2 .. the model's position limit (learned position tables bound it)."""
-    config = getattr(model, "config", None)
-    limit = None
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        limit = limit or getattr(config, attr, None)
-    return torch.export.Dim("seq", min=2, max=int(limit) if limit else 1 << 16)
-
-
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_seq: bool) -> Captured:
     """lcpass.capture's export route, with the sequence bound from the model's position limit."""
     if not dynamic_seq:
@@ -139,10 +124,8 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynami
         params = {}
     if "use_cache" in params and "use_cache" not in kwargs and hasattr(model, "config"):
         kwargs = {**kwargs, "use_cache": False}  # a cache object is no exportable output
-    shapes = _dynamic_shapes(model.forward, args, kwargs, seq_dim(model))
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=shapes, strict=False)
+        ep = export_dynamic(model, args, kwargs, seq_dim(model))
     except Exception as exc:  # noqa: BLE001 - one line naming the model and the way out
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CaptureError(f"lcpass.export: torch.export of {type(model).__name__} with a dynamic sequence length "
@@ -196,7 +179,8 @@ def export(
         path: the file to write (``.onnx`` or ``.pt2``).
         format: ``"onnx"`` (opset 23, onnxruntime) or ``"torch"`` (a saved ``torch.export`` program).
         method, plan, params: as in :func:`lcpass.optimize` (``method="streaming", sink=4, window=64``).
-        dynamic_seq: dim 1 of every tensor input is a symbolic sequence length.
+        dynamic_seq: a symbolic sequence length: dim 1 of the first tensor input, and every dim of every
+            tensor input of that size (a ``[B, 1, S, S]`` mask input included).
         dense_below: run dense below this key length instead of each method's crossover.
         onnx_ops: ``"default"``: ONNX ``Attention`` functions (and ``com.microsoft.GroupQueryAttention`` for
             a pure sliding window); the model's inputs and outputs are the PyTorch model's. ``"ort"``: also
@@ -225,11 +209,11 @@ def export(
                                                                                     isinstance(v, (bool, int, float)))}
     kwargs = {k: v for k, v in kwargs.items() if k not in fixed}
     gm = _plain_outputs(cap.gm, fixed)
-    shapes = None
     if dynamic_seq:
-        shapes = _dynamic_shapes(gm.forward, args, kwargs, seq_dim(model))
-    with torch.no_grad():
-        ep = torch.export.export(gm, tuple(args), kwargs, dynamic_shapes=shapes, strict=False)
+        ep = export_dynamic(gm, args, kwargs, seq_dim(model))
+    else:
+        with torch.no_grad():
+            ep = torch.export.export(gm, tuple(args), kwargs, strict=False)
     if format == "torch":
         torch.export.save(ep, str(out))
         return ExportResult(out, format, ep, lowering)

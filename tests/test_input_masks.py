@@ -176,3 +176,26 @@ def test_the_onnx_door_checks_the_claim_too(tmp_path):
         torch.testing.assert_close(torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in
                                    {"x": x, "mask": fresh}.items() if k in names})[0]), model(x, fresh),
                                    rtol=0, atol=1e-4)
+
+
+def test_a_4d_mask_input_exports_with_a_dynamic_length(tmp_path):
+    """dynamic_seq=True: the sequence length is every dim of that size ([B, S, D] activations, a [B, 1, S, S]
+    mask), not dim 1 of every input (the mask's dim 1 is 1). onnxruntime at two lengths, fresh masks, eager."""
+    import onnxruntime as ort
+
+    from lcpass.export import export
+
+    torch.manual_seed(0)
+    model = UserMaskAttention("where").eval()
+    x = torch.randn(B, S, H * D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(model, {"x": x, "mask": _causal((B, 1, S, S)).clone()}, tmp_path / "m.onnx", method="dense")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    gen = torch.Generator().manual_seed(5)
+    for n in (S, S - 5):
+        xn = torch.randn(B, n, H * D, generator=gen)
+        mn = (torch.rand(B, 1, n, n, generator=gen) < 0.5) | torch.eye(n, dtype=torch.bool)
+        got = torch.from_numpy(sess.run(None, {"x": xn.numpy(), "mask": mn.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(xn, mn), rtol=0, atol=1e-5)
