@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.fx import GraphModule
 
-from lcpass.lower import lower_graph
+from lcpass.lower import lower_graph, seed_site_states
 from lcpass.patterns import canonicalize
 from lcpass.patterns.graphinfo import shape_of
 from lcpass.methods import spec_parts
@@ -251,7 +251,9 @@ def lcpass_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
                       rejected=[f"{r.node}: {r.reason}" for r in det.rejected])
     if det.sites:
         resolve = _resolver(opts, _plan_sites(gm, det.sites))
-        rec.lowering = {model_site_name(k): v for k, v in lower_graph(gm, det.sites, resolve, opts.dense_below)}
+        state = seed_site_states([s.name for s in det.sites])  # this graph's own dynamic-method states
+        rec.lowering = {model_site_name(k): v
+                        for k, v in lower_graph(gm, det.sites, resolve, opts.dense_below, state=state)}
     else:
         gm.recompile()
     _entropy_abf_rope(gm, example_inputs, opts, det.sites, resolve if det.sites else None, index)

@@ -17,6 +17,7 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from functools import lru_cache
@@ -35,7 +36,7 @@ from lcpass.patterns.op import laid_out, output_buffer, positional_keep, referen
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
            "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec",
-           "checked_kind", "checked_claim", "claim_holds", "padding_keys", "with_sinks"]
+           "checked_kind", "checked_claim", "claim_holds", "padding_keys", "with_sinks", "state_key"]
 
 NEG_LIMIT = -1e4
 
@@ -44,7 +45,7 @@ BACKENDS = ("auto", "cpu", "triton")
 
 
 def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None, backend: str = "auto",
-              follow_q: bool = False) -> str:
+              follow_q: bool = False, state: str = "") -> str:
     """A site's per-head method specs as the planned op's ``spec`` string (stable, hashable).
 
     ``dense_below`` overrides the methods' crossover (the key length below which the site runs
@@ -52,6 +53,8 @@ def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None, back
     (generated kernels; the CPU engine with a warning where a spec is unsupported) or ``"auto"``
     (Triton for CUDA tensors, the CPU engine otherwise). ``follow_q``: the output is laid out in q's
     memory order, as the SDPA call the site replaces returned it (else contiguous, as a matrix product).
+    ``state``: the namespace of the sites' dynamic-method states (:func:`seed_site_states`), so two
+    optimized models with the same layer names never share selection caches or learned gates.
     """
     if backend not in BACKENDS:
         raise ValueError(f"lcpass: backend={backend!r}; use one of {BACKENDS}")
@@ -62,6 +65,8 @@ def spec_json(head_specs: Sequence[Any], dense_below: Optional[int] = None, back
     data = {"heads": items, "dense_below": dense_below, "backend": backend}
     if follow_q:
         data["follow_q"] = True
+    if state:
+        data["state"] = state
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
@@ -74,6 +79,12 @@ def _parse_full(spec: str) -> tuple[tuple[tuple[str, dict[str, Any]], ...], Opti
 @lru_cache(maxsize=1024)
 def _backend(spec: str) -> str:
     return json.loads(spec).get("backend", "auto")
+
+
+@lru_cache(maxsize=1024)
+def state_key(spec: str) -> str:
+    """The state namespace a planned op's ``spec`` names ("" when none was seeded)."""
+    return str(json.loads(spec).get("state", "")) if spec else ""
 
 
 @lru_cache(maxsize=1024)
@@ -129,25 +140,31 @@ def lowering_kind(mask_kind: str) -> str:
     return "sparse" if base in ("none", "causal", "padding") or base.startswith("sliding") else "dense-masked"
 
 
-_STATES: dict[str, dict[str, Any]] = {}
+_STATES: dict[tuple[str, str], dict[str, Any]] = {}
+_NAMESPACES = itertools.count()
 
 
-def site_state(site: str) -> dict[str, Any]:
-    """The mutable state of a site's dynamic method (selection caches, centroids, shared positions).
+def site_state(site: str, spec: str = "") -> dict[str, Any]:
+    """The mutable state of a site's dynamic method (selection caches, centroids, shared positions,
+    a learned SeerAttention gate), in the namespace ``spec`` names (:func:`state_key`).
 
-    ``lcpass.optimize`` seeds it (layer index, layer count, a TidalDecode state shared by the model's
-    sites); a site nobody seeded starts empty.
+    ``lcpass.optimize`` and the compile backend seed one namespace per model (per compiled graph) with
+    the layer index, the layer count and a TidalDecode state the sites share; a site nobody seeded starts
+    empty. ``site_state(site)`` is the namespace of planned ops built without a seed (``lcpass.export``).
     """
-    return _STATES.setdefault(site, {})
+    return _STATES.setdefault((state_key(spec), site), {})
 
 
-def seed_site_states(site_names: Sequence[str]) -> None:
-    """Fresh states for a model's sites, in layer order, with one cross-layer state they share."""
+def seed_site_states(site_names: Sequence[str]) -> str:
+    """Fresh states for a model's sites, in layer order, with one cross-layer state they share, in a new
+    namespace; returns its key for :func:`spec_json` (``state=``)."""
     from lcpass.methods.dynamic import TidalState
 
+    key = f"s{next(_NAMESPACES)}"
     shared = TidalState()
     for i, name in enumerate(site_names):
-        _STATES[name] = {"layer": i, "n_layers": len(site_names), "tidal": shared}
+        _STATES[(key, name)] = {"layer": i, "n_layers": len(site_names), "tidal": shared}
+    return key
 
 
 def _kv_keep(mask: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
@@ -229,9 +246,9 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
             from lcpass.codegen import selection_attention
             from lcpass.methods.dynamic import dynamic_select
 
-            sel = dynamic_select(name, q, k, params, state=site_state(site))
+            sel = dynamic_select(name, q, k, params, state=site_state(site, spec))
             return selection_attention(q, k, v, sel, scale=scale)
-        return dynamic_attention(name, q, k, v, params, scale=scale, state=site_state(site))
+        return dynamic_attention(name, q, k, v, params, scale=scale, state=site_state(site, spec))
     # heads with different methods: each group of heads runs its own method (kv heads expanded)
     group = hq // k.shape[1]
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -240,7 +257,7 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         by_spec.setdefault(key, []).append(h)
     for key, heads in by_spec.items():
         idx = torch.tensor(heads, device=q.device)
-        sub = spec_json([tuple(json.loads(key))], backend=_backend(spec))
+        sub = spec_json([tuple(json.loads(key))], backend=_backend(spec), state=state_key(spec))
         out[:, idx] = _run_specs(q[:, idx], k[:, idx // group], v[:, idx // group], spec=sub, scale=scale,
                                  is_causal=is_causal, window=window, softcap=softcap, site=f"{site}/{key}",
                                  kv_keep=kv_keep, sinks=None if sinks is None else sinks[:, idx])
@@ -389,7 +406,7 @@ PLANNED_OP = torch.ops.lcpass.planned_attention.default
 
 
 def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Optional[int] = None,
-                backend: str = "auto") -> list[tuple[str, str]]:
+                backend: str = "auto", state: str = "") -> list[tuple[str, str]]:
     """Replace each canonical node of ``gm`` by its planned method.
 
     ``resolve(site_name, n_heads) -> list of head specs``. Sites whose heads are all dense keep the
@@ -408,7 +425,8 @@ def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Op
         args = list(node.args)
         # (q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source) -> planned op
         # (..., source[, sinks]) -> (..., mask_kind, spec[, sinks])
-        new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend, follow_q=args[10] == "sdpa"),
+        new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend, follow_q=args[10] == "sdpa",
+                                                    state=state),
                     *args[11:])
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(PLANNED_OP, new_args)

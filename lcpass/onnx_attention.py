@@ -543,7 +543,7 @@ def precheck(graph) -> None:
             if dynamic is None:
                 _long_mask(fn)
             else:
-                check_state(dynamic[0], str(node.args[9]))
+                check_state(dynamic[0], str(node.args[9]), str(node.args[11]))
         except ONNXExportError as exc:
             raise ONNXExportError(f"lcpass.export: site {node.args[9]}: {exc}") from None
 

@@ -91,13 +91,13 @@ def dynamic_method(fn: "AttentionFunction") -> Optional[tuple[str, dict[str, Any
     return name, resolve_params(get_method(name), dict(params))
 
 
-def check_state(name: str, site: str) -> None:
+def check_state(name: str, site: str, spec: str = "") -> None:
     """Refuse a site whose method state changes the selection beyond what the graph computes (a learned
     SeerAttention gate loaded into the site's state)."""
     from lcpass.lower import site_state
     from lcpass.onnx_attention import ONNXExportError
 
-    if name == "seer" and site_state(site).get("gate") is not None:
+    if name == "seer" and site_state(site, spec).get("gate") is not None:
         raise ONNXExportError("seer with a learned gate (state['gate']) has no ONNX lowering yet (only the "
                               "training-free gate); export it with format='torch'")
 

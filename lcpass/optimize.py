@@ -319,7 +319,7 @@ def optimize(
         the_plan.validate(ModelFingerprint.of_model(model, det.sites))
     else:
         the_plan.validate(det.sites)
-    seed_site_states([s.name for s in det.sites])
+    state = seed_site_states([s.name for s in det.sites])  # this model's own dynamic-method states
     from lcpass.rope import apply_entropy_abf
 
     # entropy_abf's other half: the RoPE base (the model in place for transformers, else the graph)
@@ -329,7 +329,8 @@ def optimize(
         runtimes = {}
         for s in det.sites:
             specs = the_plan.resolve(s.name, s.n_heads)
-            runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below, backend), is_dense_spec(specs),
+            runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below, backend, state=state),
+                                           is_dense_spec(specs),
                                            s.is_causal, s.window, s.scale, s.softcap, s.mask)
         proven = prove_routes(model, det.sites, runtimes, _kwargs_of(example_inputs))
         rep.kv, rep.probe_error = proven.kv, proven.error
@@ -349,7 +350,7 @@ def optimize(
         model.lcpass_report = rep
         out: torch.nn.Module = model
     else:
-        lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below, backend))
+        lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below, backend, state))
         from lcpass.kv.functional import bound_cache_appends
 
         bound_cache_appends(cap.gm, det.sites, the_plan.resolve)  # tensor KV caches returned by forward

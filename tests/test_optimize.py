@@ -299,3 +299,34 @@ def test_the_lowered_graph_runs_only_the_planned_attention():
     compiled = torch.compile(ev, backend="lcpass", options={"method": "dense", "inner": "eager"})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ev(x), rtol=0, atol=1e-5)
+
+
+def test_two_optimized_models_never_share_dynamic_state():
+    """Squeezed Attention keeps its key-cluster index in the site's state (built on the first call). Two models
+    with the same layer names but other weights: each, optimized and run next to the other, gives what it
+    gives alone in a fresh process state (each optimize call seeds its own state namespace)."""
+    from lcpass import lower
+
+    z = get_zoo_model("llama-tiny")
+    other = copy.deepcopy(z.model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * p.std().clamp(min=0.02))
+    kw = dict(method="squeezed", n_clusters=4, n_coarse=2, budget=0.3, block_size=4, dense_below=0,
+              example_inputs=z.example_inputs)
+
+    def alone(model):
+        saved = dict(lower._STATES)
+        lower._STATES.clear()
+        try:
+            return _run(lcpass.optimize(copy.deepcopy(model), **kw), z.example_inputs)
+        finally:
+            lower._STATES.clear()
+            lower._STATES.update(saved)
+
+    want_a, want_b = alone(z.model), alone(other)
+    a = lcpass.optimize(copy.deepcopy(z.model), **kw)
+    b = lcpass.optimize(copy.deepcopy(other), **kw)  # its probe forward runs B's layers in this process
+    torch.testing.assert_close(_run(a, z.example_inputs), want_a, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_run(b, z.example_inputs), want_b, rtol=0, atol=1e-6)
