@@ -3,6 +3,7 @@
 
     python scripts/coverage.py                  # every architecture, default and eager implementations
     python scripts/coverage.py llama falcon     # some model_types only (prints, does not write)
+    python scripts/coverage.py --merge led      # re-run some model_types and replace their rows in the table
     python scripts/coverage.py -j 2             # two worker processes (one torch thread each)
 """
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/coverage.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/COVERAGE.md"))
     ap.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")
+    ap.add_argument("--merge", action="store_true",
+                    help="with model_types: replace their rows in the committed table (the meta lists them)")
     args = ap.parse_args(argv)
     import torch
 
@@ -75,11 +78,23 @@ def main(argv=None) -> int:
         print(f"{row.model_type:28s} {row.attn_impl:8s} {row.status:12s} {row.seconds:5.1f}s {row.reason[:150]}",
               flush=True)
     print(f"{len(rows)} rows in {time.time() - t0:.0f} s", file=sys.stderr)
-    if args.model_types:
+    if args.model_types and not args.merge:
         return 0
     import transformers
 
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "seconds": round(time.time() - t0)}
+    if args.merge:
+        from lcpass.zoo.sweep import Coverage
+
+        old = json.loads(Path(args.json).read_text())
+        if old["meta"].get("transformers") != transformers.__version__:
+            print(f"--merge: the table is for transformers {old['meta'].get('transformers')}, this is "
+                  f"{transformers.__version__}; run the whole sweep", file=sys.stderr)
+            return 2
+        fresh = {(r.model_type, r.attn_impl): r for r in rows}
+        merged = [fresh.pop((r["model_type"], r["attn_impl"]), None) or Coverage(**r) for r in old["rows"]]
+        rows = merged + list(fresh.values())
+        meta = {**old["meta"], "rerun": sorted(set(old["meta"].get("rerun", [])) | set(args.model_types))}
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
     Path(args.md).write_text(markdown(rows, meta))
     return 0

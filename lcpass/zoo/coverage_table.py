@@ -33,7 +33,8 @@ def markdown(rows: Sequence[Any], meta: dict[str, Any]) -> str:
         "Printed by `python scripts/coverage.py` (never edited by hand) from the sweep of every architecture "
         f"transformers {meta.get('transformers', '?')} builds from a tiny config (torch {meta.get('torch', '?')}, "
         f"{meta.get('seconds', '?')} s). See `lcpass/zoo/sweep.py` for the checks and `lcpass/zoo/auto.py` for how "
-        "the architectures are enumerated and shrunk.",
+        "the architectures are enumerated and shrunk."
+        + (f" Rows of {', '.join(meta['rerun'])} re-run since (`scripts/coverage.py --merge`)." if meta.get("rerun") else ""),
         "",
         "| status | rows | meaning |",
         "|---|---|---|",
