@@ -158,6 +158,7 @@ def specified_output(a: dict[str, Any]) -> torch.Tensor:
     kv_keep = None
     if mask is not None:
         keep = mask if mask.dtype == torch.bool else mask > NEG_LIMIT
+        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))  # [S, S] / [B|H, S, S] broadcast as scores
         kv_keep = keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1).expand(q.shape[0], -1)  # [B, Sk]
         rows = _runs(kv_keep) if not bool(kv_keep.all()) else None
         if rows is not None:

@@ -199,3 +199,16 @@ def test_a_4d_mask_input_exports_with_a_dynamic_length(tmp_path):
         got = torch.from_numpy(sess.run(None, {"x": xn.numpy(), "mask": mn.numpy()})[0])
         with torch.no_grad():
             torch.testing.assert_close(got, model(xn, mn), rtol=0, atol=1e-5)
+
+
+def test_verify_runs_on_a_2d_mask_input():
+    """optimize(verify=True) with a caller's [S, S] mask (and positional inputs) checks the site."""
+    torch.manual_seed(0)
+    model = UserMaskAttention("where").eval()
+    x = torch.randn(B, S, H * D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = lcpass.optimize(model, method="streaming", sink=1, window=3, dense_below=0,
+                              example_inputs=(x, _causal((S, S)).clone()), verify=True)
+    rep = opt.lcpass_report.verify
+    assert list(rep) == ["attention"] and not rep.failed and rep["attention"] < 1e-5
