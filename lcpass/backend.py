@@ -246,7 +246,10 @@ def lcpass_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
     opts = backend_options(options, **kwargs)
     index = _COUNTER["graphs"]
     _COUNTER["graphs"] += 1
-    det = canonicalize(gm, list(example_inputs), parameter_placeholders(gm, example_inputs))
+    # a graph dynamo made dynamic takes its sizes as SymInt inputs: mask meaning is read at their values
+    concrete = [x.node.hint if isinstance(x, torch.SymInt) and x.node.hint is not None else x
+                for x in example_inputs]
+    det = canonicalize(gm, concrete, parameter_placeholders(gm, example_inputs))
     rec = GraphRecord(index, len(gm.graph.nodes), [model_site_name(s.name) for s in det.sites],
                       rejected=[f"{r.node}: {r.reason}" for r in det.rejected])
     if det.sites:

@@ -41,12 +41,13 @@ def planned_attention_backward(
     mask_kind: str,
     spec: str,
     sinks: Optional[torch.Tensor] = None,
+    chunk: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if dropout_p > 0:
         raise ValueError(f"lcpass: site {site}: no backward through attention dropout (p={dropout_p}): a "
                          "recompute would draw another mask; train with dropout 0 or the model's own attention")
     args = dict(mask=mask, scale=scale, is_causal=is_causal, window=window, softcap=softcap, dropout_p=0.0,
-                site=site, mask_kind=mask_kind, spec=spec, sinks=sinks)
+                site=site, mask_kind=mask_kind, spec=spec, sinks=sinks, chunk=chunk)
     def forward(q_, k_, v_):
         return specified_output(dict(q=q_, k=k_, v=v_, **args))
 
@@ -62,7 +63,7 @@ def planned_attention_backward(
 
 @planned_attention_backward.register_fake
 def _backward_fake(grad, q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec,
-                   sinks=None):
+                   sinks=None, chunk=-1):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -71,12 +72,13 @@ def _setup(ctx, inputs, output):
     sinks = params[8] if len(params) > 8 else None
     ctx.save_for_backward(q, k, v, mask, sinks)
     ctx.params = tuple(params[:8])
+    ctx.chunk = params[9] if len(params) > 9 else -1
 
 
 def _backward(ctx, grad):
     q, k, v, mask, sinks = ctx.saved_tensors
-    dq, dk, dv = torch.ops.lcpass.planned_attention_backward(grad, q, k, v, mask, *ctx.params, sinks)
-    return (dq, dk, dv) + (None,) * 10
+    dq, dk, dv = torch.ops.lcpass.planned_attention_backward(grad, q, k, v, mask, *ctx.params, sinks, ctx.chunk)
+    return (dq, dk, dv) + (None,) * 11
 
 
 planned_attention.register_autograd(_backward, setup_context=_setup)

@@ -65,6 +65,7 @@ class SiteRuntime:
     mask_kind: str
     plan: str = ""  # the plan's label (lcpass.kv.plan_label), set by install
     route: str = "interface"  # interface | function
+    chunk: int = -1  # chunked attention (Llama-4): a query sees only keys of its own chunk
 
 
 @dataclass
@@ -144,6 +145,9 @@ def site_attention(rt: Optional[SiteRuntime], hits: Optional[SiteHits], module: 
         raise ValueError(f"lcpass: site {rt.site if rt else type(module).__name__}: compressed KV caches do not "
                          "carry learned attention sinks (s_aux) yet; use the model's own cache "
                          "(lcpass.hf.set_kv_cache(model, False))")
+    if handle is not None and rt is not None and rt.chunk >= 1:
+        raise ValueError(f"lcpass: site {rt.site}: compressed KV caches do not carry chunked attention "
+                         f"(chunks of {rt.chunk}) yet; use the model's own cache (lcpass.hf.set_kv_cache(model, False))")
     scale = float(scaling) if scaling is not None else (rt.scale if rt else query.shape[-1] ** -0.5)
     cap = float(softcap or (rt.softcap if rt else 0.0) or 0.0)
     if handle is not None and handle.mode != "prefill":
@@ -168,15 +172,16 @@ def site_attention(rt: Optional[SiteRuntime], hits: Optional[SiteHits], module: 
         mask = attention_mask
         if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
             mask = mask[..., : key.shape[-2]]
-        causal, window, kind = rt.is_causal, rt.window, rt.mask_kind
+        causal, window, chunk, kind = rt.is_causal, rt.window, rt.chunk, rt.mask_kind
         if mask is not None or bias is not None:
             # the model's run-time mask says what this call attends: the site's causality is a claim
             # about it, checked by the planned op (a caller's custom 4-D mask runs exactly)
             base = "bias" if bias is not None else "padding"
             mask = _fold_bias(mask, bias) if bias is not None else mask
-            causal, window, kind = False, -1, checked_kind(rt.is_causal, rt.window, base)
+            causal, window, chunk, kind = False, -1, -1, checked_kind(rt.is_causal, rt.window, base, rt.chunk)
         sinks = None if s_aux is None else s_aux.reshape(1, -1, 1, 1)  # one logit per query head
-        out = PLANNED_OP(query, key, value, mask, scale, causal, window, cap, 0.0, rt.site, kind, rt.spec, sinks)
+        out = PLANNED_OP(query, key, value, mask, scale, causal, window, cap, 0.0, rt.site, kind, rt.spec, sinks,
+                         chunk)
     if handle is not None and handle.mode == "prefill":
         own_out = out
         _bind(handle.layer, rt, query, key, attention_mask)
@@ -226,7 +231,7 @@ def _disagrees_on_causality(impl: str, rt: SiteRuntime, module: torch.nn.Module,
     """Without a mask, the model's own function decides causality at run time (eager: none; SDPA: the
     call's or the module's ``is_causal``). Where that differs from the captured site (PaliGemma's SDPA path
     runs its prefix bidirectionally while its traced mask is causal), the plan would change the answer."""
-    if mask is not None or rt.window >= 0 or query.shape[2] <= 1 or query.shape[2] != key.shape[2]:
+    if mask is not None or rt.window >= 0 or rt.chunk >= 1 or query.shape[2] <= 1 or query.shape[2] != key.shape[2]:
         return False
     if impl == "eager":
         own_causal = False

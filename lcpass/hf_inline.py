@@ -120,7 +120,7 @@ def _keep(rt: SiteRuntime, scores: torch.Tensor, n_heads: int) -> Optional[torch
     else:
         return None
     H = s4.shape[1]
-    mask_mod = site_mask(rt.spec, H, sq, sk, bool(rt.is_causal), int(rt.window))
+    mask_mod = site_mask(rt.spec, H, sq, sk, bool(rt.is_causal), int(rt.window), int(rt.chunk))
     finite = _finite_floor(scores)
     valid = (s4 > finite).any(1).any(1)  # [B, Sk]: keys some query of the row sees
     if bool(valid.all()):
@@ -152,10 +152,10 @@ def _softmax(rt: SiteRuntime, hits: SiteHits, n_heads: int, func, args, kwargs):
     heads = x.shape[1] if x.dim() == 4 else n_heads
     if x.shape[-1] < crossover(rt.spec, heads):
         return func(*args, **kwargs)
-    if (rt.is_causal or rt.window >= 0) and not claim_holds(x > _finite_floor(x), x.shape[-2], x.shape[-1],
-                                                             bool(rt.is_causal), int(rt.window)):
-        hits.fallback(f"the scores at run time are not masked {'causally' if rt.window < 0 else 'to the window'} "
-                      "as on the example inputs")
+    if (rt.is_causal or rt.window >= 0 or rt.chunk >= 1) and not claim_holds(
+            x > _finite_floor(x), x.shape[-2], x.shape[-1], bool(rt.is_causal), int(rt.window), int(rt.chunk)):
+        what = "to the chunks" if rt.chunk >= 1 else "causally" if rt.window < 0 else "to the window"
+        hits.fallback(f"the scores at run time are not masked {what} as on the example inputs")
         return func(*args, **kwargs)
     keep = _keep(rt, x, n_heads)
     if keep is None:

@@ -32,7 +32,7 @@ from lcpass.engine import element_mask, sparse_attention
 from lcpass.layout import build_layout
 from lcpass.methods import site_crossover, site_mask_mod, spec_parts
 from lcpass.patterns import Site, canonical_nodes
-from lcpass.patterns.op import laid_out, output_buffer, positional_keep, reference
+from lcpass.patterns.op import chunk_start, laid_out, output_buffer, positional_keep, reference
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
            "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec",
@@ -116,14 +116,17 @@ def is_dense_spec(head_specs: Sequence[Any]) -> bool:
 
 
 @lru_cache(maxsize=256)
-def site_mask(spec: str, n_heads: int, q_len: int, kv_len: int, is_causal: bool, window: int):
-    """The method's mask for the site, intersected with what the site itself already imposes."""
+def site_mask(spec: str, n_heads: int, q_len: int, kv_len: int, is_causal: bool, window: int, chunk: int = -1):
+    """The method's mask for the site, intersected with what the site itself already imposes (causality,
+    a sliding window, chunks: ``kv // chunk == q // chunk``)."""
     mask = site_mask_mod(list(_parse(spec)), n_heads, q_len, kv_len)
     extra = []
     if is_causal:
         extra.append(M.causal_mask())
     if window >= 0:
         extra.append(M.sliding_window_mask(window))
+    if chunk >= 1:
+        extra.append(M.block_diagonal_mask(chunk))
     return M.and_masks(mask, *extra) if extra else mask
 
 
@@ -137,7 +140,8 @@ def _softcap_mod(softcap: float):
 def lowering_kind(mask_kind: str) -> str:
     """How a site with this mask kind is lowered: 'sparse' (block engine) or 'dense-masked'."""
     base = mask_kind.split("+")[-1] if mask_kind else "none"
-    return "sparse" if base in ("none", "causal", "padding") or base.startswith("sliding") else "dense-masked"
+    return "sparse" if base in ("none", "causal", "padding") or base.startswith(("sliding", "chunked")) \
+        else "dense-masked"
 
 
 _STATES: dict[tuple[str, str], dict[str, Any]] = {}
@@ -209,13 +213,13 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tor
 
 
 def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int, softcap: float, site: str,
-               kv_keep: Optional[torch.Tensor], sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+               kv_keep: Optional[torch.Tensor], sinks: Optional[torch.Tensor] = None, chunk: int = -1) -> torch.Tensor:
     """The site's method(s) on unpadded q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; ``sinks`` [B, Hq, Sq, 1]
     (static methods only: the engine returns the log-sum-exp they need)."""
     specs = _parse(spec)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     if not _is_dynamic(specs):
-        mask_mod = site_mask(spec, hq, sq, sk, bool(is_causal), int(window))
+        mask_mod = site_mask(spec, hq, sq, sk, bool(is_causal), int(window), int(chunk))
         layout = build_layout(mask_mod, hq, sq, sk)
         score_mod = _softcap_mod(softcap) if softcap else None
         if sinks is not None:  # the engine (on any device) knows each row's log-sum-exp
@@ -237,7 +241,7 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         # no selection; the output drops them (Dk != Dv, MLA)
         q, k, v, dv = pad_head_dims(q, k, v)
         return _run_specs(q, k, v, spec=spec, scale=scale, is_causal=is_causal, window=window, softcap=softcap,
-                          site=site, kv_keep=kv_keep)[..., :dv]
+                          site=site, kv_keep=kv_keep, chunk=chunk)[..., :dv]
     keys = [json.dumps(s, sort_keys=True) for s in specs]
     if len(set(keys)) == 1:
         name, params = specs[0]
@@ -260,28 +264,52 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         sub = spec_json([tuple(json.loads(key))], backend=_backend(spec), state=state_key(spec))
         out[:, idx] = _run_specs(q[:, idx], k[:, idx // group], v[:, idx // group], spec=sub, scale=scale,
                                  is_causal=is_causal, window=window, softcap=softcap, site=f"{site}/{key}",
-                                 kv_keep=kv_keep, sinks=None if sinks is None else sinks[:, idx])
+                                 kv_keep=kv_keep, sinks=None if sinks is None else sinks[:, idx], chunk=chunk)
     return out
 
 
-def checked_kind(is_causal: bool, window: int, base: str) -> str:
-    """The mask kind of a site whose causality / window is a claim about a mask tensor (read from an
-    input's example value, or the model's run-time mask): ``causal?+padding``, ``sliding(8)?+bias``; the
-    planned op checks the claim on every call."""
-    if not is_causal and window < 0:
+def positional_label(is_causal: bool, window: int, chunk: int = -1) -> str:
+    """The mask-kind label of a positional pattern: ``causal``, ``sliding(8)``, ``chunked(4)`` (causal
+    within chunks), ``none``."""
+    if chunk >= 1:
+        return f"chunked({chunk})" if is_causal and window < 0 else f"{positional_label(is_causal, window)}&chunked({chunk})"
+    if window >= 0:
+        return f"sliding({window})"
+    return "causal" if is_causal else "none"
+
+
+def read_positional(label: str) -> Optional[tuple[bool, int, int]]:
+    """``(is_causal, window, chunk)`` of a :func:`positional_label`; None for any other label."""
+    causal, window, chunk = False, -1, -1
+    for part in label.split("&"):
+        if part == "causal":
+            causal = True
+        elif part.startswith("sliding(") and part.endswith(")"):
+            causal, window = True, int(part[len("sliding("):-1])
+        elif part.startswith("chunked(") and part.endswith(")"):
+            causal, chunk = causal or part == label, int(part[len("chunked("):-1])
+        elif part != "none":
+            return None
+    return causal, window, chunk
+
+
+def checked_kind(is_causal: bool, window: int, base: str, chunk: int = -1) -> str:
+    """The mask kind of a site whose causality / window / chunks are a claim about a mask tensor (read
+    from an input's example value, or the model's run-time mask): ``causal?+padding``, ``sliding(8)?+bias``,
+    ``chunked(4)?+padding``; the planned op checks the claim on every call."""
+    if not is_causal and window < 0 and chunk < 1:
         return base
-    return f"{f'sliding({window})' if window >= 0 else 'causal'}?+{base}"
+    return f"{positional_label(is_causal, window, chunk)}?+{base}"
 
 
-def checked_claim(mask_kind: str) -> Optional[tuple[bool, int]]:
-    """The (is_causal, window) a mask kind claims to be checked on every call; None when it claims none."""
+def checked_claim(mask_kind: str) -> Optional[tuple[bool, int, int]]:
+    """The (is_causal, window, chunk) a mask kind claims to be checked on every call; None when it claims
+    none."""
     head = (mask_kind or "").split("+")[0]
     if not head.endswith("?"):
         return None
-    head = head[:-1]
-    if head.startswith("sliding(") and head.endswith(")"):
-        return (True, int(head[len("sliding("):-1]))
-    return (True, -1) if head == "causal" else None
+    claim = read_positional(head[:-1])
+    return claim if claim is not None and (claim[0] or claim[1] >= 0 or claim[2] >= 1) else None
 
 
 def _keep_of(mask: torch.Tensor) -> torch.Tensor:
@@ -290,27 +318,32 @@ def _keep_of(mask: torch.Tensor) -> torch.Tensor:
     return keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape)) if keep.dim() < 4 else keep
 
 
-def claim_holds(mask: torch.Tensor, q_len: int, kv_len: int, is_causal: bool, window: int) -> bool:
-    """Whether ``mask`` hides every score that causality / the window hide (so imposing them is exact)."""
-    pos = positional_keep(q_len, kv_len, is_causal, window, mask.device)
+def claim_holds(mask: torch.Tensor, q_len: int, kv_len: int, is_causal: bool, window: int, chunk: int = -1) -> bool:
+    """Whether ``mask`` hides every score that causality / the window / the chunks hide (so imposing them
+    is exact)."""
+    pos = positional_keep(q_len, kv_len, is_causal, window, mask.device, chunk,
+                          chunk_start(mask) if chunk >= 1 else None)
     return pos is None or not bool((_keep_of(mask) & ~pos).any())
 
 
 def padding_keys(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, is_causal: bool,
-                 window: int) -> tuple[bool, Optional[torch.Tensor]]:
+                 window: int, chunk: int = -1) -> tuple[bool, Optional[torch.Tensor]]:
     """Whether ``mask`` is padding on top of the positional part, and its per-key validity [B, Sk] (None
-    when every key is valid). Padding: each query row that sees a key sees exactly the positional keys
-    that are valid for its batch row, and a float mask adds nothing but 0 there. Anything else (a
+    when every key is valid). Padding: each query row that sees a key sees, of the positional keys
+    (which the op imposes whatever the mask says), exactly those valid for its batch row, and a float mask adds nothing but 0 there. Anything else (a
     caller's arbitrary mask, a bias) is not padding and runs the exact masked path."""
     keep = _keep_of(mask)
     if not mask.dtype == torch.bool and bool((mask.masked_fill(~keep.expand(mask.shape), 0) != 0).any()):
         return False, None
     kv_keep = _kv_keep(mask, batch)
-    form = positional_keep(q_len, kv_len, is_causal, window, mask.device)
+    form = positional_keep(q_len, kv_len, is_causal, window, mask.device, chunk,
+                           chunk_start(mask) if chunk >= 1 else None)
     form = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device) if form is None else form
-    form = form[None, None] if kv_keep is None else form[None, None] & kv_keep[:, None, None, :]
+    form = form.reshape((1,) * (4 - form.dim()) + tuple(form.shape))
+    seen = keep & form  # the positional part is imposed anyway: a mask may leave it to the op
+    form = form if kv_keep is None else form & kv_keep[:, None, None, :]
     rows = form.any(-1, keepdim=True)  # query rows that see some key (padded queries see none)
-    return not bool(((keep != form) & rows).any()), kv_keep
+    return not bool(((seen != form) & rows).any()), kv_keep
 
 
 def _warn(site: str, why: str) -> None:
@@ -320,40 +353,46 @@ def _warn(site: str, why: str) -> None:
 
 
 def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec,
-                           sinks=None):
+                           sinks=None, chunk=-1):
     specs = _parse(spec)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    exact = dict(scale=scale, is_causal=is_causal, window=window, softcap=softcap, dropout_p=dropout_p,
+                 sinks=sinks, chunk=chunk)
     if all(name == "dense" for name, _ in specs) or sk < crossover(spec, hq) or dropout_p > 0:
-        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
+        return reference(q, k, v, mask, **exact)
     claim = checked_claim(mask_kind)
     if claim is not None and mask is not None:
         if not claim_holds(mask, sq, sk, *claim):
             _warn(site, f"the mask passed at run time is not {mask_kind.split('+')[0][:-1]} as the "
                              "example's was")
-            return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
-        is_causal, window = claim  # the mask hides at least what the claim hides: imposing it is exact
+            return reference(q, k, v, mask, **exact)
+        is_causal, window, chunk = claim  # the mask hides at least what the claim hides: imposing it is exact
     dynamic = _is_dynamic(specs)
-    if dynamic and (not is_causal or window >= 0 or softcap):
+    if dynamic and (not is_causal or window >= 0 or chunk >= 1 or softcap):
         # content selection is defined on plain causal attention: anything else stays exactly dense
-        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
+        return reference(q, k, v, mask, **exact)
     if dynamic and sinks is not None:
         _warn(site, "dynamic methods do not carry learned sinks yet")
-        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
+        return reference(q, k, v, mask, **exact)
     if sinks is not None:
         sinks = sinks.expand(q.shape[0], hq, sq, 1)
     kv_keep = None
     if mask is not None:
-        padding, kv_keep = (padding_keys(mask, q.shape[0], sq, sk, bool(is_causal), int(window))
+        padding, kv_keep = (padding_keys(mask, q.shape[0], sq, sk, bool(is_causal), int(window), int(chunk))
                             if lowering_kind(mask_kind) == "sparse" else (False, None))
         if not padding:
             if dynamic:
-                return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p)
-            # A bias or an arbitrary mask: exact dense attention with the method's mask on top.
+                return reference(q, k, v, mask, **{**exact, "sinks": None})
+            # A bias or an arbitrary mask: exact dense attention with the method's mask on top (chunks
+            # counted from each row's first attended key in the mask).
             keep = element_mask(site_mask(spec, hq, sq, sk, bool(is_causal), int(window)), 1, hq, sq, sk,
                                 device=q.device)
+            if chunk >= 1:
+                keep = keep & positional_keep(sq, sk, False, -1, q.device, chunk, chunk_start(mask))
             mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
             return reference(q, k, v, mask, scale, False, -1, softcap, 0.0, sinks)
-    run = dict(spec=spec, scale=scale, is_causal=is_causal, window=window, softcap=softcap, site=site)
+    run = dict(spec=spec, scale=scale, is_causal=is_causal, window=window, softcap=softcap, site=site,
+               chunk=chunk)
     if kv_keep is None:
         return _run_specs(q, k, v, kv_keep=None, sinks=sinks, **run)
     rows = _row_ranges(kv_keep)
@@ -361,6 +400,8 @@ def planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dro
         if dynamic:
             raise ValueError(f"lcpass: site {site}: padding that is not one contiguous run of real keys per row "
                              "cannot run a dynamic method; pad on one side")
+        if chunk >= 1:  # chunks count from each row's first real key: not one batched layout
+            return reference(q, k, v, mask, **exact)
         return _run_specs(q, k, v, kv_keep=kv_keep, sinks=sinks, **run)
     # Padding: each row runs alone on its real keys, so positions (sinks, windows) count from its first
     # real token exactly as in an unbatched run; padded query rows output zeros.
@@ -392,13 +433,15 @@ def planned_attention(
     mask_kind: str,
     spec: str,
     sinks: Optional[torch.Tensor] = None,
+    chunk: int = -1,
 ) -> torch.Tensor:
     return laid_out(planned_attention_impl(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site,
-                                           mask_kind, spec, sinks), q, _follow_q(spec))
+                                           mask_kind, spec, sinks, chunk), q, _follow_q(spec))
 
 
 @planned_attention.register_fake
-def _planned_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec, sinks=None):
+def _planned_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec, sinks=None,
+                  chunk=-1):
     return output_buffer(q, v.shape[-1], _follow_q(spec))
 
 
@@ -424,7 +467,7 @@ def lower_graph(gm: GraphModule, sites: Sequence[Site], resolve, dense_below: Op
             continue
         args = list(node.args)
         # (q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source) -> planned op
-        # (..., source[, sinks]) -> (..., mask_kind, spec[, sinks])
+        # (..., source[, sinks[, chunk]]) -> (..., mask_kind, spec[, sinks[, chunk]])
         new_args = (*args[:10], site.mask, spec_json(specs, dense_below, backend, follow_q=args[10] == "sdpa",
                                                     state=state),
                     *args[11:])

@@ -75,6 +75,7 @@ class AttentionFunction:
     static_len: tuple[int, ...] = ()  # (Sq, Sk) when the export has a fixed sequence length
     ort_max_len: int = 0  # onnx_ops="ort": keys the SparseAttention layout covers (0 = default lowering)
     sinks: bool = False  # a learned sink logit per row (input "sinks", broadcastable to [B, Hq, Sq, 1])
+    chunk: int = -1  # chunked attention: chunks of this many positions from each row's first attended key
 
     @property
     def name(self) -> str:
@@ -157,7 +158,7 @@ def _long_mask(fn: AttentionFunction) -> M.MaskMod:
 def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
     """The window W when every head is a causal sliding window of W keys at every length, else None
     (what ``com.microsoft.GroupQueryAttention(local_window_size=W)`` expresses)."""
-    if fn.sinks:
+    if fn.sinks or fn.chunk >= 1:
         return None
     if fn.mask != "none" or not fn.same_len or fn.n_heads % fn.n_kv_heads:
         return None
@@ -282,7 +283,7 @@ def function_proto(fn: AttentionFunction) -> onnx.FunctionProto:
     body = _Body()
     inputs = ["q", "k", "v"] + (["mask"] if fn.mask != "none" else []) + (["sinks"] if fn.sinks else [])
     doc = (f"lcpass {'planned' if fn.planned else 'canonical'} attention: {fn.spec or 'exact'}; scale={fn.scale}, "
-           f"is_causal={fn.is_causal}, window={fn.window}, softcap={fn.softcap}, mask={fn.mask} ({fn.mask_kind})")
+           f"is_causal={fn.is_causal}, window={fn.window}, chunk={fn.chunk}, softcap={fn.softcap}, mask={fn.mask} ({fn.mask_kind})")
     layout = sparse_layout(fn) if fn.ort_max_len else None
     if layout is not None:
         return sparse_function_proto(fn, layout, doc)
@@ -307,12 +308,36 @@ def _positions(body: _Body) -> tuple[str, str, str, str]:
             sq, sk)
 
 
+def _chunk_start(body: _Body, fn: AttentionFunction) -> str:
+    """Each batch row's first key some query attends ([B|1, 1, 1, 1]; 0 without a mask): where the row's
+    chunks begin (``lcpass.patterns.op.chunk_start``)."""
+    if fn.mask == "none":
+        return body.const(0)
+    valid = "mask" if fn.mask == "bool" else body.op(
+        "Greater", "mask", body.op("CastLike", body.const(NEG_LIMIT, np.float32), "mask"))
+    seen = body.op("ReduceMax", body.op("Cast", valid, to=TensorProto.INT64), body.const([1, 2]), keepdims=1)
+    return body.op("ArgMax", seen, axis=3, keepdims=1)
+
+
+def _chunk_keep(body: _Body, chunk: int, q: str, kv: str, start: str) -> Optional[str]:
+    """``(kv - start) // chunk == (q - start) // chunk`` (floor division: both sides are shifted by one
+    large multiple of the chunk first, as ONNX's integer Div truncates)."""
+    if chunk < 1:
+        return None
+    c, big = body.const(chunk), body.const(chunk * -(-(1 << 40) // chunk))
+    def index(pos: str) -> str:
+        return body.op("Div", body.op("Add", body.op("Sub", pos, start), big), c)
+    return body.op("Equal", index(q), index(kv))
+
+
 def _attention_body(body: _Body, fn: AttentionFunction) -> None:
     q, kv, _sq, sk = _positions(body)
     h = body.const(np.arange(fn.n_heads, dtype=np.int64).reshape(1, fn.n_heads, 1, 1))
     bool_mask = "mask" if fn.mask == "bool" else None
+    start = _chunk_start(body, fn) if fn.chunk >= 1 or (fn.planned and fn.mask != "none") else None
     # the exact path (canonical op; planned op below its crossover): the site's own mask + the mask tensor
     keep = _and(body, _emit_mask(body, _base_mask(fn.is_causal, fn.window), h, q, kv, fn.n_heads), bool_mask)
+    keep = _and(body, _chunk_keep(body, fn.chunk, q, kv, start), keep) if fn.chunk >= 1 else keep
     bias = "mask" if fn.mask == "float" else None  # a float mask is added to the scores
     violated = None  # a checked claim that the run-time mask breaks: the exact path, as planned_attention runs
     if fn.planned:
@@ -321,17 +346,21 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
         if claim is not None:
             user = bool_mask or body.op("Greater", "mask", body.op("CastLike", body.const(NEG_LIMIT, np.float32),
                                                                    "mask"))
-            hidden = body.op("Not", _emit_mask(body, _base_mask(*claim), h, q, kv, fn.n_heads))
+            form = _and(body, _emit_mask(body, _base_mask(*claim[:2]), h, q, kv, fn.n_heads),
+                        _chunk_keep(body, claim[2], q, kv, start))
+            hidden = body.op("Not", form)
             violated = body.op("Cast", body.op("ReduceMax", body.op("Cast", body.op("And", user, hidden),
                                                                     to=TensorProto.INT64), keepdims=0),
                                to=TensorProto.BOOL)
-            fn = replace(fn, is_causal=claim[0], window=claim[1])  # the method's mask with the claim imposed
+            # the method's mask with the claim imposed
+            fn = replace(fn, is_causal=claim[0], window=claim[1], chunk=claim[2])
         sparse = fn.mask == "none" or lowering_kind(fn.mask_kind) == "sparse"
         dynamic = dynamic_method(fn)
         if dynamic is not None:
             # content selection on plain causal attention without a mask tensor (dynamic_method refuses
             # padding); anything else runs exactly dense at every length, as planned_attention does
-            if fn.is_causal and fn.window < 0 and not fn.softcap and fn.mask == "none" and not fn.sinks:
+            if fn.is_causal and fn.window < 0 and fn.chunk < 1 and not fn.softcap and fn.mask == "none" \
+                    and not fn.sinks:
                 long = emit_dynamic_mask(body, fn, dynamic[0], dynamic[1], q, kv, _sq, sk)
             else:
                 long = short
@@ -354,13 +383,21 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
             offset = body.op("Where", contiguous, first, body.const(0))
             q_in_run = body.op("And", body.op("GreaterOrEqual", q, first), body.op("Less", q, end))
             q_valid = body.op("Or", q_in_run, body.op("Not", contiguous))
-            long = _and(body, _emit_mask(body, _long_mask(fn), h, body.op("Sub", q, offset),
-                                         body.op("Sub", kv, offset), fn.n_heads), kv_keep)
+            q_run, kv_run = body.op("Sub", q, offset), body.op("Sub", kv, offset)
+            long = _and(body, _emit_mask(body, _long_mask(fn), h, q_run, kv_run, fn.n_heads), kv_keep)
             long = _and(body, long, q_valid)
+            if fn.chunk >= 1:  # chunks count from the run's first key; other padding runs the exact path
+                long = _and(body, long, _chunk_keep(body, fn.chunk, q_run, kv_run, body.const(0)))
+                scattered = body.op("Not", contiguous)
+                violated = scattered if violated is None else body.op("Or", violated, scattered)
             long_bias = None
         else:
             # no mask, or a bias / unnamed pattern: the method's mask on absolute positions, the tensor kept
+            # (chunks from each row's first attended key)
             long = _and(body, _emit_mask(body, _long_mask(fn), h, q, kv, fn.n_heads), bool_mask)
+            if fn.chunk >= 1:
+                long = _and(body, long, _chunk_keep(body, fn.chunk, q, kv, start if fn.mask != "none"
+                                                    else body.const(0)))
             long_bias = bias
         cross = _crossover(fn.spec, fn.n_heads)
         if cross <= 0 and violated is None:
@@ -489,7 +526,8 @@ def translation_table(functions: dict[str, AttentionFunction], ort_max_len: int 
 
     opset = values.Opset(DOMAIN, 1)
 
-    def emit(planned: bool, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec, sinks=None):
+    def emit(planned: bool, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec, sinks=None,
+             chunk=-1):
         q_shape, k_shape = q.shape, k.shape
         mtype = "none" if mask is None else ("bool" if str(mask.dtype).upper().endswith("BOOL") else "float")
         fn = AttentionFunction(
@@ -497,7 +535,7 @@ def translation_table(functions: dict[str, AttentionFunction], ort_max_len: int 
             _static(q_shape[3], "head_dim", site), float(scale), bool(is_causal), int(window), float(softcap), mtype,
             mask_kind if planned else "", spec if planned else "", q_shape[2] == k_shape[2],
             (q_shape[2], k_shape[2]) if isinstance(q_shape[2], int) and isinstance(k_shape[2], int) else (),
-            ort_max_len if planned and sinks is None else 0, sinks is not None)
+            ort_max_len if planned and sinks is None else 0, sinks is not None, int(chunk))
         if planned and sinks is not None and ort_max_len and notes is not None:
             notes[site] = "learned sinks: the site keeps the standard Attention lowering"
         if fn.ort_max_len and sparse_layout(fn) is None:
@@ -511,12 +549,12 @@ def translation_table(functions: dict[str, AttentionFunction], ort_max_len: int 
         return node(*ins)
 
     def planned_attention(q, k, v, mask=None, scale=1.0, is_causal=False, window=-1, softcap=0.0, dropout_p=0.0,
-                          site="", mask_kind="none", spec="", sinks=None):
-        return emit(True, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec, sinks)
+                          site="", mask_kind="none", spec="", sinks=None, chunk=-1):
+        return emit(True, q, k, v, mask, scale, is_causal, window, softcap, site, mask_kind, spec, sinks, chunk)
 
     def attention(q, k, v, mask=None, scale=1.0, is_causal=False, window=-1, softcap=0.0, dropout_p=0.0, site="",
-                  source="", sinks=None):
-        return emit(False, q, k, v, mask, scale, is_causal, window, softcap, site, "", "", sinks)
+                  source="", sinks=None, chunk=-1):
+        return emit(False, q, k, v, mask, scale, is_causal, window, softcap, site, "", "", sinks, chunk)
 
     return {torch.ops.lcpass.planned_attention.default: planned_attention,
             torch.ops.lcpass.attention.default: attention}

@@ -119,6 +119,7 @@ def sparse_layout(fn: "AttentionFunction", max_len: int) -> tuple[Optional[Spars
         (fn.mask != "none", f"the site has a mask tensor ({fn.mask_kind})"),
         (not fn.is_causal, "not causal (SparseAttention is unidirectional)"),
         (fn.window >= 0, f"the site has its own sliding window ({fn.window})"),
+        (fn.chunk >= 1, f"the site has its own chunks ({fn.chunk})"),
         (bool(fn.softcap), "softcap"),
         (not fn.same_len, "queries and keys differ in length"),
         (fn.head_dim % 8 != 0, f"head_dim={fn.head_dim} is not a multiple of 8"),

@@ -198,7 +198,7 @@ def _site_report(site: Site, specs: Sequence[Any], lowering: str, n: int) -> Sit
     if is_dense_spec(specs):
         return SiteReport(site.name, _methods_label(specs), "dense", 1.0, 1.0)
     spec = spec_json(specs)
-    mask = site_mask(spec, site.n_heads, n, n, site.is_causal, site.window)
+    mask = site_mask(spec, site.n_heads, n, n, site.is_causal, site.window, site.chunk)
     lay = build_layout(mask, site.n_heads, n, n)
     base = build_layout(_dense_mask(site), site.n_heads, n, n)
     computed = float((lay.kv_num_blocks.sum() + lay.full_kv_num_blocks.sum()).item())
@@ -216,6 +216,8 @@ def _dense_mask(site: Site):
         parts.append(M.causal_mask())
     if site.window >= 0:
         parts.append(M.sliding_window_mask(site.window))
+    if site.chunk >= 1:
+        parts.append(M.block_diagonal_mask(site.chunk))
     return M.and_masks(*parts) if len(parts) > 1 else (parts[0] if parts else M.full_mask())
 
 
@@ -331,7 +333,7 @@ def optimize(
             specs = the_plan.resolve(s.name, s.n_heads)
             runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below, backend, state=state),
                                            is_dense_spec(specs),
-                                           s.is_causal, s.window, s.scale, s.softcap, s.mask)
+                                           s.is_causal, s.window, s.scale, s.softcap, s.mask, chunk=s.chunk)
         proven = prove_routes(model, det.sites, runtimes, _kwargs_of(example_inputs))
         rep.kv, rep.probe_error = proven.kv, proven.error
         kv_kept = proven.kv.startswith("compressed")

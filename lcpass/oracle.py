@@ -17,7 +17,7 @@ kernels do:
   attention: :func:`masked_forward` restricts it with the same keep-mask.
 
 Each attention's mask is reported as a pattern over (query, key) positions with queries at the end of the
-keys (decode convention): ``"none"``, ``"causal"``, ``"sliding(W)"``, ``"other"`` (a fixed pattern none
+keys (decode convention): ``"none"``, ``"causal"``, ``"sliding(W)"``, ``"chunked(C)"``, ``"other"`` (a fixed pattern none
 of those) or ``"varies"`` (differs across batch rows or heads).
 
 :func:`masked_forward` reruns the forward with each attention's scores restricted to a given keep-mask
@@ -67,7 +67,7 @@ class AttentionCall:
 
     index: int  # execution order among attention calls
     kind: str  # "sdpa" (a fused kernel) or "softmax"
-    pattern: str  # none | causal | sliding(W) | other | varies
+    pattern: str  # none | causal | sliding(W) | chunked(C) | other | varies
     shape: tuple[int, ...]  # the scores' shape [..., Sq, Sk]
 
 
@@ -88,6 +88,9 @@ def mask_pattern(keep: torch.Tensor) -> str:
     for w in range(1, sk):
         if bool((first == (causal & (i - j < w))).all()):
             return f"sliding({w})"
+    for c in range(1, sk):  # causal within chunks of c positions (Llama-4's chunked layers)
+        if bool((first == (causal & (i // c == j // c))).all()):
+            return f"chunked({c})"
     return "other"
 
 

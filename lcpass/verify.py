@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lcpass.engine import reference_attention
 from lcpass.lower import (NEG_LIMIT, PLANNED_OP, checked_claim, claim_holds, crossover, lowering_kind, padding_keys,
                           parse_spec, site_mask)
-from lcpass.patterns.op import reference
+from lcpass.patterns.op import chunk_start, positional_keep, reference
 
 __all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "record_planned_calls", "specified_output",
            "PLANNED_ARGS"]
@@ -40,7 +40,7 @@ __all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "recor
 DTYPE_BOUNDS = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 PLANNED_ARGS = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "mask_kind",
-                "spec", "sinks")
+                "spec", "sinks", "chunk")
 _ARGS = PLANNED_ARGS
 
 
@@ -129,6 +129,7 @@ def specified_output(a: dict[str, Any]) -> torch.Tensor:
     q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
     sinks = a.get("sinks")
     sinks = None if sinks is None else sinks.float()
+    chunk = int(a.get("chunk", -1))
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     specs = parse_spec(a["spec"])
     if _dynamic(specs):
@@ -137,21 +138,26 @@ def specified_output(a: dict[str, Any]) -> torch.Tensor:
     if all(n == "dense" for n, _ in specs) or sk < crossover(a["spec"], hq) or a["dropout_p"] > 0:
         return reference(q.float(), k.float(), v.float(), None if mask is None else
                          (mask if mask.dtype == torch.bool else mask.float()), a["scale"], a["is_causal"],
-                         a["window"], a["softcap"], 0.0, sinks).to(q.dtype)
+                         a["window"], a["softcap"], 0.0, sinks, chunk).to(q.dtype)
     claim = checked_claim(a["mask_kind"])
     if claim is not None and mask is not None:
         if not claim_holds(mask, sq, sk, *claim):  # the claim fails: exact attention, as the op runs it
             return reference(q.float(), k.float(), v.float(), mask if mask.dtype == torch.bool else mask.float(),
-                             a["scale"], a["is_causal"], a["window"], a["softcap"], 0.0, sinks).to(q.dtype)
+                             a["scale"], a["is_causal"], a["window"], a["softcap"], 0.0, sinks, chunk).to(q.dtype)
         a = {**a, "is_causal": claim[0], "window": claim[1]}
-    mask_mod = site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"]))
+        chunk = claim[2]
+    mask_mod = site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"]), chunk)
     score_mod = _softcap_mod(a["softcap"]) if a["softcap"] else None
     padding = mask is not None and lowering_kind(a["mask_kind"]) == "sparse" and \
-        padding_keys(mask, q.shape[0], sq, sk, bool(a["is_causal"]), int(a["window"]))[0]
+        padding_keys(mask, q.shape[0], sq, sk, bool(a["is_causal"]), int(a["window"]), chunk)[0]
     if mask is not None and not padding:
         from lcpass.engine import element_mask
 
-        keep = element_mask(mask_mod, 1, hq, sq, sk, device=q.device)
+        # chunks count from each row's first attended key (the reference's own chunks)
+        keep = element_mask(site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"])), 1, hq,
+                            sq, sk, device=q.device)
+        if chunk >= 1:
+            keep = keep & positional_keep(sq, sk, False, -1, q.device, chunk, chunk_start(mask))
         full = mask & keep if mask.dtype == torch.bool else mask.float().masked_fill(~keep, float("-inf"))
         return reference(q.float(), k.float(), v.float(), full, a["scale"], False, -1, a["softcap"], 0.0,
                          sinks).to(q.dtype)
@@ -161,6 +167,9 @@ def specified_output(a: dict[str, Any]) -> torch.Tensor:
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))  # [S, S] / [B|H, S, S] broadcast as scores
         kv_keep = keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1).expand(q.shape[0], -1)  # [B, Sk]
         rows = _runs(kv_keep) if not bool(kv_keep.all()) else None
+        if rows is None and chunk >= 1 and not bool(kv_keep.all()):  # as the op: exact, chunks per row
+            return reference(q.float(), k.float(), v.float(), mask if mask.dtype == torch.bool else mask.float(),
+                             a["scale"], a["is_causal"], a["window"], a["softcap"], 0.0, sinks, chunk).to(q.dtype)
         if rows is not None:
             # each row alone on its one run of real keys [p, e): positions count from p, as unbatched
             out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
@@ -168,7 +177,7 @@ def specified_output(a: dict[str, Any]) -> torch.Tensor:
                 lo, hi = max(0, p - (sk - sq)), e - (sk - sq)
                 if e <= p or hi <= lo:
                     continue
-                row = site_mask(a["spec"], hq, hi - lo, e - p, bool(a["is_causal"]), int(a["window"]))
+                row = site_mask(a["spec"], hq, hi - lo, e - p, bool(a["is_causal"]), int(a["window"]), chunk)
                 rs = None if sinks is None else sinks.expand(*q.shape[:-1], 1)[b:b + 1, :, lo:hi]
                 out[b:b + 1, :, lo:hi] = _oracle(q[b:b + 1, :, lo:hi], k[b:b + 1, :, p:e], v[b:b + 1, :, p:e], row,
                                                  scale=a["scale"], score_mod=score_mod, softcap=a["softcap"],
@@ -192,7 +201,7 @@ def _runs(kv_keep: torch.Tensor) -> Optional[list[tuple[int, int]]]:
 def verify_call(args: dict[str, Any]) -> tuple[float, float]:
     """(max abs error, bound) of one recorded planned call against the reference."""
     want = specified_output(args)
-    got = PLANNED_OP(*(args.get(n) for n in _ARGS))
+    got = PLANNED_OP(*(args.get(n) for n in _ARGS[:-1]), args.get("chunk", -1))
     err = float((got.float() - want.float()).abs().max().item()) if got.numel() else 0.0
     bound = DTYPE_BOUNDS.get(args["q"].dtype, 1e-4) * max(1.0, float(want.float().abs().max().item()))
     return err, bound

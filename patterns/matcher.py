@@ -781,6 +781,8 @@ def _walk_values(gm: GraphModule, m: Match, node: Node) -> None:
             cur = u
         elif op.kind == "where" and (constant_number(op["a"], gm) == 0.0 or constant_number(op["b"], gm) == 0.0):
             cur = u  # the safe-softmax row zeroing: what the canonical op does too
+        elif op.kind == "nan_to_num" and (op["nan"] is None or constant_number(op["nan"], gm) == 0.0):
+            cur = u  # fully masked rows' NaN probabilities -> 0 (the same zeroing, spelled as nan_to_num)
         elif m.sink is not None and not m.sink_dropped and op.kind in ("matmul", "bmm", "einsum"):
             raise Reject(f"the sink column's probability is not dropped before the value product ({u.name})")
         elif op.kind in ("matmul", "bmm"):

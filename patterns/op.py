@@ -22,9 +22,15 @@ Its named arguments are all that later stages (plan, lower, verify) read:
                  extra logit per row joins the softmax and its probability is dropped (it attends a zero
                  value), so ``out = attention(...) * sigmoid(lse - sink)`` with ``lse`` the row's
                  log-sum-exp over its keys; any method that knows its ``lse`` carries sinks exactly
+    chunk        int, -1 for none; chunked attention (Llama-4's chunked layers): the positions are cut
+                 into chunks of ``chunk`` and a query sees only keys of its own chunk
+                 (``kv_idx // chunk == q_idx // chunk``), causally when ``is_causal``; the chunks begin
+                 at each batch row's first key the mask lets a query see (left padding moves them, as
+                 in transformers), at 0 without a mask
 
 The default implementation is exact (plain PyTorch), so capture + canonicalisation never change
-results. Scores are combined in the order: scale -> softcap -> mask/bias -> [sink column] -> softmax.
+results. Scores are combined in the order: scale -> softcap -> mask/bias (and the positional causal / window / chunk
+mask) -> [sink column] -> softmax.
 
 Example::
 
@@ -44,15 +50,19 @@ import torch
 import torch.nn.functional as F
 from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 
-__all__ = ["attention", "CANONICAL_OP", "CanonicalArgs", "canonical_args", "positional_keep", "reference",
+__all__ = ["attention", "CANONICAL_OP", "CanonicalArgs", "canonical_args", "positional_keep", "chunk_start", "reference",
            "output_buffer", "laid_out"]
 
 
 def positional_keep(
-    q_len: int, kv_len: int, is_causal: bool, window: int, device: torch.device | None = None
+    q_len: int, kv_len: int, is_causal: bool, window: int, device: torch.device | None = None, chunk: int = -1,
+    start: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
-    """The [Sq, Sk] bool mask of the positional part (causal, sliding window); None when all True."""
-    if not is_causal and window < 0:
+    """The [Sq, Sk] bool mask of the positional part (causal, sliding window, chunks); None when all True.
+
+    Chunks are cut from each batch row's first position ``start`` ([B] ints, see :func:`chunk_start`;
+    0 when None): with ``start`` the keep is [B, 1, Sq, Sk]."""
+    if not is_causal and window < 0 and chunk < 1:
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [Sq, 1]
     kv_pos = torch.arange(kv_len, device=device)[None, :]  # [1, Sk]
@@ -61,7 +71,25 @@ def positional_keep(
         keep = keep & (kv_pos <= q_pos)
     if window >= 0:
         keep = keep & (kv_pos > q_pos - window)
+    if chunk >= 1:
+        if start is None:
+            keep = keep & (kv_pos // chunk == q_pos // chunk)
+        else:
+            s0 = start.to(device=keep.device, dtype=torch.long)[:, None, None, None]  # [B, 1, 1, 1]
+            keep = keep & ((kv_pos - s0) // chunk == (q_pos - s0) // chunk)
     return keep
+
+
+def chunk_start(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Where each batch row's chunks begin: its first key that some query attends ([B] ints; None without
+    a mask, i.e. 0). Left padding moves the chunks with the text, as transformers' chunked masks do
+    (``(kv - left_padding) // chunk == (q - left_padding) // chunk``)."""
+    if mask is None:
+        return None
+    keep = mask if mask.dtype == torch.bool else mask > -1e4
+    keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape)) if keep.dim() < 4 else keep
+    seen = keep.flatten(1, 2).any(1)  # [B|1, Sk]: keys some query of the row attends
+    return torch.where(seen.any(-1), seen.int().argmax(-1), 0)
 
 
 def reference(
@@ -75,6 +103,7 @@ def reference(
     softcap: float = 0.0,
     dropout_p: float = 0.0,
     sinks: Optional[torch.Tensor] = None,
+    chunk: int = -1,
 ) -> torch.Tensor:
     """Exact attention with the canonical op's semantics, in plain PyTorch.
 
@@ -91,7 +120,8 @@ def reference(
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     sq, sk = q.shape[-2], k.shape[-2]
-    keep = positional_keep(sq, sk, is_causal, window, q.device)
+    keep = positional_keep(sq, sk, is_causal, window, q.device, chunk,
+                           chunk_start(mask) if chunk >= 1 else None)
     if mask is not None and mask.dtype == torch.bool:
         keep = mask if keep is None else (mask & keep)
         mask = None
@@ -152,13 +182,15 @@ def attention(
     site: str,
     source: str,
     sinks: Optional[torch.Tensor] = None,
+    chunk: int = -1,
 ) -> torch.Tensor:
-    return laid_out(reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks), q,
+    return laid_out(reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks, chunk), q,
                     source == "sdpa")
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source, sinks=None):
+def _attention_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, source, sinks=None,
+                    chunk=-1):
     # out: [B, Hq, Sq, Dv]
     return output_buffer(q, v.shape[-1], source == "sdpa")
 
@@ -166,21 +198,23 @@ def _attention_fake(q, k, v, mask, scale, is_causal, window, softcap, dropout_p,
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, mask, scale, is_causal, window, softcap, dropout_p, _site, _source, *rest = inputs
     sinks = rest[0] if rest else None
+    chunk = rest[1] if len(rest) > 1 else -1
     ctx.save_for_backward(q, k, v, mask, sinks)
-    ctx.params = (scale, is_causal, window, softcap, dropout_p)
+    ctx.params = (scale, is_causal, window, softcap, dropout_p, chunk)
 
 
 def _attention_backward(ctx, grad_out):
     q, k, v, mask, sinks = ctx.saved_tensors
-    scale, is_causal, window, softcap, dropout_p = ctx.params
+    scale, is_causal, window, softcap, dropout_p, chunk = ctx.params
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         if sinks is not None and sinks.requires_grad:
             leaves.append(sinks.detach().requires_grad_(True))
         out = reference(*leaves[:3], mask, scale, is_causal, window, softcap, dropout_p,
-                        leaves[3] if len(leaves) > 3 else sinks)
+                        leaves[3] if len(leaves) > 3 else sinks, chunk)
         grads = torch.autograd.grad(out, leaves, grad_out)
-    return (*grads[:3], None, None, None, None, None, None, None, None, grads[3] if len(grads) > 3 else None)
+    return (*grads[:3], None, None, None, None, None, None, None, None, grads[3] if len(grads) > 3 else None,
+            None)
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -188,7 +222,7 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup_
 CANONICAL_OP = torch.ops.lcpass.attention.default
 
 _ARG_NAMES = ("q", "k", "v", "mask", "scale", "is_causal", "window", "softcap", "dropout_p", "site", "source",
-              "sinks")
+              "sinks", "chunk")
 
 
 @dataclass(frozen=True)
@@ -207,6 +241,7 @@ class CanonicalArgs:
     site: str
     source: str
     sinks: object = None
+    chunk: int = -1
 
 
 def canonical_args(node: torch.fx.Node) -> CanonicalArgs:

@@ -29,7 +29,7 @@ class Site:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    mask: str  # none | causal | sliding(W) | padding[...] | bias[...] | custom
+    mask: str  # none | causal | sliding(W) | chunked(C) | padding[...] | bias[...] | custom
     is_causal: bool
     window: int
     scale: float
@@ -39,6 +39,7 @@ class Site:
     anchor: str = ""  # "sdpa" | "softmax": the call the site was found from
     anchor_index: int = -1  # its position among the site module's calls of that kind (patterns.anchors)
     sinks: bool = False  # learned per-head sink logits join the softmax (the canonical op's ``sinks``)
+    chunk: int = -1  # chunked attention: a query sees only keys of its own chunk of ``chunk`` positions
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -202,11 +203,12 @@ def rewrite_matches(gm: GraphModule, matches: list[Match], infos: list[MaskInfo]
             k4 = _as4d(gm, m.k, like)
             v4 = _as4d(gm, m.v, like)
             mask = _mask_node(gm, m, q4, like) if info.keep_tensor else None
-            causal, window = info.op_causal
-            sinks = () if m.sink is None else (_sink_node(gm, m, q4, like),)
+            causal, window, chunk = info.op_causal
+            sinks = None if m.sink is None else _sink_node(gm, m, q4, like)
+            tail = (sinks, int(chunk)) if chunk >= 1 else () if sinks is None else (sinks,)
             out = _call(gm, CANONICAL_OP, (q4, k4, v4, mask, float(m.scale), bool(causal),
                                            int(window), float(m.softcap), float(m.dropout_p), name, m.source,
-                                           *sinks), like)
+                                           *tail), like)
             result = out
             if m.out_perm is not None:  # the value einsum wrote another layout ('bnij,jbnd->ibnd')
                 result = _call(gm, aten.permute.default, (out, list(m.out_perm)), like)
@@ -220,7 +222,7 @@ def rewrite_matches(gm: GraphModule, matches: list[Match], infos: list[MaskInfo]
         sites.append(Site(name=name, source=m.source, n_heads=_int(qs[1]), n_kv_heads=_int(ks[1]),
                           head_dim=_int(qs[-1]), mask=info.label, is_causal=info.is_causal, window=info.window,
                           scale=float(m.scale), softcap=float(m.softcap), dropout_p=float(m.dropout_p),
-                          node=out.name, sinks=m.sink is not None))
+                          node=out.name, sinks=m.sink is not None, chunk=info.chunk))
     _drop_dead(gm)
     return sites
 

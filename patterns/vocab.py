@@ -82,6 +82,8 @@ _TABLE: list[tuple[str, tuple, tuple[str, ...], dict[str, Any]]] = [
                      "method:masked_fill_"),
      ("x", "cond", "value"), {}),
     ("tanh", (torch.tanh, F.tanh, aten.tanh, "method:tanh"), ("x",), {}),
+    ("nan_to_num", (torch.nan_to_num, aten.nan_to_num, aten.nan_to_num_, "method:nan_to_num", "method:nan_to_num_"),
+     ("x", "nan", "posinf", "neginf"), {"nan": None, "posinf": None, "neginf": None}),
     ("exp", (torch.exp, aten.exp, "method:exp"), ("x",), {}),
     ("sigmoid", (torch.sigmoid, F.sigmoid, aten.sigmoid, "method:sigmoid"), ("x",), {}),
     ("logsumexp", (torch.logsumexp, aten.logsumexp, "method:logsumexp"), ("x", "dim", "keepdim"), {"keepdim": False}),

@@ -30,8 +30,8 @@ def test_wrong_lowering_is_reported_by_name(monkeypatch):
     m = lcpass.optimize(copy.deepcopy(z.model), example_inputs=z.example_inputs, **STREAM)
 
     def ignores_the_method(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, site, mask_kind, spec,
-                           sinks=None):
-        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks)
+                           sinks=None, chunk=-1):
+        return reference(q, k, v, mask, scale, is_causal, window, softcap, dropout_p, sinks, chunk)
 
     monkeypatch.setattr(lcpass.lower, "planned_attention_impl", ignores_the_method)
     with pytest.warns(UserWarning, match="model.layers.0.self_attn"):

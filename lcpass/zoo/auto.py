@@ -68,7 +68,7 @@ TINY: dict[str, int] = dict(
     moe_topk=2, top_k=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, expert_hidden_size=32,
     n_shared_experts=1, num_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
     kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-    image_size=32, patch_size=8, num_channels=3, num_mel_bins=16, sliding_window=WINDOW,
+    image_size=32, patch_size=8, num_channels=3, num_mel_bins=16, sliding_window=WINDOW, attention_chunk_size=WINDOW,
     type_vocab_size=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0,
     sep_token_id=2, cls_token_id=1, mask_token_id=3, unk_token_id=3,
     mamba_d_state=8, state_size=8, ssm_state_size=8, mamba_n_heads=4, mamba_d_head=32, mamba_expand=2,

@@ -100,6 +100,8 @@ def _site_pattern(site: Any, sk: int) -> str:
         return "none" if site.window < 0 else f"window({site.window})"
     if 0 <= site.window < sk:
         return f"sliding({site.window})"
+    if 1 <= site.chunk < sk:
+        return f"chunked({site.chunk})"
     return "causal"
 
 
