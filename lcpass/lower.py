@@ -32,6 +32,7 @@ from lcpass.engine import element_mask, sparse_attention
 from lcpass.layout import build_layout
 from lcpass.methods import site_crossover, site_mask_mod, spec_parts
 from lcpass.patterns import Site, canonical_nodes
+from lcpass.patterns.maskinfo import positional_label, read_positional
 from lcpass.patterns.op import chunk_start, laid_out, output_buffer, positional_keep, reference
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
@@ -268,31 +269,6 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
     return out
 
 
-def positional_label(is_causal: bool, window: int, chunk: int = -1) -> str:
-    """The mask-kind label of a positional pattern: ``causal``, ``sliding(8)``, ``chunked(4)`` (causal
-    within chunks), ``none``."""
-    if chunk >= 1:
-        return f"chunked({chunk})" if is_causal and window < 0 else f"{positional_label(is_causal, window)}&chunked({chunk})"
-    if window >= 0:
-        return f"sliding({window})"
-    return "causal" if is_causal else "none"
-
-
-def read_positional(label: str) -> Optional[tuple[bool, int, int]]:
-    """``(is_causal, window, chunk)`` of a :func:`positional_label`; None for any other label."""
-    causal, window, chunk = False, -1, -1
-    for part in label.split("&"):
-        if part == "causal":
-            causal = True
-        elif part.startswith("sliding(") and part.endswith(")"):
-            causal, window = True, int(part[len("sliding("):-1])
-        elif part.startswith("chunked(") and part.endswith(")"):
-            causal, chunk = causal or part == label, int(part[len("chunked("):-1])
-        elif part != "none":
-            return None
-    return causal, window, chunk
-
-
 def checked_kind(is_causal: bool, window: int, base: str, chunk: int = -1) -> str:
     """The mask kind of a site whose causality / window / chunks are a claim about a mask tensor (read
     from an input's example value, or the model's run-time mask): ``causal?+padding``, ``sliding(8)?+bias``,
@@ -330,7 +306,8 @@ def padding_keys(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, is_cau
                  window: int, chunk: int = -1) -> tuple[bool, Optional[torch.Tensor]]:
     """Whether ``mask`` is padding on top of the positional part, and its per-key validity [B, Sk] (None
     when every key is valid). Padding: each query row that sees a key sees, of the positional keys
-    (which the op imposes whatever the mask says), exactly those valid for its batch row, and a float mask adds nothing but 0 there. Anything else (a
+    (which the op imposes whatever the mask says), exactly those valid for its batch row, and a float
+    mask adds nothing but 0 there. Anything else (a
     caller's arbitrary mask, a bias) is not padding and runs the exact masked path."""
     keep = _keep_of(mask)
     if not mask.dtype == torch.bool and bool((mask.masked_fill(~keep.expand(mask.shape), 0) != 0).any()):

@@ -374,7 +374,7 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
             kv_int = body.op("ReduceMax", body.op("Cast", valid, to=TensorProto.INT64), body.const([1, 2]),
                              keepdims=1)  # [B|1, 1, 1, Sk]
             kv_keep = body.op("Cast", kv_int, to=TensorProto.BOOL)
-            first = body.op("ArgMax", kv_int, axis=3, keepdims=1)  # [B|1, 1, 1, 1]
+            first = start  # [B|1, 1, 1, 1]: the row's first valid key (_chunk_start)
             end = body.op("Add", first, body.op("ReduceSum", kv_int, body.const([3]), keepdims=1))
             run = body.op("And", body.op("GreaterOrEqual", kv, first), body.op("Less", kv, end))
             contiguous = body.op("Cast", body.op("ReduceMin", body.op("Cast", body.op("Equal", run, kv_keep),

@@ -36,7 +36,7 @@ from .op import chunk_start, positional_keep
 
 aten = torch.ops.aten
 
-__all__ = ["MaskInfo", "analyse_masks"]
+__all__ = ["MaskInfo", "analyse_masks", "positional_label", "read_positional"]
 
 NEG_LIMIT = -1e4  # a fill at or below this masks a score out
 
@@ -58,9 +58,9 @@ class MaskInfo:
     @property
     def label(self) -> str:
         if self.kind in ("sliding", "chunked"):
-            return _label(self.is_causal, self.window, self.chunk)
+            return positional_label(self.is_causal, self.window, self.chunk)
         if self.kind in ("padding", "bias") and self.is_causal:
-            return f"{_label(self.is_causal, self.window, self.chunk)}{'?' if self.checked else ''}+{self.kind}"
+            return f"{positional_label(self.is_causal, self.window, self.chunk)}{'?' if self.checked else ''}+{self.kind}"
         return self.kind
 
     @property
@@ -69,11 +69,30 @@ class MaskInfo:
         return (False, -1, -1) if self.checked else (self.is_causal, self.window, self.chunk)
 
 
-def _label(is_causal: bool, window: int, chunk: int) -> str:
-    """``causal`` / ``sliding(W)`` / ``chunked(C)`` (``lcpass.lower.read_positional`` reads it back)."""
+def positional_label(is_causal: bool, window: int, chunk: int = -1) -> str:
+    """The mask-kind label of a positional pattern: ``causal``, ``sliding(8)``, ``chunked(4)`` (causal
+    within chunks), ``none``."""
     if chunk >= 1:
-        return f"chunked({chunk})" if window < 0 else f"sliding({window})&chunked({chunk})"
-    return f"sliding({window})" if window >= 0 else "causal"
+        head = "chunked" if is_causal and window < 0 else f"{positional_label(is_causal, window)}&chunked"
+        return f"{head}({chunk})"
+    if window >= 0:
+        return f"sliding({window})"
+    return "causal" if is_causal else "none"
+
+
+def read_positional(label: str) -> Optional[tuple[bool, int, int]]:
+    """``(is_causal, window, chunk)`` of a :func:`positional_label`; None for any other label."""
+    causal, window, chunk = False, -1, -1
+    for part in label.split("&"):
+        if part == "causal":
+            causal = True
+        elif part.startswith("sliding(") and part.endswith(")"):
+            causal, window = True, int(part[len("sliding("):-1])
+        elif part.startswith("chunked(") and part.endswith(")"):
+            causal, chunk = causal or part == label, int(part[len("chunked("):-1])
+        elif part != "none":
+            return None
+    return causal, window, chunk
 
 
 _SHAPE_READS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int}
