@@ -221,7 +221,8 @@ def _all_tables(mask_mod: Any, score_mod: Any, device: torch.device) -> list[Ten
 @common_head_dim
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, scale: float,
               mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
-              tiles: tuple[int, int] | None = None, kv_keep: Tensor | None = None) -> Tensor:
+              tiles: tuple[int, int] | None = None, kv_keep: Tensor | None = None,
+              sinks: Tensor | None = None) -> Tensor:
     """Block-sparse attention with a generated Triton kernel (differentiable when the inputs
     require grad: the generated backward runs; no score_mod then).
 
@@ -231,8 +232,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, sc
     every computed score (natural units, before the mask). ``layout=None`` runs the dense kernel of
     ``mask_mod`` (None/full: every key; causal: the causal triangle; anything else: its layout at the
     default block size). ``kv_keep: Bool[B, Sk]`` (True = real key) masks padding on every tile;
-    rows that see no key return zeros. Raises :class:`UnsupportedSpec` naming what cannot be
-    generated.
+    rows that see no key return zeros. ``sinks`` (broadcastable to ``Float[B, Hq, Sq]``, e.g.
+    ``[1, Hq, 1]``): one more logit per row that attends nothing (learned attention sinks, gpt-oss);
+    the softmax starts from it inside the kernel, and its gradient is returned when it requires
+    grad. Raises :class:`UnsupportedSpec` naming what cannot be generated.
 
     >>> out = attention(q, k, v, build_layout(causal_mask(), 8, 4096, 4096), scale=0.088)  # doctest: +SKIP
     """
@@ -241,17 +244,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None, *, sc
     _backend_ok(q.device)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     if layout is None:
         mm = mask_mod if mask_mod is not None else full_mask()
         if not grad and mm in (full_mask(), causal_mask()):
-            return _dense(q, k, v, mm, scale, score_mod, tiles, kv_keep)
+            return _dense(q, k, v, mm, scale, score_mod, tiles, kv_keep, sinks)
         layout = build_layout(mm, Hq, Sq, Sk, DEFAULT_BLOCK_SIZE)
     _check_layout(layout, q, k, "codegen.attention")
     prep = prepare_attention(layout, head_dim=D, n_heads=Hq, n_kv_heads=Hkv, dtype=q.dtype,
                              device=q.device, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
                              backward=grad, tiles=tiles)
-    return prep(q, k, v, kv_keep)
+    return prep(q, k, v, kv_keep, sinks)
 
 
 @dataclass(frozen=True, eq=False)
@@ -273,29 +276,34 @@ class PreparedAttention:
     decode: bool = False
     n_splits: int = 0
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, kv_keep: Tensor | None = None) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, kv_keep: Tensor | None = None,
+                 sinks: Tensor | None = None) -> Tensor:
         import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
 
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if _eager(q, k, v) and not grad:  # same kernels without the custom-op layer
+        sink = _sinks_or_empty(sinks, q)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sink))
+        if _eager(q, k, v, sink) and not grad:  # same kernels without the custom-op layer
             from lcpass.codegen import launch
             from lcpass.codegen.cache import load_by_key
 
             if self.decode:
                 return launch.decode(load_by_key(self.key), q, k, v, self.lists, self.tables,
-                                     self.scale, self.n_splits, kv_keep=kv_keep)
+                                     self.scale, self.n_splits, kv_keep=kv_keep, sinks=sink)
             return launch.fwd(load_by_key(self.key), q, k, v, *self.lists, self.tables, self.scale,
-                              store_lse=False, kv_keep=kv_keep)[0]
+                              store_lse=False, kv_keep=kv_keep, sinks=sink)[0]
         if self.decode:
+            if grad:
+                raise UnsupportedSpec("the decode kernel has no backward; call codegen.attention "
+                                      "(prefill kernels) with inputs that require grad")
             return torch.ops.lcpass_codegen.sparse_decode(
                 q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.n_splits,
-                _keep_or_empty(kv_keep, q))
+                _keep_or_empty(kv_keep, q), sink)
         if grad and not self.bwd_key:
             raise UnsupportedSpec("inputs require grad but this PreparedAttention has no backward "
                                   "kernel; prepare it with backward=True")
         return torch.ops.lcpass_codegen.sparse_attention(
             q, k, v, *self.lists, list(self.tables), self.scale, self.key, self.bwd_key,
-            _keep_or_empty(kv_keep, q))[0]
+            _keep_or_empty(kv_keep, q), sink)[0]
 
 
 def prepare_attention(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_heads: int,
@@ -332,7 +340,8 @@ def _eager(*ts: Tensor) -> bool:
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod: Any,
-           tiles: tuple[int, int] | None, kv_keep: Tensor | None = None) -> Tensor:
+           tiles: tuple[int, int] | None, kv_keep: Tensor | None = None,
+           sinks: Tensor | None = None) -> Tensor:
     """The dense generated kernel: implicit causal / full tiles, no lists to read."""
     import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
 
@@ -347,7 +356,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod
     out, _ = torch.ops.lcpass_codegen.sparse_attention(
         q, k, v, dummy_n, dummy_i, dummy_n, dummy_i,
         _all_tables(mm if kind == "causal" else None, score_mod, q.device), float(scale), key, "",
-        _keep_or_empty(kv_keep, q))
+        _keep_or_empty(kv_keep, q), _sinks_or_empty(sinks, q))
     return out
 
 
@@ -356,18 +365,34 @@ def _keep_or_empty(kv_keep: Tensor | None, q: Tensor) -> Tensor:
     return kv_keep if kv_keep is not None else q.new_empty((0,), dtype=torch.bool)
 
 
+def _sinks_or_empty(sinks: Tensor | None, q: Tensor) -> Tensor:
+    """Sink logits broadcast to Float[B, Hq, Sq] (one per row), or an empty tensor for none."""
+    if sinks is None or sinks.numel() == 0:
+        return q.new_empty((0,), dtype=torch.float32)
+    B, Hq, Sq = q.shape[:3]
+    if sinks.dim() == 4 and sinks.shape[-1] == 1:  # the planned op's [B, Hq, Sq, 1]
+        sinks = sinks[..., 0]
+    try:
+        return sinks.to(q.device, torch.float32).expand(B, Hq, Sq).contiguous()
+    except RuntimeError:
+        raise ValueError(f"sinks of shape {tuple(sinks.shape)} do not broadcast to one logit per "
+                         f"(batch, head, query) [{B}, {Hq}, {Sq}]; pass e.g. sinks[None, :, None] "
+                         f"for per-head sinks [{Hq}]") from None
+
+
 @common_head_dim
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,
                      mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
                      n_splits: int | None = None, block_n: int | None = None,
-                     kv_keep: Tensor | None = None) -> Tensor:
+                     kv_keep: Tensor | None = None, sinks: Tensor | None = None) -> Tensor:
     """Split-KV decode with a generated kernel: grid ``(B, Hkv, n_splits)``, the ``G * Sq`` query
     rows of a GQA group packed into one tile (padded to >= 16), the group's selected blocks split
     across programs and merged by log-sum-exp.
 
     ``layout`` must have ONE query block (``Sq <= block_size[0]``); heads of a group may list
     different blocks (each row keeps its own head's blocks exactly). ``n_splits`` defaults to
-    enough programs for ~2x the SMs of an H100/H200.
+    enough programs for ~2x the SMs of an H100/H200. ``sinks`` as in :func:`attention` (applied
+    in the split merge).
 
     >>> out = decode_attention(q[:, :, -1:], k, v, lay1, scale=0.088)   # doctest: +SKIP
     """
@@ -379,7 +404,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sc
     prep = prepare_decode(layout, head_dim=D, n_heads=Hq, n_kv_heads=k.shape[1], dtype=q.dtype,
                           device=q.device, scale=scale, batch=B, mask_mod=mask_mod,
                           score_mod=score_mod, n_splits=n_splits, block_n=block_n)
-    return prep(q, k, v, kv_keep)
+    return prep(q, k, v, kv_keep, sinks)
 
 
 def prepare_decode(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_heads: int,
@@ -421,23 +446,27 @@ def prepare_decode(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_hea
 
 def attention_or_fallback(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float,
                           mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
-                          kv_keep: Tensor | None = None) -> Tensor:
+                          kv_keep: Tensor | None = None, sinks: Tensor | None = None) -> Tensor:
     """:func:`attention` (or :func:`decode_attention` for one-query-block layouts), and on
     :class:`UnsupportedSpec` a warning naming the reason and the CPU engine's result instead."""
     try:
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
         rows = q.shape[2] * (q.shape[1] // k.shape[1])
         if layout.num_q_blocks == 1 and layout.q_len < layout.kv_len and rows <= 128 and not grad:
             return decode_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod,
-                                    score_mod=score_mod, kv_keep=kv_keep)
+                                    score_mod=score_mod, kv_keep=kv_keep, sinks=sinks)
         return attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
-                         kv_keep=kv_keep)
+                         kv_keep=kv_keep, sinks=sinks)
     except UnsupportedSpec as exc:
         warnings.warn(f"lcpass.codegen: falling back to the CPU engine: {exc}", stacklevel=2)
-        from lcpass.engine import sparse_attention
+        from lcpass.engine import sparse_attention, with_sinks
 
-        return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
-                                kv_keep=kv_keep, dense_below=0)
+        if sinks is None:
+            return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod,
+                                    score_mod=score_mod, kv_keep=kv_keep, dense_below=0)
+        out, lse = sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                                    kv_keep=kv_keep, dense_below=0, return_lse=True)
+        return with_sinks(out, lse, _sinks_or_empty(sinks, q)[..., None])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,6 +35,17 @@ def _keep_args(kv_keep: Tensor | None, like: Tensor) -> tuple[Tensor, int, bool]
     return keep, keep.stride(0), True
 
 
+def _sink_args(sinks: Tensor | None, like: Tensor) -> tuple[Tensor, bool]:
+    """(SINK pointer, HAS_SINK) for optional per-row sink logits Float[B, Hq, Sq] (contiguous fp32)."""
+    if sinks is None or sinks.numel() == 0:  # empty tensor: no sinks (the ops' convention)
+        return like, False
+    B, Hq, Sq = like.shape[:3]
+    if tuple(sinks.shape) != (B, Hq, Sq):
+        raise ValueError(f"sinks has shape {tuple(sinks.shape)}; the kernels take one logit per "
+                         f"(batch, head, query), [{B}, {Hq}, {Sq}]")
+    return sinks.float().contiguous(), True
+
+
 def _wrap(kernel, wrap: bool):
     if wrap:
         from torch.library import wrap_triton
@@ -44,23 +55,26 @@ def _wrap(kernel, wrap: bool):
 
 def fwd(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, kv_num: Tensor, kv_idx: Tensor,
         full_num: Tensor, full_idx: Tensor, tables: Sequence[Tensor], scale: float, *,
-        store_lse: bool, wrap: bool = False, kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        store_lse: bool, wrap: bool = False, kv_keep: Tensor | None = None,
+        sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Block-sparse forward. Returns ``(out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32, log2 units)``.
-    ``kv_keep: Bool[B, Sk]`` masks padded keys on every tile."""
+    ``kv_keep: Bool[B, Sk]`` masks padded keys on every tile; ``sinks: Float[B, Hq, Sq]`` adds one
+    logit per row that attends nothing (learned sinks; the lse counts it)."""
     spec = mod.SPEC
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq) if store_lse else (1,), device=q.device, dtype=torch.float32)
     keep = _keep_args(kv_keep, q)
+    sink, has_sink = _sink_args(sinks, q)
     grid = (triton_cdiv(Sq, spec.block_m), B * Hq)
     _wrap(mod.attn_fwd, wrap)[grid](
         q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, *tables, float(scale),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bstride(kv_num), kv_num.stride(1), kv_num.stride(2),
         bstride(kv_idx), kv_idx.stride(1), kv_idx.stride(2),
-        Hq, Sq, Sk, *keep[:2], EVEN_N=Sk % spec.sparse_kv == 0, HAS_KEEP=keep[2],
-        STORE_LSE=store_lse, **_launch_opts(spec))
+        Hq, Sq, Sk, *keep[:2], sink, EVEN_N=Sk % spec.sparse_kv == 0, HAS_KEEP=keep[2],
+        STORE_LSE=store_lse, HAS_SINK=has_sink, **_launch_opts(spec))
     return out, lse
 
 
@@ -134,9 +148,10 @@ def decode_splits(B: int, n_kv_heads: int, n_blocks: int, n_sm: int = 132) -> in
 
 def decode(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lists: Sequence[Tensor],
            tables: Sequence[Tensor], scale: float, n_splits: int, *, wrap: bool = False,
-           kv_keep: Tensor | None = None) -> Tensor:
+           kv_keep: Tensor | None = None, sinks: Tensor | None = None) -> Tensor:
     """Split-KV decode: grid ``(B, Hkv, n_splits)`` writes partial ``(acc, m, l)``, then the merge
-    kernel combines the splits by log-sum-exp. ``lists`` from :func:`decode_lists`."""
+    kernel combines the splits by log-sum-exp (starting from ``sinks: Float[B, Hq, Sq]`` when given).
+    ``lists`` from :func:`decode_lists`."""
     spec = mod.SPEC
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -153,8 +168,9 @@ def decode(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lists: Sequence[Ten
         bstride(fnum), fnum.stride(1), bstride(fidx), fidx.stride(1),
         Hkv, Sq, Sk, n_splits, *keep[:2], EVEN_N=Sk % spec.sparse_kv == 0, HAS_KEEP=keep[2],
         **_launch_opts(spec))
+    sink, has_sink = _sink_args(sinks, q)
     _wrap(mod.attn_decode_merge, wrap)[(B, Hkv)](
-        pacc, pm, pl, out, *out.stride(), Hkv, Sq, n_splits, num_warps=4)
+        pacc, pm, pl, out, sink, *out.stride(), Hkv, Sq, n_splits, HAS_SINK=has_sink, num_warps=4)
     return out
 
 

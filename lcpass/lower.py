@@ -28,7 +28,7 @@ from torch.fx import GraphModule
 
 from lcpass import masks as M
 from lcpass.codegen.headdim import pad_head_dims
-from lcpass.engine import element_mask, sparse_attention
+from lcpass.engine import element_mask, sparse_attention, with_sinks
 from lcpass.layout import build_layout
 from lcpass.methods import site_crossover, site_mask_mod, spec_parts
 from lcpass.patterns import Site, canonical_nodes
@@ -37,7 +37,7 @@ from lcpass.patterns.op import chunk_start, laid_out, output_buffer, positional_
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
            "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec",
-           "checked_kind", "checked_claim", "claim_holds", "padding_keys", "with_sinks", "state_key"]
+           "checked_kind", "checked_claim", "claim_holds", "padding_keys", "state_key"]
 
 NEG_LIMIT = -1e4
 
@@ -205,14 +205,6 @@ def is_dynamic_spec(spec: str) -> bool:
     return _is_dynamic(_parse(spec))
 
 
-def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-    """Attention ``out`` [B, Hq, Sq, Dv] with one more logit per row that attends nothing (learned sinks,
-    [B, Hq, Sq, 1]): the row's probabilities shrink by ``sigmoid(lse - sink)``, ``lse`` [B, Hq, Sq] the
-    log-sum-exp over the keys it attends (a row without keys, lse = -inf, outputs zeros)."""
-    w = torch.sigmoid(lse.float() - sinks[..., 0].float())
-    return (out.float() * w[..., None]).to(out.dtype)
-
-
 def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int, softcap: float, site: str,
                kv_keep: Optional[torch.Tensor], sinks: Optional[torch.Tensor] = None, chunk: int = -1) -> torch.Tensor:
     """The site's method(s) on unpadded q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; ``sinks`` [B, Hq, Sq, 1]
@@ -223,15 +215,15 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         mask_mod = site_mask(spec, hq, sq, sk, bool(is_causal), int(window), int(chunk))
         layout = build_layout(mask_mod, hq, sq, sk)
         score_mod = _softcap_mod(softcap) if softcap else None
-        if sinks is not None:  # the engine (on any device) knows each row's log-sum-exp
-            out, lse = sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
-                                        kv_keep=kv_keep, return_lse=True)
-            return with_sinks(out, lse, sinks)
-        if _use_triton(spec, q):
+        if _use_triton(spec, q):  # the generated kernels start each row's softmax from its sink
             from lcpass.codegen import attention_or_fallback
 
             return attention_or_fallback(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
-                                         kv_keep=kv_keep)
+                                         kv_keep=kv_keep, sinks=sinks)
+        if sinks is not None:  # the engine knows each row's log-sum-exp
+            out, lse = sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
+                                        kv_keep=kv_keep, return_lse=True)
+            return with_sinks(out, lse, sinks)
         return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
                                 kv_keep=kv_keep)
     from lcpass.methods import get_method

@@ -13,7 +13,7 @@ True
 """
 
 from lcpass.engine.plan import EnginePlan, build_plan
-from lcpass.engine.reference import ScoreMod, dense_attention, element_mask, reference_attention
+from lcpass.engine.reference import ScoreMod, dense_attention, element_mask, reference_attention, with_sinks
 from lcpass.engine.sparse import DENSE_BELOW, get_plan, run_plan, sparse_attention
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "reference_attention",
     "run_plan",
     "sparse_attention",
+    "with_sinks",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lcpass.masks import MaskMod
 
-__all__ = ["ScoreMod", "check_qkv", "reference_attention", "dense_attention", "element_mask"]
+__all__ = ["ScoreMod", "check_qkv", "reference_attention", "dense_attention", "element_mask", "with_sinks"]
 
 # score_mod(score, b, h, q_idx, kv_idx) -> score, applied before the mask (absolute positions)
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -38,6 +38,14 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, kv_keep: Tensor | None, owner: st
     if kv_keep is not None and (kv_keep.shape != (B, k.shape[2]) or kv_keep.dtype != torch.bool):
         raise ValueError(f"{owner}: kv_keep must be Bool[B={B}, Sk={k.shape[2]}], got "
                          f"{kv_keep.dtype} {tuple(kv_keep.shape)}")
+
+
+def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """Attention ``out`` [B, Hq, Sq, Dv] with one more logit per row that attends nothing (learned sinks,
+    [B, Hq, Sq, 1]): the row's probabilities shrink by ``sigmoid(lse - sink)``, ``lse`` [B, Hq, Sq] the
+    natural log-sum-exp over the keys it attends (a row without keys, lse = -inf, outputs zeros)."""
+    w = torch.sigmoid(lse.float() - sinks[..., 0].float())
+    return (out.float() * w[..., None]).to(out.dtype)
 
 
 def element_mask(mask_mod: MaskMod | None, B: int, H: int, Sq: int, Sk: int,
