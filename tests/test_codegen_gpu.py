@@ -98,6 +98,18 @@ def _checks() -> dict[str, float]:
     votes = torch.softmax(qd.float() @ k.float().repeat_interleave(G, 1).transpose(-1, -2) * sc, -1)
     rec("scores_tokenselect", codegen.token_scores(qd, k, scale=sc),
         votes.view(B, Hkv, G, N).sum(2))
+    # learned sinks (gpt-oss): the softmax starts from each row's sink, prefill and decode
+    from lcpass.engine import with_sinks
+
+    sinks = torch.randn(Hq, device=dev, generator=g) * 3
+    mm = masks["streaming"]
+    lay = build_layout(mm, Hq, N, N, 128)
+    ref, lse = reference_attention(q.float(), k.float(), v.float(), mm, scale=sc, return_lse=True)
+    rec("prefill_sinks", codegen.attention(q, k, v, lay, scale=sc, sinks=sinks[None, :, None]),
+        with_sinks(ref, lse, sinks.view(1, -1, 1, 1).expand(B, Hq, N, 1)))
+    ref1, lse1 = reference_attention(qd.float(), k.float(), v.float(), mm, scale=sc, return_lse=True)
+    rec("decode_sinks", codegen.decode_attention(qd, k, v, lay1, scale=sc, sinks=sinks[None, :, None]),
+        with_sinks(ref1, lse1, sinks.view(1, -1, 1, 1).expand(B, Hq, 1, 1)))
     # backward (S2-Attn and sliding window)
     for name, mm in (("longlora", masks["longlora"]), ("sliding", M.sliding_window_mask(512))):
         lay = build_layout(mm, Hq, N, N, 128)
@@ -123,7 +135,7 @@ def gpu_errors() -> dict[str, float]:
 
 CHECKS = ["prefill_streaming", "prefill_s2", "prefill_longlora", "prefill_duo", "dense_causal",
           "decode_streaming", "decode_quest", "prefill_quest", "prefill_tokenselect",
-          "decode_tokenselect", "decode_gather", "scores_tokenselect"] + [
+          "decode_tokenselect", "decode_gather", "scores_tokenselect", "prefill_sinks", "decode_sinks"] + [
     f"bwd_{m}_d{w}" for m in ("longlora", "sliding") for w in "qkv"]
 
 
