@@ -112,6 +112,37 @@ def sequence_shapes(fn: Any, args: Sequence[Any], kwargs: dict[str, Any], seq: A
     return {name: spec(value) for name, value in bound.arguments.items()}
 
 
+def unaliased(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` with every tensor that shares storage with an earlier one cloned.
+
+    ``torch.export`` dedupes inputs that alias (the same mask passed as two arguments) into one
+    placeholder, so the program would read one argument where the model reads the other, silently, on
+    every later call with distinct tensors. The example's values do not change; only the aliasing goes.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def fresh(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+            return x
+        key = (x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
+        if key in seen and key[1]:
+            return x.clone()
+        seen.add(key)
+        return x
+
+    args, kwargs = torch.utils._pytree.tree_map(fresh, (tuple(args), dict(kwargs)))
+    return args, kwargs
+
+
+def export_program(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
+                   dynamic_shapes: Any = None) -> Any:
+    """``torch.export.export(strict=False)`` under ``no_grad`` on :func:`unaliased` inputs: every door's
+    one call into torch.export."""
+    args, kwargs = unaliased(args, kwargs)
+    with torch.no_grad():
+        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+
+
 def export_dynamic(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any], seq: Any,
                    seq_dim: int = 1) -> Any:
     """``torch.export.export`` with a symbolic sequence length (:func:`sequence_shapes`); when a dim that
@@ -119,14 +150,12 @@ def export_dynamic(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str
     length), once more with dim ``seq_dim`` of every input only."""
     first = sequence_shapes(model.forward, args, kwargs, seq, seq_dim)
     try:
-        with torch.no_grad():
-            return torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=first)
+        return export_program(model, args, kwargs, first)
     except Exception:  # noqa: BLE001 - retried below; the second failure is the one reported
         plain = sequence_shapes(model.forward, args, kwargs, seq, seq_dim, by_size=False)
         if plain == first:
             raise
-    with torch.no_grad():
-        return torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=plain)
+    return export_program(model, args, kwargs, plain)
 
 
 def capture(
@@ -162,8 +191,7 @@ def capture(
             limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or (1 << 20)
             ep = export_dynamic(model, args, kwargs, torch.export.Dim("seq", min=2, max=int(limit)), seq_dim)
         else:
-            with torch.no_grad():
-                ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+            ep = export_program(model, args, kwargs)
         if decompose:
             ep = ep.run_decompositions()
         gm = ep.module()

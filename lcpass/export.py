@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from lcpass.capture import CaptureError, Captured, capture, export_dynamic
+from lcpass.capture import CaptureError, Captured, capture, export_dynamic, export_program
 from lcpass.capture import sequence_dim as seq_dim
 from lcpass.inspect import ExampleInputs, _split
 from lcpass.lower import lower_graph
@@ -212,8 +212,7 @@ def export(
     if dynamic_seq:
         ep = export_dynamic(gm, args, kwargs, seq_dim(model))
     else:
-        with torch.no_grad():
-            ep = torch.export.export(gm, tuple(args), kwargs, strict=False)
+        ep = export_program(gm, args, kwargs)
     if format == "torch":
         torch.export.save(ep, str(out))
         return ExportResult(out, format, ep, lowering)

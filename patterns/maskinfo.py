@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from .graphinfo import constant_number, vmap_state
+from .graphinfo import constant_number, shape_of, vmap_state
 from .matcher import Match
 from .op import chunk_start, positional_keep
 
@@ -229,6 +229,11 @@ def _combined(m: Match, values: dict[Node, Any]) -> Optional[torch.Tensor]:
         total = neg if total is None else total + neg
     if total is not None:
         total = total.masked_fill(total <= NEG_LIMIT, float("-inf"))
+        # a mask broadcast over the queries ([B, 1, 1, Sk] padding) is read on the scores' rows: one row
+        # would look like a decode step, which every key before it makes "causal"
+        rows = (shape_of(m.anchor) or (None, None))[-2] if total.dim() >= 2 else None
+        if total.shape[-2] == 1 and isinstance(rows, int) and rows > 1:
+            total = total.expand(*total.shape[:-2], rows, total.shape[-1])
     return total
 
 

@@ -232,7 +232,11 @@ def _operand(gm: GraphModule, node: Node, scale: Optional[list[float]], *, is_ke
         if base is None and _is_parameter(gm, node):
             raise Reject(f"the right operand of the score matmul ({node.name}) is a parameter, not keys")
         if base is None:
-            raise Reject(f"the right operand of the score matmul ({node.name}) is not kᵀ (no transpose of the last two dims)")
+            # keys held transposed ([.., D, Sk], e.g. SqueezeBERT's conv layout viewed to heads): the
+            # matmul makes its last dim the key axis, so it is kᵀ whatever produced it
+            if rank_of(node) not in (3, 4):
+                raise Reject(f"the right operand of the score matmul ({node.name}) is not a 3-D or 4-D kᵀ")
+            return Operand(node, 1, transpose=True)
         node = _peel(gm, base, scale)
     folded, group = _fold_repeat_kv(gm, node)
     return Operand(folded, group)
@@ -780,7 +784,14 @@ def _walk_values(gm: GraphModule, m: Match, node: Node) -> None:
             m.sink_dropped = True
             cur = u
         elif op.kind == "where" and (constant_number(op["a"], gm) == 0.0 or constant_number(op["b"], gm) == 0.0):
-            cur = u  # the safe-softmax row zeroing: what the canonical op does too
+            zero_if = constant_number(op["a"], gm) == 0.0 and op["b"] is cur  # where(c, 0, p): zeroes where c
+            if not zero_if and op["a"] is not cur:
+                raise Reject(f"where() after the softmax ({u.name}) does not select the probabilities")
+            _check_zeroing(gm, m, node, u, op["cond"], zero_if)
+            cur = u  # zeroes only what the mask hides: what the canonical op does too
+        elif op.kind == "masked_fill" and op["x"] is cur and constant_number(op["value"], gm) == 0.0:
+            _check_zeroing(gm, m, node, u, op["cond"], True)
+            cur = u  # DeBERTa's XSoftmax / CPM-Ant: the probabilities of masked keys set to 0 again
         elif op.kind == "nan_to_num" and (op["nan"] is None or constant_number(op["nan"], gm) == 0.0):
             cur = u  # fully masked rows' NaN probabilities -> 0 (the same zeroing, spelled as nan_to_num)
         elif m.sink is not None and not m.sink_dropped and op.kind in ("matmul", "bmm", "einsum"):
@@ -799,6 +810,68 @@ def _walk_values(gm: GraphModule, m: Match, node: Node) -> None:
             break
         else:
             raise Reject(f"no value matmul follows: the probabilities flow into {target_name(u)}")
+
+
+def _predicate(gm: GraphModule, node: Node) -> tuple[Node, bool]:
+    """A boolean tensor as (base, same): True where ``base`` is truthy when ``same``, where it is falsy
+    otherwise — through views, broadcasts, casts, negations and comparisons with 0 / False."""
+    same = True
+    while isinstance(node, Node):
+        op = op_of(node, gm)
+        if op is None:
+            break
+        if op.kind in ("view", "expand", "unsqueeze", "cast", "identity"):
+            node = op["x"]
+        elif op.kind == "logical_not":
+            node, same = op["x"], not same
+        elif op.kind in ("eq", "ne") and isinstance(op["a"], Node) and constant_number(op["b"], gm) == 0.0:
+            node, same = op["a"], same if op.kind == "ne" else not same
+        else:
+            break
+    return node, same
+
+
+def _masked_rows(gm: GraphModule, softmax: Node, base: Node, same: bool, zero_if: bool) -> bool:
+    """Whether the condition zeroes only rows whose every key is masked (-inf): the safe softmax of SDPA's
+    core-ATen decomposition, ``where(~any(~(s == -inf), -1, keepdim=True), 0, softmax(s))``, or its
+    ``all(s == -inf)`` spelling. Such rows have no visible key, so zeroing them changes no exact answer."""
+    op = op_of(base, gm)
+    if op is None or op.kind not in ("any", "all") or not op["keepdim"]:
+        return False
+    dim = op["dim"][0] if isinstance(op["dim"], (list, tuple)) and len(op["dim"]) == 1 else op["dim"]
+    if dim not in (-1, rank_of(base) - 1):
+        return False
+    zero_when = same == zero_if  # the rows zeroed are those where the reduction is True (else False)
+    pb, ps = _predicate(gm, op["x"])
+    pop = op_of(pb, gm)
+    if pop is None or pop.kind != "eq" or constant_number(pop["b"], gm) != float("-inf"):
+        return False
+    scores = softmax.args[0] if softmax.args else None
+    if pop["a"] is not scores:
+        return False
+    # all(masked) True -> zero; any(visible) False -> zero (visible = not masked, i.e. ps False)
+    return (op.kind == "all" and ps and zero_when) or (op.kind == "any" and not ps and not zero_when)
+
+
+def _check_zeroing(gm: GraphModule, m: Match, softmax: Node, node: Node, cond: Node, zero_if: bool) -> None:
+    """A ``where`` / ``masked_fill`` that sets probabilities to 0 after the softmax is dropped by the
+    rewrite only when it zeroes nothing the mask lets through: its condition must be the scores' own
+    boolean mask (the same tensor, up to views, casts and negation) with the polarity that hides, or the
+    rows where every score is -inf."""
+    if not isinstance(cond, Node):
+        raise Reject(f"the probabilities are zeroed after the softmax ({node.name}) by a constant condition")
+    base, same = _predicate(gm, cond)
+    zeroes_truthy = same == zero_if  # zeroes where base is truthy
+    if _masked_rows(gm, softmax, base, same, zero_if):
+        return
+    for keep, negate in m.keep:  # negate: the scores are hidden where keep is truthy
+        kb, ks = _predicate(gm, keep)
+        hides_truthy = ks == negate
+        if kb is base and hides_truthy == zeroes_truthy:
+            return
+    raise Reject(f"the probabilities are zeroed after the softmax ({node.name}) where the scores' mask does "
+                 "not hide them (or by a condition lcpass cannot relate to that mask); the rewrite would "
+                 "attend those keys")
 
 
 def _match_sdpa(gm: GraphModule, node: Node, op: Op) -> Match:

@@ -108,6 +108,10 @@ _TABLE: list[tuple[str, tuple, tuple[str, ...], dict[str, Any]]] = [
     ("slice", (aten.slice,), ("x", "dim", "start", "end", "step"), {"dim": 0, "start": None, "end": None, "step": 1}),
     ("logical_not", (torch.logical_not, aten.logical_not, operator.invert, aten.bitwise_not,
                      "method:logical_not", "method:__invert__", "method:bitwise_not"), ("x",), {}),
+    ("eq", (torch.eq, aten.eq, operator.eq, "method:eq", "method:__eq__"), ("a", "b"), {}),
+    ("ne", (torch.ne, aten.ne, operator.ne, "method:ne", "method:__ne__"), ("a", "b"), {}),
+    ("any", (torch.any, aten.any, "method:any"), ("x", "dim", "keepdim"), {"dim": None, "keepdim": False}),
+    ("all", (torch.all, aten.all, "method:all"), ("x", "dim", "keepdim"), {"dim": None, "keepdim": False}),
 ]
 
 _BY_TARGET: dict[Any, tuple[str, tuple[str, ...], dict[str, Any]]] = {}

@@ -212,3 +212,49 @@ def test_verify_runs_on_a_2d_mask_input():
                               example_inputs=(x, _causal((S, S)).clone()), verify=True)
     rep = opt.lcpass_report.verify
     assert list(rep) == ["attention"] and not rep.failed and rep["attention"] < 1e-5
+
+
+class TwoMasks(torch.nn.Module):
+    """Reads only its first mask input: an example passing one tensor as both must not merge them
+    (torch.export keeps the last of the aliased placeholders)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(H * D, 3 * H * D)
+
+    def forward(self, x, mask, unused):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, H, D).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2)) * D ** -0.5
+        s = s.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
+        return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], H * D)
+
+
+def _holes(gen) -> torch.Tensor:
+    m = (torch.rand(B, S, generator=gen) < 0.7).long()
+    m[:, 0] = 1
+    return m
+
+
+def test_one_tensor_passed_as_two_inputs_stays_two_inputs(tmp_path):
+    """torch.export merges aliased example inputs into one placeholder; capture un-aliases them, so the
+    optimized model reads the argument the model reads on later calls with distinct tensors."""
+    torch.manual_seed(0)
+    model = TwoMasks().eval()
+    gen = torch.Generator().manual_seed(3)
+    x, m = torch.randn(B, S, H * D), _holes(gen)
+    opt = lcpass.optimize(model, method="dense", example_inputs=(x, m, m))
+    mask, other = _holes(gen), _holes(gen)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x, mask, other), model(x, mask, other), rtol=0, atol=1e-5)
+    res = lcpass.export(model, (x, m, m), tmp_path / "m.pt2", format="torch", method="dense")
+    with torch.no_grad():
+        torch.testing.assert_close(res.program.module()(x, mask, other), model(x, mask, other), rtol=0, atol=1e-5)
+
+
+def test_a_padding_mask_broadcast_over_queries_is_not_read_as_causal():
+    """A [B, 1, 1, S] keep mask with holes is padding; read as one query row it looked "causal"."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    x, m = torch.randn(B, S, H * D), _holes(gen)
+    sites = lcpass.inspect(TwoMasks().eval(), (x, m, m.clone())).sites
+    assert [s.mask for s in sites] == ["padding"] and not sites[0].is_causal
