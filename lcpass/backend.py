@@ -96,20 +96,12 @@ def backend_options(options: Optional[dict[str, Any]] = None, **kwargs: Any) -> 
     merged.pop("mode", None)  # torch.compile(mode=...) is for Inductor's own tuning: ignored here
     method, plan = merged.get("method"), merged.get("plan")
     params = {k: v for k, v in merged.items() if k not in _OWN_KEYS}
-    if (method is None) == (plan is None):
-        raise ValueError("lcpass backend: pass exactly one of options={'method': name, ...params} or "
-                         "options={'plan': Plan or 'plan.json'}")
-    if method is not None:
-        from lcpass.methods import get_method, resolve_params
-
-        resolve_params(get_method(method), params)  # unknown method / parameter -> ValueError
-    elif params:
+    if plan is not None and method is None and params:
         raise ValueError(f"lcpass backend: options {sorted(params)} are not backend options "
                          f"({', '.join(_OWN_KEYS)}); method parameters go with 'method', not with 'plan'")
-    if isinstance(plan, (str, Path)):
-        plan = Plan.load(plan)
-    elif plan is not None and not isinstance(plan, Plan):
-        raise ValueError(f"lcpass backend: plan must be a Plan or a plan file path, not {type(plan).__name__}")
+    plan = Plan.request(method, plan, params, door="lcpass backend",
+                        method_flag="options={'method': name, ...params}",
+                        plan_flag="options={'plan': Plan or 'plan.json'}").plan
     inner = merged.get("inner", "inductor")
     if inner not in INNER:
         raise ValueError(f"lcpass backend: inner={inner!r}; use one of {INNER}")
@@ -188,8 +180,7 @@ def _resolver(opts: BackendOptions, sites: list[SiteInfo]) -> Callable[[str, int
             if s.name in plan.sites:
                 Plan({s.name: plan.sites[s.name]}).validate([s])
         return lambda name, n_heads: plan.resolve(names.get(name, name), n_heads)
-    plan = Plan.uniform(sites, opts.method, **opts.params)
-    plan.validate(sites)
+    plan = Plan.from_args(sites, opts.method, door="lcpass backend", **opts.params)
     return plan.resolve
 
 

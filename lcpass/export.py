@@ -73,19 +73,6 @@ def check_output_path(path: Union[str, Path], what: str = "lcpass.export") -> Pa
     return p
 
 
-def _plan_for(sites, method: Optional[str], plan: Union[Plan, str, Path, None], params: dict[str, Any]) -> Plan:
-    if (method is None) == (plan is None):
-        raise ValueError("lcpass.export: pass exactly one of method='name' (see `lcpass methods`) or plan=...")
-    if method is not None:
-        the_plan = Plan.uniform(sites, method, **params)
-    else:
-        if params:
-            raise ValueError(f"lcpass.export: parameters {sorted(params)} go with method=..., not with plan=")
-        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    the_plan.validate(sites)
-    return the_plan
-
-
 class _PlainOutputs(torch.nn.Module):
     """The lowered graph with a transformers ``ModelOutput`` returned as a plain dict: a saved program then
     loads without transformers' pytree registrations (``ep.module()(input_ids=ids)["logits"]``)."""
@@ -138,10 +125,7 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
                      plan: Union[Plan, str, Path, None] = None, dynamic_seq: bool = True,
                      dense_below: Optional[int] = None, **params: Any):
     """Capture, canonicalize and lower ``model``; returns (captured, lowering, args, kwargs)."""
-    if method is not None:
-        from lcpass.methods import get_method, resolve_params
-
-        resolve_params(get_method(method), params)  # unknown method / bad params fail before capture
+    request = Plan.request(method, plan, params, door="lcpass.export")  # bad arguments fail before capture
     args, kwargs = _split(example_inputs, model)
     cap = _capture(model, args, kwargs, dynamic_seq)
     det = canonicalize(cap.gm, cap.flat_inputs, cap.param_placeholders)
@@ -149,7 +133,7 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
         warnings.warn(f"lcpass.export: no attention found in {type(model).__name__}; exporting it unchanged",
                       stacklevel=3)
         return cap, {}, args, cap.extra.get("kwargs", kwargs)
-    the_plan = _plan_for(det.sites, method, plan, params)
+    the_plan = request.for_sites(det.sites)
     lowering = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below))
     from lcpass.rope import apply_entropy_abf
 

@@ -28,7 +28,7 @@ from lcpass.hf_probe import prove_routes
 from lcpass.inspect import ExampleInputs, default_example_inputs, detect
 from lcpass.lower import BACKENDS, is_dense_spec, lower_graph, seed_site_states, spec_json
 from lcpass.patterns import Detection, Site
-from lcpass.plan import Plan
+from lcpass.plan import ModelFingerprint, Plan, PlanRequest
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "SiteReport", "BACKENDS"]
 
@@ -173,14 +173,6 @@ def _kwargs_of(example_inputs: ExampleInputs) -> dict[str, Any]:
                      "(e.g. {'input_ids': ids}), or none (32 token ids are made up)")
 
 
-def _load_plan(plan: Union[Plan, str, Path, None]) -> Optional[Plan]:
-    if plan is None or isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, (str, Path)):
-        return Plan.load(plan)
-    raise TypeError(f"lcpass.optimize: plan must be a Plan or a path to a plan JSON file, not {type(plan).__name__}")
-
-
 def _methods_label(specs: Sequence[Any]) -> str:
     from collections import Counter
 
@@ -224,7 +216,7 @@ def _dense_mask(site: Site):
 def optimize(
     model: torch.nn.Module,
     method: Optional[str] = None,
-    plan: Union[Plan, str, Path, None] = None,
+    plan: Union[Plan, PlanRequest, str, Path, None] = None,
     backend: str = "auto",
     example_inputs: ExampleInputs = None,
     *,
@@ -242,7 +234,9 @@ def optimize(
             nn.Module (returned as an :class:`OptimizedModule` with the same forward arguments).
         method: a method name from ``lcpass methods`` applied to every head of every site, with
             ``**params`` (e.g. ``sink=4, window=1024``). Mutually exclusive with ``plan``.
-        plan: a :class:`~lcpass.plan.Plan` or the path of a plan JSON file.
+        plan: a :class:`~lcpass.plan.Plan`, the path of a plan JSON file, or a checked
+            :class:`~lcpass.plan.PlanRequest` (``Plan.request(...)``). The plan the model runs is
+            ``result.lcpass_plan``.
         backend: ``"auto"`` (generated Triton kernels for CUDA tensors, the CPU block-sparse engine
             otherwise), ``"cpu"`` or ``"triton"`` (a spec the kernels cannot express falls back to the
             CPU engine with a warning, never a wrong result).
@@ -266,15 +260,8 @@ def optimize(
     """
     if backend not in BACKENDS:
         raise ValueError(f"lcpass.optimize: backend={backend!r}; use one of {BACKENDS}")
-    if (method is None) == (plan is None):
-        raise ValueError("lcpass.optimize: pass exactly one of method='name' (see `lcpass methods`) or plan=...")
-    if method is not None:
-        from lcpass.methods import get_method, resolve_params
-
-        resolve_params(get_method(method), params)  # unknown method / bad params fail before capture
-    elif params:
-        raise ValueError(f"lcpass.optimize: parameters {sorted(params)} go with method=..., not with plan=")
-    the_plan = _load_plan(plan)
+    request = Plan.request(method, plan, params, door="lcpass.optimize")  # bad arguments fail before capture
+    the_plan = request.plan
     hf = is_transformers_model(model)
     if hf:
         uninstall(model)  # optimizing an optimized model starts from the model's own attention
@@ -311,16 +298,12 @@ def optimize(
         what = ("only attention it already computes sparsely" if any(
             r.reason.startswith(ALREADY_SPARSE) for r in det.rejected) else "no attention")
         warnings.warn(f"lcpass.optimize: {what} found in {name}; returning it unchanged", stacklevel=2)
+        if hf:
+            model.lcpass_plan = None  # uninstalled above: no plan runs
         return model
-    if the_plan is None:
-        the_plan = Plan.uniform(det.sites, method, **params)
-    if the_plan.fingerprint is not None and getattr(the_plan.fingerprint, "weights", None):
-        from lcpass.plan import ModelFingerprint
-
-        # a calibrated plan names the weights it was measured on: refuse other weights by name
-        the_plan.validate(ModelFingerprint.of_model(model, det.sites))
-    else:
-        the_plan.validate(det.sites)
+    weighed = the_plan is not None and getattr(the_plan.fingerprint, "weights", None)
+    # a calibrated plan names the weights it was measured on: refuse other weights by name
+    the_plan = request.for_sites(ModelFingerprint.of_model(model, det.sites) if weighed else det.sites)
     state = seed_site_states([s.name for s in det.sites])  # this model's own dynamic-method states
     from lcpass.rope import apply_entropy_abf
 
@@ -350,6 +333,7 @@ def optimize(
             whole = not kv_kept or s.name not in proven.bound_sites
             rep.sites.append(replace(row, route=route, kv_fraction=1.0 if whole else row.kv_fraction))
         model.lcpass_report = rep
+        model.lcpass_plan = the_plan
         out: torch.nn.Module = model
     else:
         lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below, backend, state))
@@ -359,6 +343,7 @@ def optimize(
         for s in det.sites:
             rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), lowered[s.name], report_len))
         out = OptimizedModule(model, cap.gm, cap.route, rep, example_inputs)
+        out.lcpass_plan = the_plan
     if verify:
         from lcpass.verify import verify_model
 

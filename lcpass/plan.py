@@ -210,6 +210,51 @@ class Plan:
     sites: Mapping[str, SitePlan]
     fingerprint: ModelFingerprint | None = None
 
+    # -- what a door asks for ---------------------------------------------------------------------
+    @classmethod
+    def request(cls, method: str | None, plan: "Plan | PlanRequest | str | Path | None",
+                params: Mapping[str, Any] | None = None, *, door: str,
+                method_flag: str = "method='name' (see `lcpass methods`)", plan_flag: str = "plan=...",
+                dense_first: int = 0, dense_last: int = 0) -> "PlanRequest":
+        """Check a door's arguments once, before any capture: exactly one of ``method`` / ``plan``; the
+        method known and its parameters valid; no parameters with a plan; a plan path loaded. Errors name
+        the door and the fix (``door``, ``method_flag`` and ``plan_flag`` spell them as that door's
+        caller writes them). A :class:`PlanRequest` passed as ``plan`` was checked already: it is
+        returned as it is."""
+        params = dict(params or {})
+        if isinstance(plan, PlanRequest) and method is None and not params:
+            return plan
+        for name, value in (("dense_first", dense_first), ("dense_last", dense_last)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{door}: {name}={value!r} must be an int >= 0")
+        if (method is None) == (plan is None):
+            raise ValueError(f"{door}: pass exactly one of {method_flag} or {plan_flag}")
+        if method is not None:
+            if not isinstance(method, str):
+                raise ValueError(f"{door}: method must be a method name (see `lcpass methods`), not "
+                                 f"{type(method).__name__}")
+            resolve_params(get_method(method), params)  # unknown method / parameter -> ValueError
+            return PlanRequest(method, None, params, dense_first, dense_last)
+        if params:
+            raise ValueError(f"{door}: parameters {sorted(params)} go with {method_flag.split(' ')[0]}, "
+                             f"not with {plan_flag.split(' ')[0]}")
+        if isinstance(plan, (str, Path)):
+            plan = cls.load(plan)
+        elif not isinstance(plan, Plan):
+            raise ValueError(f"{door}: plan must be a Plan or a path to a plan JSON file, not {type(plan).__name__}")
+        return PlanRequest(None, plan, {}, dense_first, dense_last)
+
+    @classmethod
+    def from_args(cls, sites_or_model: Any, method: str | None = None, plan: "Plan | str | Path | None" = None,
+                  *, door: str = "lcpass", **params: Any) -> "Plan":
+        """:meth:`request` and :meth:`PlanRequest.for_sites` in one step (the sites are known already).
+
+        Example:
+            >>> Plan.from_args([SiteInfo("l0", 2, 2, 8, True)], "dense").resolve("l0")[1].method
+            'dense'
+        """
+        return cls.request(method, plan, params, door=door).for_sites(sites_or_model)
+
     # -- presets --------------------------------------------------------------------------------
     @classmethod
     def uniform(cls, sites_or_model: Any, method: str, **params: Any) -> "Plan":
@@ -458,6 +503,34 @@ class Plan:
             return cls.from_json(p.read_text())
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"plan file '{p}' is not a valid lcpass plan: {e}") from None
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a door was asked for: one method with its parameters, or one plan; checked once, before
+    capture, by :meth:`Plan.request`, and turned into a validated plan for the sites detection found by
+    :meth:`for_sites`. Every door (``optimize``, the compile backend, ``export``, the CLI,
+    ``optimize_functional``) builds its plan this way.
+
+    Example:
+        >>> req = Plan.request("streaming", None, {"sink": 4, "window": 64}, door="lcpass.optimize")
+        >>> req.for_sites([SiteInfo("l0", 2, 2, 8, True)]).resolve("l0")[0].method
+        'streaming'
+    """
+
+    method: str | None
+    plan: "Plan | None"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    dense_first: int = 0  # a method's plan keeps the first / last sites dense (:meth:`Plan.dense_layers`)
+    dense_last: int = 0
+
+    def for_sites(self, sites_or_model: Any) -> "Plan":
+        """The plan for these sites (a uniform one for a method), validated against them."""
+        plan = self.plan if self.plan is not None else Plan.uniform(sites_or_model, self.method, **self.params)
+        if self.dense_first or self.dense_last:
+            plan = plan.dense_layers(first=self.dense_first, last=self.dense_last)
+        plan.validate(sites_or_model)
+        return plan
 
 
 _PROBE = 32  # positions probed to tell a causal site plan from one that sees later tokens

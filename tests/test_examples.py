@@ -63,6 +63,21 @@ def test_optimize_writes_plan_and_prints_report(tmp_path, capsys):
     plan = Plan.load(out)
     assert [h.params for h in plan.resolve("model.layers.0.self_attn")] == [{"sink": 2, "window": 5}] * 4
     assert plan.fingerprint is not None and len(plan.fingerprint.sites) == 2
+    assert plan.fingerprint.model == "llama-tiny"
+
+
+def test_optimize_captures_the_model_once(tmp_path, capsys, monkeypatch):
+    """The CLI plans on optimize's own capture (no second detect), dense layers included."""
+    calls = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "plan.json"
+    assert _run(["optimize", "llama-tiny", "--method", "streaming", "--param", "window=5", "--dense-first", "1",
+                 "--out", str(out)]) == 0
+    assert len(calls) == 1
+    plan = Plan.load(out)
+    assert [h.method for h in plan.resolve("model.layers.0.self_attn")] == ["dense"] * 4
+    assert [h.method for h in plan.resolve("model.layers.1.self_attn")] == ["streaming"] * 4
 
 
 def test_export_torch_format(tmp_path, capsys):

@@ -119,6 +119,7 @@ def test_save_pretrained_and_plan_file(tmp_path):
     b = lcpass.optimize(get_zoo_model("qwen2-tiny").model, method="streaming", sink=SINK, window=WINDOW,
                         dense_below=0, example_inputs=z.example_inputs)
     assert torch.equal(_run(a, z.example_inputs), _run(b, z.example_inputs))
+    assert a.lcpass_plan == plan and b.lcpass_plan.sites == plan.sites  # the plan each model runs
     other = get_zoo_model("gemma3-tiny")
     with pytest.raises(ValueError, match="plan was made for"):
         lcpass.optimize(other.model, plan=str(tmp_path / "plan.json"), example_inputs=other.example_inputs)
@@ -137,6 +138,7 @@ def test_plain_modules_keep_their_forward(name):
         s = lcpass.optimize(copy.deepcopy(z.model), method="streaming", sink=4, window=64, dense_below=0,
                             example_inputs=z.example_inputs)
         assert s.lcpass_report.rewritten == z.n_attention
+        assert list(s.lcpass_plan.sites) == [r.site for r in s.lcpass_report.sites]
         assert (_run(s, z.example_inputs) - want).abs().max().item() <= TOL
 
 

@@ -217,3 +217,38 @@ def test_plans_validate_against_detected_sites(zoo_name, causal):
     else:
         with pytest.raises(ValueError, match=f"{first.name}' is bidirectional"):
             plan.validate(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a door asks for: Plan.request / PlanRequest.for_sites, the one check every door makes
+
+
+def test_request_checks_the_arguments_once_and_names_the_door(tmp_path):
+    with pytest.raises(ValueError, match="^lcpass.export: pass exactly one of method='name'"):
+        Plan.request(None, None, door="lcpass.export")
+    with pytest.raises(ValueError, match="exactly one of --method NAME .* or --plan FILE"):
+        Plan.request("dense", "plan.json", door="lcpass export", method_flag="--method NAME (see x)",
+                     plan_flag="--plan FILE")
+    with pytest.raises(ValueError, match="window"):
+        Plan.request("streaming", None, {"window": -3}, door="lcpass.optimize")
+    with pytest.raises(ValueError, match=r"parameters \['sink'\] go with method='name', not with plan="):
+        Plan.request(None, Plan.uniform(SITES, "dense"), {"sink": 4}, door="lcpass.optimize")
+    with pytest.raises(FileNotFoundError, match="plan file"):
+        Plan.request(None, tmp_path / "missing.json", door="lcpass.optimize")
+    with pytest.raises(ValueError, match="plan must be a Plan or a path"):
+        Plan.request(None, 3, door="lcpass.optimize")
+    with pytest.raises(ValueError, match="dense_first=-1 must be an int >= 0"):
+        Plan.request("dense", None, door="lcpass optimize", dense_first=-1)
+
+
+def test_request_builds_the_same_plan_as_the_presets(tmp_path):
+    req = Plan.request("streaming", None, {"sink": 4, "window": 256}, door="lcpass.optimize", dense_last=2)
+    plan = req.for_sites(SITES)
+    assert plan == Plan.uniform(SITES, "streaming", sink=4, window=256).dense_layers(last=2)
+    assert Plan.request(None, req, door="other door") is req  # a checked request passes through
+    path = tmp_path / "p.json"
+    plan.save(path)
+    assert Plan.request(None, path, door="lcpass.optimize").for_sites(SITES) == plan
+    assert Plan.from_args(SITES, "dense") == Plan.uniform(SITES, "dense")
+    with pytest.raises(ValueError, match="causal plans"):  # validated against the sites it is built for
+        Plan.from_args([SiteInfo("enc", 2, 2, 8, False)], "streaming", sink=1, window=4)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate (one-line ValueError), export, print what was written."""
     from lcpass.cli.optimize_cmd import parse_params
     from lcpass.export import FORMATS, ONNX_OPS, check_output_path, export
-    from lcpass.methods import get_method, resolve_params
+    from lcpass.plan import Plan
     from lcpass.zoo.pretrained import resolve_model
 
     if args.format not in FORMATS:
@@ -75,13 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--onnx-ops {args.onnx_ops!r} is not supported; use one of {', '.join(ONNX_OPS)}")
     if args.onnx_ops != "default" and args.format != "onnx":
         raise ValueError(f"--onnx-ops {args.onnx_ops} goes with --format onnx, not {args.format}")
-    if (args.method is None) == (args.plan is None):
-        raise ValueError("pass exactly one of --method NAME (see `lcpass methods`) or --plan FILE")
     params = parse_params(args.param)
-    if args.method is not None:
-        resolve_params(get_method(args.method), params)
-    elif params:
-        raise ValueError(f"--param {sorted(params)} goes with --method, not with --plan")
+    Plan.request(args.method, args.plan, params, door="lcpass export",
+                 method_flag="--method NAME (see `lcpass methods`)", plan_flag="--plan FILE")
     out = check_output_path(args.out, "lcpass export")
     resolved = resolve_model(args.model)
     res = export(resolved.model, resolved.example_inputs, out, format=args.format, method=args.method,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any, Sequence
 
 __all__ = ["add_parser", "run", "parse_params"]
@@ -88,26 +89,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Plan, write, report; ValueError (one line) on bad input, before any model is loaded where possible."""
     from lcpass.export import check_output_path
-    from lcpass.inspect import detect
-    from lcpass.methods import get_method, resolve_params
     from lcpass.zoo.pretrained import resolve_model
     from lcpass.optimize import optimize
-    from lcpass.plan import ModelFingerprint, Plan
+    from lcpass.plan import Plan
 
     params = parse_params(args.param)
-    resolve_params(get_method(args.method), params)  # unknown method / parameter: fail before loading
+    # unknown method / parameter: fail before loading
+    request = Plan.request(args.method, None, params, door="lcpass optimize", method_flag="--method NAME",
+                           plan_flag="a plan", dense_first=args.dense_first, dense_last=args.dense_last)
     out = check_output_path(args.out, "lcpass optimize")
     resolved = resolve_model(args.model)
-    sites = detect(resolved.model, resolved.example_inputs)[0][1].sites
-    if not sites:
-        raise ValueError(f"no attention found in {args.model!r}; nothing to plan (see `lcpass inspect {args.model}`)")
-    plan = Plan.uniform(sites, args.method, **params)
-    if args.dense_first or args.dense_last:
-        plan = plan.dense_layers(first=args.dense_first, last=args.dense_last)
-    plan = Plan(plan.sites, ModelFingerprint.from_sites(sites, resolved.name))
-    plan.validate(sites)
-    model = optimize(resolved.model, plan=plan, example_inputs=resolved.example_inputs,
+    model = optimize(resolved.model, plan=request, example_inputs=resolved.example_inputs,
                      dense_below=args.dense_below, report_len=args.report_len)
+    plan = getattr(model, "lcpass_plan", None)
+    if not isinstance(plan, Plan):
+        raise ValueError(f"no attention found in {args.model!r}; nothing to plan (see `lcpass inspect {args.model}`)")
+    plan = Plan(plan.sites, replace(plan.fingerprint, model=resolved.name))  # one capture: optimize's own
     plan.save(out)
     report = model.lcpass_report
     if args.json:

@@ -138,13 +138,11 @@ def optimize_functional(model: torch.nn.Module, example_inputs: tuple, method: O
     from lcpass.optimize import OptimizedModule, OptimizeReport, _site_report
     from lcpass.plan import Plan
 
-    if (method is None) == (plan is None):
-        raise ValueError("optimize_functional: pass exactly one of method='name' or plan=...")
+    request = Plan.request(method, plan, params, door="optimize_functional")
     cap, det = detect(model, example_inputs, route="fx")[0]
     if not det.sites:
         raise ValueError(f"optimize_functional: no attention found in {type(model).__name__}; see lcpass inspect")
-    the_plan = Plan.uniform(det.sites, method, **params) if plan is None else plan
-    the_plan.validate(det.sites)
+    the_plan = request.for_sites(det.sites)
     lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below))
     bounds = bound_cache_appends(cap.gm, det.sites, the_plan.resolve)
     rep = OptimizeReport(type(model).__name__, 8192)
