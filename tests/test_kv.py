@@ -442,3 +442,23 @@ def test_tokenselect_selection_cache_is_per_kv_head():
     # the gathered selection is memory the cache holds
     st = g.state["tokenselect"]
     assert any(t is st["kg"] for t in g.tensors()) and any(t is st["vg"] for t in g.tensors())
+
+
+def test_decode_selectors_read_their_method_records():
+    """One record per method: a selector's parameters, defaults and ranges are its method's, nowhere else
+    (the selector table once disagreed with the registry: Quest page_size 64 vs 128, TokenSelect n_local)."""
+    from lcpass.kv.select import decode_selectors
+    from lcpass.methods import get_method
+
+    table = decode_selectors()
+    assert sorted(table) == ["quest", "recycled", "tidal", "tokenselect"]
+    for name, defaults in table.items():
+        m = get_method(name)
+        assert defaults == {n: m.param(n).default for n in m.decode_params}
+        assert dict(Selector(name).params) == defaults
+    with pytest.raises(ValueError, match="page_size' = 8 is out of range"):
+        Selector("quest", {"page_size": 8})  # the record's range
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['block_size'\]"):
+        Selector("tokenselect", {"block_size": 64})  # a prefill-only parameter
+    with pytest.raises(ValueError, match="unknown decode selector 'streaming'"):
+        Selector("streaming")

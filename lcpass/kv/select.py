@@ -1,6 +1,7 @@
 """Decode-time KV selection: each generated token reads only the KV blocks / tokens it selects.
 
-Four selectors, named and parameterised as the dynamic methods of :mod:`lcpass.methods.dynamic`:
+Four selectors: the dynamic methods of :mod:`lcpass.methods.dynamic` whose record lists
+``decode_params`` (names, defaults and ranges come from that record, nowhere else):
 
 * ``quest`` (Quest, ICML 2024) — per page of ``page_size`` slots the element-wise min and max key,
   kept incrementally in the cache; the page bound ``sum_d max(q_d kmin_d, q_d kmax_d)`` (max over the
@@ -27,6 +28,8 @@ All work on one :class:`~lcpass.kv.cache.KVGroup` at decode (one query per row);
 Example::
 
     >>> sel = Selector("quest", {"token_budget": 1638, "page_size": 64})
+    >>> sorted(decode_selectors())
+    ['quest', 'recycled', 'tidal', 'tokenselect']
     >>> cache = lcpass.kv.CompressedCache(select=sel)
 """
 from __future__ import annotations
@@ -40,43 +43,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Selector", "SELECTOR_PARAMS", "selector_from_spec", "select_attend", "gather_attend",
+from lcpass.methods import get_method, list_methods, resolve_params, spec_parts
+
+__all__ = ["Selector", "decode_selectors", "selector_from_spec", "select_attend", "gather_attend",
            "dense_group_attend"]
 
-# name -> default params (the dynamic methods' parameter names)
-SELECTOR_PARAMS: dict[str, dict[str, Any]] = {
-    "quest": {"token_budget": 2048, "page_size": 64, "sink_pages": 1},
-    "tokenselect": {"k": 2048, "n_sink": 4, "n_local": 32, "cache_threshold": 0.9},
-    "recycled": {"S": 10, "K": 2048},
-    "tidal": {"k": 2048, "selection_layer": 2, "reselection_layer": -1},
-}
+
+def decode_selectors() -> dict[str, dict[str, Any]]:
+    """Every registered method with a decode selector -> its selector parameters' defaults (read from
+    the method's record: ``decode_params``), in table order."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in list_methods():
+        names = getattr(m, "decode_params", ())
+        if names:
+            out[m.name] = {n: m.param(n).default for n in names}
+    return out
 
 
 @dataclass(frozen=True)
 class Selector:
-    """A decode-time selector: ``name`` in :data:`SELECTOR_PARAMS` and its parameters (defaults filled).
+    """A decode-time selector: a method of :func:`decode_selectors` and its parameters (the record's
+    defaults filled, the record's ranges checked).
 
     >>> Selector("quest", {"token_budget": 256}).params["page_size"]
-    64
+    128
     """
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in SELECTOR_PARAMS:
-            raise ValueError(f"Selector: unknown decode selector {self.name!r}; use one of {sorted(SELECTOR_PARAMS)}")
-        known = SELECTOR_PARAMS[self.name]
+        known = decode_selectors().get(self.name)
+        if known is None:
+            raise ValueError(f"Selector: unknown decode selector {self.name!r}; use one of {sorted(decode_selectors())}")
         bad = sorted(set(self.params) - set(known))
         if bad:
             raise ValueError(f"Selector({self.name!r}): unknown parameter(s) {bad}; allowed: {sorted(known)}")
-        full = {**known, **dict(self.params)}
-        for key, val in full.items():
-            if key != "cache_threshold" and key != "reselection_layer" and (not isinstance(val, int) or val < 0):
-                raise ValueError(f"Selector({self.name!r}): {key}={val!r} must be an int >= 0")
-        if self.name == "quest" and full["page_size"] < 1:
-            raise ValueError(f"Selector('quest'): page_size={full['page_size']} must be >= 1")
-        object.__setattr__(self, "params", full)
+        try:
+            full = resolve_params(get_method(self.name), dict(self.params))
+        except ValueError as exc:
+            raise ValueError(f"Selector({self.name!r}): {exc}") from None
+        object.__setattr__(self, "params", {k: full[k] for k in known})
 
     def __hash__(self) -> int:
         return hash((self.name, json.dumps(dict(self.params), sort_keys=True)))
@@ -98,23 +105,17 @@ class Selector:
 def selector_from_spec(spec: Any) -> Optional[Selector]:
     """The decode selector of a plan head spec whose method is a dynamic selector (else None).
 
-    Parameters come from the method registry (its defaults filled) when the method is registered there.
+    The spec's selector parameters are kept (the others are the method's prefill parameters); the
+    record's defaults fill the rest.
 
     >>> selector_from_spec(("quest", {"token_budget": 512})).params["token_budget"]
     512
     """
-    from lcpass.methods import get_method, resolve_params, spec_parts
-
     name, params = spec_parts(spec)
-    if name not in SELECTOR_PARAMS:
+    known = decode_selectors().get(name)
+    if known is None:
         return None
-    params = dict(params)
-    try:
-        params = resolve_params(get_method(name), params)
-    except ValueError:
-        pass  # not registered (or params the registry does not know): the selector's own defaults
-    keep = {k: v for k, v in params.items() if k in SELECTOR_PARAMS[name]}
-    return Selector(name, keep)
+    return Selector(name, {k: v for k, v in dict(params).items() if k in known})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ QUEST = DynamicMethod(
     crossover_why="below ~4k tokens a 2k budget keeps most pages; selection costs more than it saves",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=quest_select, attend=attend_by(quest_select), granularity="block",
+    decode_params=("token_budget", "page_size", "sink_pages"),
 )
 
 

@@ -145,6 +145,16 @@ class DynamicMethod(Method):
     select: Callable[..., Any] | None = None
     attend: Callable[..., Tensor] | None = None
     granularity: str = "block"
+    # the parameters its decode-time KV selector (``lcpass.kv.Selector``) reads, with the record's
+    # defaults and ranges; empty: the method has no decode selector
+    decode_params: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = {p.name for p in self.params}
+        bad = [n for n in self.decode_params if n not in names]
+        if bad:
+            raise ValueError(f"method {self.name!r}: decode_params {bad} are not among its parameters {sorted(names)}")
 
 
 def causal_envelope(params: Any, *, head: int, n_heads: int, q_len: int, kv_len: int) -> MaskMod:

@@ -142,13 +142,14 @@ TOKENSELECT = DynamicMethod(
         Param("n_sink", "int", 4, 0, None, "initial tokens always kept"),
         Param("n_local", "int", 0, 0, None, "recent tokens before the query block always kept"),
         Param("block_size", "int", 128, 1, 4096, "queries per prefill chunk scored by their mean"),
-        Param("cache_threshold", "float", 0.9, -1.0, 1.0,
-              "decode: reuse the last selection while query cosine similarity >= this"),
+        Param("cache_threshold", "float", 0.9, -1.0, 2.0,
+              "decode: reuse the last selection while query cosine similarity >= this (> 1: never reuse)"),
     ),
     kind="dynamic", phases=frozenset({"prefill", "decode"}), needs_calibration=False, crossover=4096,
     crossover_why="below ~4k tokens a 2k budget keeps most of the context",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=tokenselect_select, attend=attend_by(tokenselect_select), granularity="token",
+    decode_params=("k", "n_sink", "n_local", "cache_threshold"),
 )
 
 
@@ -274,6 +275,7 @@ RECYCLED = DynamicMethod(
     crossover_why="decode only; below ~4k tokens the recycled set is most of the context",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=recycled_select, attend=attend_by(recycled_select), granularity="token",
+    decode_params=("S", "K"),
 )
 
 
@@ -338,4 +340,5 @@ TIDAL = DynamicMethod(
     crossover_why="decode only; below ~4k tokens the selected positions are most of the context",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=tidal_select, attend=attend_by(tidal_select), granularity="token",
+    decode_params=("k", "selection_layer", "reselection_layer"),
 )
