@@ -35,7 +35,7 @@ import torch
 
 from lcpass.capture import CaptureError, Captured, capture, export_dynamic, export_program
 from lcpass.capture import sequence_dim as seq_dim
-from lcpass.inspect import ExampleInputs, _split
+from lcpass.inspect import ExampleInputs, split_inputs
 from lcpass.lower import lower_graph
 from lcpass.patterns import canonicalize
 from lcpass.plan import Plan
@@ -126,7 +126,7 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
                      dense_below: Optional[int] = None, **params: Any):
     """Capture, canonicalize and lower ``model``; returns (captured, lowering, args, kwargs)."""
     request = Plan.request(method, plan, params, door="lcpass.export")  # bad arguments fail before capture
-    args, kwargs = _split(example_inputs, model)
+    args, kwargs = split_inputs(example_inputs, model)
     cap = _capture(model, args, kwargs, dynamic_seq)
     det = canonicalize(cap.gm, cap.flat_inputs, cap.param_placeholders)
     if not det.sites:

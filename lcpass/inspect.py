@@ -60,7 +60,9 @@ def default_example_inputs(model: torch.nn.Module, seq_len: int = 32) -> dict[st
     return {"input_ids": torch.randint(0, int(vocab), (1, seq_len), generator=gen)}
 
 
-def _split(example_inputs: ExampleInputs, model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
+def split_inputs(example_inputs: ExampleInputs, model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
+    """Example inputs as (args, kwargs): a dict is keyword arguments, a tensor or a tuple positional ones,
+    None a transformers model's default token ids."""
     if example_inputs is None:
         return (), default_example_inputs(model)
     if isinstance(example_inputs, dict):
@@ -77,18 +79,20 @@ def detect(
     route: str = "export",
     decompose: bool = False,
     dynamic_seq: bool = False,
+    seq_dim: int = 1,
     fallback: bool = True,
 ) -> list[tuple[Captured, Detection]]:
     """Capture ``model`` and canonicalise every graph; one (captured, detection) pair per graph.
 
     When ``torch.export`` fails (and ``fallback``), the model is captured with dynamo instead, with a
     warning that names the export error."""
-    args, kwargs = _split(example_inputs, model)
+    args, kwargs = split_inputs(example_inputs, model)
     if route == "dynamo":
         caps = capture_dynamo(model, args, kwargs)
     else:
         try:
-            caps = [capture(model, args, kwargs, route=route, decompose=decompose, dynamic_seq=dynamic_seq)]
+            caps = [capture(model, args, kwargs, route=route, decompose=decompose, dynamic_seq=dynamic_seq,
+                            seq_dim=seq_dim)]
         except CaptureError as exc:
             if route != "export" or decompose or dynamic_seq or not fallback:
                 raise

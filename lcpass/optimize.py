@@ -25,7 +25,7 @@ import torch
 from lcpass.capture import CaptureError
 from lcpass.hf import SiteRuntime, is_transformers_model, uninstall
 from lcpass.hf_probe import prove_routes
-from lcpass.inspect import ExampleInputs, default_example_inputs, detect
+from lcpass.inspect import ExampleInputs, default_example_inputs, detect, split_inputs
 from lcpass.lower import BACKENDS, is_dense_spec, lower_graph, seed_site_states, spec_json
 from lcpass.patterns import Detection, Site
 from lcpass.plan import ModelFingerprint, Plan, PlanRequest
@@ -115,6 +115,18 @@ class OptimizedModule(torch.nn.Module):
             self._captured = ("args", tuple(p.name for p in params[:len(example_inputs)]))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._forward(*args, **kwargs)
+        except AssertionError as exc:
+            if not str(exc).startswith("Guard failed"):
+                raise
+            # torch.export could not keep the shapes symbolic: the graph holds the example's shapes
+            raise ValueError(f"optimized {self._original_type}: this input's shapes differ from the example's "
+                             f"where the captured graph is specialised ({exc}); torch.export could not make "
+                             "that size symbolic for this model, so call it with the example's shapes or "
+                             "optimize again with example inputs of the shapes you run") from None
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._route == "fx":
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
@@ -270,7 +282,11 @@ def optimize(
         found = detect(model, example_inputs)
     else:  # the lowered graph must run at other lengths: a symbolic sequence dim where export allows one
         found = None
-        for kwargs in ({"dynamic_seq": True}, {}, {"route": "fx"}):
+        # the sequence is the first tensor input's dim 1 ([B, S, C]) or a later one ([B, C, S] conv layouts)
+        ex_args, ex_kwargs = split_inputs(example_inputs, model)
+        first = next((x for x in (*ex_args, *ex_kwargs.values()) if isinstance(x, torch.Tensor)), None)
+        axes = range(1, first.dim()) if first is not None and first.dim() > 1 else [1]
+        for kwargs in (*({"dynamic_seq": True, "seq_dim": d} for d in axes), {}, {"route": "fx"}):
             try:
                 found = detect(model, example_inputs, fallback=False, **kwargs)
                 break

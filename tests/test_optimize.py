@@ -257,6 +257,35 @@ def test_plain_module_runs_at_other_lengths():
         assert (_run(m, inputs) - _run(z.model, inputs)).abs().max().item() <= TOL
 
 
+class _ChannelsFirst(torch.nn.Module):
+    """SqueezeBERT's layout: the sequence is the last axis of a [B, C, S] input (1x1 convs)."""
+
+    def __init__(self, fixed: int = 0):
+        super().__init__()
+        self.qkv = torch.nn.Conv1d(16, 48, 1)
+        self.fixed = fixed  # > 0: a hard-coded length, so torch.export cannot make the sequence symbolic
+
+    def forward(self, x):
+        b, _, n = x.shape
+        q, k, v = self.qkv(x).view(b, 3, 2, 8, self.fixed or n).permute(1, 0, 2, 4, 3)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.permute(0, 1, 3, 2).reshape(b, 16, self.fixed or n)
+
+
+def test_plain_module_with_the_sequence_on_a_later_axis_runs_at_other_lengths():
+    torch.manual_seed(0)
+    model = _ChannelsFirst().eval()
+    m = lcpass.optimize(model, method="dense", example_inputs=(torch.randn(2, 16, 10),))
+    for n in (7, 23):
+        x = torch.randn(2, 16, n)
+        with torch.no_grad():
+            assert (m(x) - model(x)).abs().max().item() <= TOL
+    fixed = _ChannelsFirst(fixed=10).eval()
+    s = lcpass.optimize(fixed, method="dense", example_inputs=(torch.randn(2, 16, 10),))
+    with pytest.raises(ValueError, match="shapes differ from the example's .* optimize again with example inputs"):
+        s(torch.randn(2, 16, 12))
+
+
 class _SdpaLayer(torch.nn.Module):
     """GPT-2 / ViT-style code: transposed q/k/v views into SDPA, dropout written out as in training code."""
 
