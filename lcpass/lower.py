@@ -32,14 +32,13 @@ from lcpass.engine import element_mask, sparse_attention, with_sinks
 from lcpass.layout import build_layout
 from lcpass.methods import site_crossover, site_mask_mod, spec_parts
 from lcpass.patterns import Site, canonical_nodes
-from lcpass.patterns.maskinfo import positional_label, read_positional
+from lcpass.patterns.maskinfo import NEG_LIMIT, positional_label, read_positional
 from lcpass.patterns.op import chunk_start, laid_out, output_buffer, positional_keep, reference
 
 __all__ = ["PLANNED_OP", "spec_json", "planned_attention", "lower_graph", "lowering_kind", "is_dense_spec",
            "site_state", "seed_site_states", "site_mask", "parse_spec", "BACKENDS", "crossover", "is_dynamic_spec",
            "checked_kind", "checked_claim", "claim_holds", "padding_keys", "state_key"]
 
-NEG_LIMIT = -1e4
 
 
 BACKENDS = ("auto", "cpu", "triton")

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper
 from lcpass import masks as M
 from lcpass.lower import crossover as _crossover
 from lcpass.lower import checked_claim, lowering_kind, site_mask
+from lcpass.patterns.maskinfo import NEG_LIMIT  # a fill at or below this masks a key out
 from lcpass.onnx_dynamic import check_state, dynamic_method, emit_dynamic_mask
 from lcpass.onnx_sparse import add_kv_buffers, sparse_function_proto
 
@@ -48,7 +49,6 @@ __all__ = ["DOMAIN", "OPSET", "AttentionFunction", "translation_table", "attach_
 DOMAIN = "lcpass"
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
-NEG_LIMIT = -1e4  # as lcpass.lower: a fill at or below this masks a key out
 _PROBE_LENS = (4099, 65537)  # lengths at which a mask is built to see whether it depends on the length
 
 

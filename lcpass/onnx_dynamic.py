@@ -43,13 +43,14 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 from onnx import TensorProto
 
+from lcpass.methods.dynamic.common import FORCE  # the score of blocks a method always keeps
+
 if TYPE_CHECKING:
     from lcpass.onnx_attention import AttentionFunction, _Body
 
 __all__ = ["SUPPORTED", "check_state", "dynamic_method", "emit_dynamic_mask"]
 
 SUPPORTED = ("quest", "landmark", "seer")  # block top-k methods with an exact ONNX selection
-FORCE = 1e30  # = lcpass.methods.dynamic.common.FORCE
 F32 = TensorProto.FLOAT
 
 

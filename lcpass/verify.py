@@ -28,8 +28,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcpass.engine import reference_attention
-from lcpass.lower import (NEG_LIMIT, PLANNED_OP, checked_claim, claim_holds, crossover, lowering_kind, padding_keys,
+from lcpass.lower import (PLANNED_OP, checked_claim, claim_holds, crossover, lowering_kind, padding_keys,
                           parse_spec, site_mask)
+from lcpass.patterns.maskinfo import NEG_LIMIT
 from lcpass.patterns.op import chunk_start, positional_keep, reference
 
 __all__ = ["verify_model", "verify_call", "VerifyReport", "DTYPE_BOUNDS", "record_planned_calls", "specified_output",
