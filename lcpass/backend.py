@@ -35,19 +35,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch.fx import GraphModule
 
-from lcpass.lower import lower_graph, seed_site_states
 from lcpass.patterns import canonicalize
 from lcpass.patterns.graphinfo import shape_of
-from lcpass.methods import spec_parts
-from lcpass.plan import HeadSpec, Plan, SiteInfo, SitePlan
+from lcpass.pipeline import compile_sites
+from lcpass.plan import Plan, SiteInfo, SitePlan
 
 __all__ = ["lcpass_backend", "GraphRecord", "INNER", "SFDP_PASS", "backend_options", "compile_options",
-           "model_site_name", "parameter_placeholders"]
+           "graph_plan", "model_site_name", "parameter_placeholders"]
 
 INNER = ("inductor", "eager")
 # Observer name under which Inductor applies joint_graph.patterns (where fuse_attention registers).
@@ -169,43 +168,28 @@ def model_site_name(name: str, known: Sequence[str] = ()) -> str:
     return _DYNAMO_PREFIX.sub("", name)
 
 
-def _resolver(opts: BackendOptions, sites: list[SiteInfo]) -> Callable[[str, int], list]:
+def graph_plan(opts: BackendOptions, sites: list[SiteInfo]) -> Plan:
+    """The plan of one graph dynamo handed over, keyed by the graph's site names.
+
+    With ``plan``: the planned sites this graph holds (dynamo splits graphs, a plan may be partial), each
+    validated against the graph's site, under the graph's names (dynamo may root them at the traced
+    frame, :func:`model_site_name`). With ``method``: a uniform plan for the graph's sites. A graph
+    without sites keeps the whole plan, so a model rewrite it asks for (a RoPE base) still finds the
+    rotary tables dynamo put in another graph."""
     if opts.plan is not None:
         plan = opts.plan
+        if not sites:
+            return plan
         names = {s.name: model_site_name(s.name, list(plan.sites)) for s in sites}
-        renamed = [replace(s, name=names[s.name]) for s in sites]
-        # a graph may hold a subset of the model's sites (dynamo splits graphs, a plan may be partial):
-        # validate the planned sites this graph holds
-        for s in renamed:
-            if s.name in plan.sites:
-                Plan({s.name: plan.sites[s.name]}).validate([s])
-        return lambda name, n_heads: plan.resolve(names.get(name, name), n_heads)
-    plan = Plan.from_args(sites, opts.method, door="lcpass backend", **opts.params)
-    return plan.resolve
-
-
-def _entropy_abf_rope(gm: GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, sites: list,
-                      resolve: Optional[Callable[[str, int], list]], index: int) -> None:
-    """Entropy-ABF's other half: raise the RoPE base of the rotary tables in this graph (constants,
-    in-graph ``base ** (arange / d)`` or the ``inv_freq`` buffer dynamo lifts to a placeholder). A graph
-    with entropy_abf sites but no rotary table is refused by name (it would get the logit scaling only)."""
-    from lcpass.rope import plan_abf_base_any, set_rope_base
-
-    if resolve is not None:
-        plan = Plan({s.name: SitePlan(tuple(HeadSpec(*spec_parts(x)) for x in resolve(s.name, s.n_heads)))
-                     for s in sites})
-    else:
-        plan = opts.plan if opts.plan is not None else None
-        if plan is None and opts.method == "entropy_abf":
-            plan = Plan({"_": SitePlan.same("entropy_abf", **opts.params)})
-    abf = None if plan is None else plan_abf_base_any(plan)
-    if abf is None:
-        return
-    from lcpass.rope import find_rotary
-
-    if resolve is None and not find_rotary(gm, inputs=list(example_inputs)):
-        return  # a graph without attention or rotary tables (dynamo split the model)
-    set_rope_base(gm, abf, model_name=f"torch.compile graph {index}", inputs=list(example_inputs))
+        out = {}
+        for s in sites:
+            if names[s.name] in plan.sites:
+                Plan({names[s.name]: plan.sites[names[s.name]]}).validate([replace(s, name=names[s.name])])
+                out[s.name] = plan.sites[names[s.name]]
+        return Plan(out)
+    if not sites:
+        return Plan({"*": SitePlan.same(opts.method, **opts.params)})
+    return Plan.from_args(sites, opts.method, door="lcpass backend", **opts.params)
 
 
 def _compile_inner(gm: GraphModule, example_inputs: Sequence[Any], inner: str):
@@ -243,14 +227,13 @@ def lcpass_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
     det = canonicalize(gm, concrete, parameter_placeholders(gm, example_inputs))
     rec = GraphRecord(index, len(gm.graph.nodes), [model_site_name(s.name) for s in det.sites],
                       rejected=[f"{r.node}: {r.reason}" for r in det.rejected])
-    if det.sites:
-        resolve = _resolver(opts, _plan_sites(gm, det.sites))
-        state = seed_site_states([s.name for s in det.sites])  # this graph's own dynamic-method states
-        rec.lowering = {model_site_name(k): v
-                        for k, v in lower_graph(gm, det.sites, resolve, opts.dense_below, state=state)}
-    else:
+    # the one pipeline (as lcpass.optimize and lcpass.export): this graph's plan, its model rewrites (a
+    # graph without sites or rotary tables, one dynamo split off, is left alone), the sites lowered
+    low = compile_sites(gm, det.sites, graph_plan(opts, _plan_sites(gm, det.sites)), dense_below=opts.dense_below,
+                        model_name=f"torch.compile graph {index}", inputs=list(example_inputs), rope_if_found=not det.sites)
+    rec.lowering = {model_site_name(k): v for k, v in low.lowering.items()}
+    if not det.sites:
         gm.recompile()
-    _entropy_abf_rope(gm, example_inputs, opts, det.sites, resolve if det.sites else None, index)
     if opts.record is not None:
         opts.record.append(rec)
     if opts.report:

@@ -36,8 +36,8 @@ import torch
 from lcpass.capture import CaptureError, Captured, capture, export_dynamic, export_program
 from lcpass.capture import sequence_dim as seq_dim
 from lcpass.inspect import ExampleInputs, split_inputs
-from lcpass.lower import lower_graph
 from lcpass.patterns import canonicalize
+from lcpass.pipeline import compile_sites
 from lcpass.plan import Plan
 
 __all__ = ["export", "ExportResult", "FORMATS", "ONNX_OPS", "check_output_path"]
@@ -133,12 +133,9 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
         warnings.warn(f"lcpass.export: no attention found in {type(model).__name__}; exporting it unchanged",
                       stacklevel=3)
         return cap, {}, args, cap.extra.get("kwargs", kwargs)
-    the_plan = request.for_sites(det.sites)
-    lowering = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below))
-    from lcpass.rope import apply_entropy_abf
-
-    apply_entropy_abf(cap.gm, the_plan, det.sites, model_name=type(model).__name__,
-                      inputs=cap.flat_inputs)  # Entropy-ABF's RoPE base, as optimize does
+    # the one pipeline (as lcpass.optimize): plan, the plan's model rewrites (a RoPE base), lowering
+    lowering = compile_sites(cap.gm, det.sites, request, dense_below=dense_below, model_name=type(model).__name__,
+                             inputs=cap.flat_inputs, state="").lowering
     return cap, lowering, args, cap.extra.get("kwargs", kwargs)
 
 

@@ -26,11 +26,14 @@ from lcpass.capture import CaptureError
 from lcpass.hf import SiteRuntime, is_transformers_model, uninstall
 from lcpass.hf_probe import prove_routes
 from lcpass.inspect import ExampleInputs, default_example_inputs, detect, split_inputs
-from lcpass.lower import BACKENDS, is_dense_spec, lower_graph, seed_site_states, spec_json
+from lcpass.lower import BACKENDS, is_dense_spec, spec_json
 from lcpass.patterns import Detection, Site
+from lcpass.pipeline import compile_sites
 from lcpass.plan import ModelFingerprint, Plan, PlanRequest
 
-__all__ = ["optimize", "OptimizedModule", "OptimizeReport", "SiteReport", "BACKENDS"]
+__all__ = ["optimize", "OptimizedModule", "OptimizeReport", "SiteReport", "BACKENDS", "CAPTURES"]
+
+CAPTURES = ("auto", "fx")
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ def optimize(
     report: bool = False,
     report_len: int = 8192,
     strict: bool = True,
+    capture: str = "auto",
     **params: Any,
 ) -> torch.nn.Module:
     """Return ``model`` with every detected attention site running its planned method.
@@ -263,6 +267,11 @@ def optimize(
             than detection found (:class:`lcpass.UnsupportedModelError` with each unrecognised softmax's
             reason): the plan would silently not apply there. ``strict=False`` optimizes the sites found
             and leaves the others running the model's own attention (a warning names them).
+        capture: (plain modules) ``"auto"``: torch.export with a symbolic sequence length where it can,
+            else the example's shapes, else torch.fx; ``"fx"``: torch.fx only, so every shape stays
+            symbolic and one graph serves prefill and decode of a model that carries its KV cache as
+            tensors (``forward(x, pos, past_k, past_v)``; the returned caches are bounded to what the plan
+            keeps, listed in ``result.lcpass_kv_bounds``; positions must come from an input).
 
     Example::
 
@@ -272,9 +281,13 @@ def optimize(
     """
     if backend not in BACKENDS:
         raise ValueError(f"lcpass.optimize: backend={backend!r}; use one of {BACKENDS}")
+    if capture not in CAPTURES:
+        raise ValueError(f"lcpass.optimize: capture={capture!r}; use one of {CAPTURES}")
     request = Plan.request(method, plan, params, door="lcpass.optimize")  # bad arguments fail before capture
-    the_plan = request.plan
     hf = is_transformers_model(model)
+    if hf and capture != "auto":
+        raise ValueError(f"lcpass.optimize: capture={capture!r} is for plain modules; a transformers model "
+                         "keeps its own cache objects (leave capture='auto')")
     if hf:
         uninstall(model)  # optimizing an optimized model starts from the model's own attention
         if example_inputs is None:
@@ -286,7 +299,9 @@ def optimize(
         ex_args, ex_kwargs = split_inputs(example_inputs, model)
         first = next((x for x in (*ex_args, *ex_kwargs.values()) if isinstance(x, torch.Tensor)), None)
         axes = range(1, first.dim()) if first is not None and first.dim() > 1 else [1]
-        for kwargs in (*({"dynamic_seq": True, "seq_dim": d} for d in axes), {}, {"route": "fx"}):
+        tries = ({"route": "fx"},) if capture == "fx" else \
+            (*({"dynamic_seq": True, "seq_dim": d} for d in axes), {}, {"route": "fx"})
+        for kwargs in tries:
             try:
                 found = detect(model, example_inputs, fallback=False, **kwargs)
                 break
@@ -317,29 +332,26 @@ def optimize(
         if hf:
             model.lcpass_plan = None  # uninstalled above: no plan runs
         return model
-    weighed = the_plan is not None and getattr(the_plan.fingerprint, "weights", None)
-    # a calibrated plan names the weights it was measured on: refuse other weights by name
-    the_plan = request.for_sites(ModelFingerprint.of_model(model, det.sites) if weighed else det.sites)
-    state = seed_site_states([s.name for s in det.sites])  # this model's own dynamic-method states
-    from lcpass.rope import apply_entropy_abf
-
-    # entropy_abf's other half: the RoPE base (the model in place for transformers, else the graph)
-    apply_entropy_abf(model if hf else cap.gm, the_plan, det.sites, model_name=name)
+    weighed = request.plan is not None and getattr(request.plan.fingerprint, "weights", None)
+    # the one pipeline: plan (a calibrated plan names the weights it was measured on: other weights are
+    # refused by name), the plan's model rewrites (the model in place for transformers, else the graph),
+    # then the graph lowered, or the transformers sites' runtime specs
+    low = compile_sites(None if hf else cap.gm, det.sites, request, route="model" if hf else "graph",
+                        dense_below=dense_below, backend=backend,
+                        fingerprint=ModelFingerprint.of_model(model, det.sites) if weighed else None,
+                        rope_target=model if hf else cap.gm, model_name=name, bound_caches=not hf)
+    the_plan = low.plan
     rep = OptimizeReport(name, report_len)
     if hf:
-        runtimes = {}
-        for s in det.sites:
-            specs = the_plan.resolve(s.name, s.n_heads)
-            runtimes[s.name] = SiteRuntime(s.name, spec_json(specs, dense_below, backend, state=state),
-                                           is_dense_spec(specs),
-                                           s.is_causal, s.window, s.scale, s.softcap, s.mask, chunk=s.chunk)
+        runtimes = {s.name: SiteRuntime(s.name, low.specs[s.name], low.dense[s.name], s.is_causal, s.window,
+                                        s.scale, s.softcap, s.mask, chunk=s.chunk) for s in det.sites}
         proven = prove_routes(model, det.sites, runtimes, _kwargs_of(example_inputs))
         rep.kv, rep.probe_error = proven.kv, proven.error
         kv_kept = proven.kv.startswith("compressed")
         for s in det.sites:
             specs = the_plan.resolve(s.name, s.n_heads)
             route = proven.routes[s.name]
-            if is_dense_spec(specs):
+            if low.dense[s.name]:
                 lowering = "dense"
             elif s.mask.split("+")[-1] == "bias" or (route == "function" and s.anchor == "softmax"):
                 lowering = "dense-masked"
@@ -352,14 +364,12 @@ def optimize(
         model.lcpass_plan = the_plan
         out: torch.nn.Module = model
     else:
-        lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below, backend, state))
-        from lcpass.kv.functional import bound_cache_appends
-
-        bound_cache_appends(cap.gm, det.sites, the_plan.resolve)  # tensor KV caches returned by forward
         for s in det.sites:
-            rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), lowered[s.name], report_len))
+            rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), low.lowering[s.name],
+                                          report_len))
         out = OptimizedModule(model, cap.gm, cap.route, rep, example_inputs)
         out.lcpass_plan = the_plan
+        out.lcpass_kv_bounds = low.kv_bounds  # (site, sink, recent) of the tensor KV caches forward returns
     if verify:
         from lcpass.verify import verify_model
 

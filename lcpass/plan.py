@@ -510,7 +510,7 @@ class PlanRequest:
     """What a door was asked for: one method with its parameters, or one plan; checked once, before
     capture, by :meth:`Plan.request`, and turned into a validated plan for the sites detection found by
     :meth:`for_sites`. Every door (``optimize``, the compile backend, ``export``, the CLI,
-    ``optimize_functional``) builds its plan this way.
+    all through :func:`lcpass.pipeline.compile_sites`) builds its plan this way.
 
     Example:
         >>> req = Plan.request("streaming", None, {"sink": 4, "window": 64}, door="lcpass.optimize")

@@ -16,7 +16,8 @@ this module does the first, found structurally, never by model name:
   a new constant on the graph module), or an in-graph ``base ** (arange(0, d, 2) / d)`` (its scalar base
   replaced).
 
-The base only grows: the new base is ``max(current, abf_base)`` (:func:`entropy_abf_rope`).
+The base only grows: the new base is ``max(current, abf_base)``. Which base a plan asks for is each
+method record's ``rope_base`` (:func:`plan_rope_base`); the pipeline applies it (:func:`apply_plan_rope`).
 
 Example::
 
@@ -39,7 +40,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 __all__ = ["RotarySite", "RopeRewriteError", "rope_inv_freq", "infer_rope_base", "find_rotary",
-           "set_rope_base", "plan_abf_base", "apply_entropy_abf"]
+           "set_rope_base", "plan_rope_base", "apply_plan_rope"]
 
 _FIX = "pass abf_base=0 to apply only Entropy-ABF's logit scaling"
 
@@ -279,8 +280,6 @@ def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "",
     Raises :class:`RopeRewriteError` naming the model when there is no rotary embedding, or one with a
     rope scaling type other than the default.
     """
-    from lcpass.methods.dynamic.score_mods import entropy_abf_rope
-
     name = model_name or type(target).__name__
     if isinstance(target, GraphModule):
         found: list = _graph_sites(target, inputs)
@@ -298,7 +297,7 @@ def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "",
     groups: dict[float, list] = {}
     for item in found:  # a base already >= abf_base is left exactly as it is (the base only grows)
         if item[0].base < abf_base:
-            groups.setdefault(entropy_abf_rope(item[0].base, abf_base=abf_base), []).append(item)
+            groups.setdefault(max(float(item[0].base), float(abf_base)), []).append(item)
     for nb, items in groups.items():
         if isinstance(target, GraphModule):
             _set_graph_base(target, items, nb, inputs)
@@ -307,45 +306,45 @@ def set_rope_base(target: nn.Module, abf_base: float, *, model_name: str = "",
     return [item[0] for item in found]
 
 
-def plan_abf_base(plan: Any, sites: Sequence[Any]) -> Optional[float]:
-    """The ``abf_base`` the plan's ``entropy_abf`` heads ask for (None: no such head, or abf_base=0).
+def plan_rope_base(plan: Any, sites: Optional[Sequence[Any]] = None) -> Optional[tuple[float, str]]:
+    """The RoPE base the plan's heads ask for, with the method that asks: each method record's
+    ``rope_base(params)`` (Entropy-ABF's ``abf_base``; 0 = leave the base alone), over the heads of
+    ``sites``, or over every head spec the plan holds when ``sites`` is None (a compiled graph that holds
+    none of the plan's sites may still hold the model's rotary embedding). None: no head asks.
 
     The model has one rotary embedding: heads asking for different bases are refused by name."""
     from lcpass.methods import get_method, resolve_params, spec_parts
 
-    bases: dict[float, str] = {}
-    for s in sites:
-        for spec in plan.resolve(s.name, s.n_heads):
-            name, params = spec_parts(spec)
-            if name == "entropy_abf":
-                bases.setdefault(float(resolve_params(get_method(name), params)["abf_base"]), s.name)
+    if sites is None:
+        specs = [(name, h) for name, sp in plan.sites.items() for h in sp.heads]
+    else:
+        specs = [(s.name, h) for s in sites for h in plan.resolve(s.name, s.n_heads)]
+    bases: dict[float, tuple[str, str]] = {}
+    for site, spec in specs:
+        name, params = spec_parts(spec)
+        method = get_method(name)
+        if method.rope_base is not None:
+            base = float(method.rope_base(resolve_params(method, params)))
+            if base > 0:
+                bases.setdefault(base, (name, site))
     if len(bases) > 1:
-        raise ValueError(f"entropy_abf: the plan asks for abf_base values {sorted(bases)} (sites "
-                         f"{sorted(set(bases.values()))}); the model has one RoPE base: use one value")
-    b = next(iter(bases), 0.0)
-    return b or None
+        raise ValueError(f"{next(iter(bases.values()))[0]}: the plan asks for RoPE bases {sorted(bases)} (sites "
+                         f"{sorted({w for _, w in bases.values()})}); the model has one RoPE base: use one value")
+    if not bases:
+        return None
+    base, (name, _) = next(iter(bases.items()))
+    return base, name
 
 
-def plan_abf_base_any(plan: Any) -> Optional[float]:
-    """:func:`plan_abf_base` over every head spec the plan holds (no site list needed: for a graph that
-    holds none of the plan's sites but may hold the model's rotary embedding)."""
-    from lcpass.methods import get_method, resolve_params
-
-    bases = {float(resolve_params(get_method("entropy_abf"), dict(h.params))["abf_base"])
-             for sp in plan.sites.values() for h in sp.heads if h.method == "entropy_abf"}
-    if len(bases) > 1:
-        raise ValueError(f"entropy_abf: the plan asks for abf_base values {sorted(bases)}; the model has one "
-                         "RoPE base: use one value")
-    b = next(iter(bases), 0.0)
-    return b or None
-
-
-def apply_entropy_abf(target: nn.Module, plan: Any, sites: Sequence[Any], *,
-                      model_name: str = "", inputs: Optional[Sequence[Any]] = None) -> list[RotarySite]:
-    """``lcpass.optimize``'s hook: when a plan uses ``entropy_abf`` (with ``abf_base > 0``), raise the
-    RoPE base of ``target`` (the transformers model, or the captured GraphModule; ``inputs``: a graph's
-    example inputs, so lifted ``inv_freq`` placeholders are found too) to ``abf_base``."""
-    abf = plan_abf_base(plan, sites)
-    if abf is None:
+def apply_plan_rope(target: nn.Module, plan: Any, sites: Optional[Sequence[Any]], *, model_name: str = "",
+                    inputs: Optional[Sequence[Any]] = None, only_if_found: bool = False) -> list[RotarySite]:
+    """The pipeline's model rewrite: when a head's method asks for a RoPE base (:func:`plan_rope_base`),
+    raise the rotary base of ``target`` (the transformers model, or the captured GraphModule; ``inputs``:
+    a graph's example inputs, so lifted ``inv_freq`` placeholders are found too). ``only_if_found``: a
+    graph without rotary tables is left alone (a graph dynamo split off the model) instead of refused."""
+    asked = plan_rope_base(plan, sites)
+    if asked is None:
         return []
-    return set_rope_base(target, abf, model_name=model_name, inputs=inputs)
+    if only_if_found and not find_rotary(target, model_name=model_name, inputs=inputs):
+        return []
+    return set_rope_base(target, asked[0], model_name=model_name, inputs=inputs)

@@ -376,16 +376,15 @@ def _decode(model, ids, n):
 
 
 def test_functional_tensor_cache_append_is_bounded():
-    from lcpass.kv.functional import optimize_functional
-
     torch.manual_seed(0)
     model = _CachedGPT().eval()
     ids = torch.randint(0, 64, (1, 12))
     ex = (ids, torch.arange(12)[None], *[torch.zeros(1, 4, 0, 8)] * 4)
     dense, dense_sizes = _decode(model, ids, 30)
-    wide = optimize_functional(model, ex, method="streaming", sink=2, window=64)
+    wide = lcpass.optimize(model, method="streaming", sink=2, window=64, example_inputs=ex, capture="fx")
     assert torch.equal(_decode(wide, ids, 30)[0], dense)
-    m = optimize_functional(model, ex, method="streaming", sink=2, window=6, dense_below=0)
+    m = lcpass.optimize(model, method="streaming", sink=2, window=6, dense_below=0, example_inputs=ex,
+                        capture="fx")
     assert m.lcpass_kv_bounds and all(b[1:] == (2, 5) for b in m.lcpass_kv_bounds)
     got, sizes = _decode(m, ids, 30)
     assert max(sizes) == 7 and dense_sizes[-1] == 41

@@ -18,7 +18,8 @@ of different lengths); others keep their append, with a warning naming the site.
 
 Example::
 
-    >>> m = optimize_functional(model, (ids, pos, pk, pv), method="streaming", sink=4, window=64)
+    >>> m = lcpass.optimize(model, method="streaming", sink=4, window=64, example_inputs=(ids, pos, pk, pv),
+    ...                     capture="fx")   # one graph for prefill and decode
     >>> logits, pk, pv = m(ids, pos, pk, pv)          # pk: [B, H, <= 4 + 63, D]
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.fx import GraphModule, Node
 
 from lcpass.methods import kv_head_policies
 
-__all__ = ["kv_bound", "bound_cache_appends", "optimize_functional"]
+__all__ = ["kv_bound", "bound_cache_appends"]
 
 
 @torch.library.custom_op("lcpass::kv_bound", mutates_args=())
@@ -123,31 +124,3 @@ def bound_cache_appends(gm: GraphModule, sites: Sequence[Any], resolve) -> list[
     gm.graph.lint()
     gm.recompile()
     return done
-
-
-def optimize_functional(model: torch.nn.Module, example_inputs: tuple, method: Optional[str] = None,
-                        plan: Any = None, *, dense_below: Optional[int] = None, **params: Any) -> torch.nn.Module:
-    """``lcpass.optimize`` for a plain model with a tensor KV cache: captured with ``torch.fx`` (shapes stay
-    symbolic, so the same graph serves prefill and decode), lowered to the plan, appends bounded.
-
-    Returns an :class:`lcpass.OptimizedModule` (same forward arguments) whose ``lcpass_kv_bounds`` lists the
-    rewritten (site, sink, recent) appends.
-    """
-    from lcpass.inspect import detect
-    from lcpass.lower import lower_graph
-    from lcpass.optimize import OptimizedModule, OptimizeReport, _site_report
-    from lcpass.plan import Plan
-
-    request = Plan.request(method, plan, params, door="optimize_functional")
-    cap, det = detect(model, example_inputs, route="fx")[0]
-    if not det.sites:
-        raise ValueError(f"optimize_functional: no attention found in {type(model).__name__}; see lcpass inspect")
-    the_plan = request.for_sites(det.sites)
-    lowered = dict(lower_graph(cap.gm, det.sites, the_plan.resolve, dense_below))
-    bounds = bound_cache_appends(cap.gm, det.sites, the_plan.resolve)
-    rep = OptimizeReport(type(model).__name__, 8192)
-    for s in det.sites:
-        rep.sites.append(_site_report(s, the_plan.resolve(s.name, s.n_heads), lowered[s.name], 8192))
-    out = OptimizedModule(model, cap.gm, cap.route, rep)
-    out.lcpass_kv_bounds = bounds
-    return out

@@ -164,6 +164,9 @@ class Method:
     score_mod: Callable[..., Any] | None = None
     per_head: bool = False
     crossover_why: str = ""
+    # a rewrite of the model besides its attention: the RoPE base this method's heads need
+    # (``rope_base(params) -> base``; 0 = none), applied by the pipeline (:func:`lcpass.rope.apply_plan_rope`)
+    rope_base: Callable[[Mapping[str, Any]], float] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

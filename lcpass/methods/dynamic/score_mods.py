@@ -164,7 +164,8 @@ ENTROPY_ABF = DynamicMethod(
             Param("abf_base", "float", 500000.0, 0.0, None,
                   "RoPE base lcpass.optimize sets (max(model's base, abf_base)); 0 = logit scaling only")),
     attend=_attend_with(lambda p, s, q, k: entropy_abf_score_mod(p["trained_length"])),
-    score_mod=lambda p, *, head, n_heads: entropy_abf_score_mod(p["trained_length"]), **_COMMON)
+    score_mod=lambda p, *, head, n_heads: entropy_abf_score_mod(p["trained_length"]),
+    rope_base=lambda p: p["abf_base"], **_COMMON)
 
 PASTA = DynamicMethod(
     name="pasta",
