@@ -148,7 +148,7 @@ def test_gather_decode_is_a_drop_in_for_kv_gather_attend():
 def test_token_scores_match_the_kv_soft_vote():
     # two-pass generated scoring (split max/sum-exp, then per-key votes) against the KV cache's
     # torch scoring: GQA group of 4 with empty slots, and MQA with Sq = 3 rows per head
-    from lcpass.kv.select import _head_probs
+    from lcpass.methods.dynamic.decode import head_probs as _head_probs
 
     B, h, G, L = 2, 2, 4, 200
     g = torch.Generator().manual_seed(14)

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lcpass.kv.select import dense_group_attend, select_attend
+from lcpass.kv.select import select_attend
+from lcpass.methods.dynamic.decode import dense_group_attend
 
 __all__ = ["attend_layer"]
 

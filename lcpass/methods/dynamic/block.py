@@ -31,9 +31,10 @@ from torch import Tensor
 from lcpass.layout import BlockLayout, layout_from_topk
 from lcpass.masks import MaskMod
 from lcpass.methods.base import KVPolicy, Param
-from lcpass.methods.dynamic.common import (FORCE, DynamicMethod, attend_by, block_mean, block_pool,
-                                           block_query_scores, causal_envelope, check_causal,
-                                           local_block_ids)
+from lcpass.methods.dynamic.common import (FORCE, DecodeSelector, DynamicMethod, OnnxBlockTopK, OnnxLowering,
+                                           attend_by, block_mean, block_pool, block_query_scores,
+                                           causal_envelope, check_causal, local_block_ids)
+from lcpass.methods.dynamic.decode import quest_decode
 
 __all__ = ["QUEST", "SEER", "LANDMARK", "LONGHEADS", "SeerGate", "load_seer_gate", "quest_select",
            "seer_select", "landmark_select", "longheads_select", "quest_bounds"]
@@ -137,6 +138,22 @@ def quest_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
 _SHARE = Param("share_kv_heads", "bool", True, None, None,
                "GQA: the query heads of a KV group share one selection (False = per head, as in the paper)")
 
+def _quest_onnx_layout(p: dict) -> OnnxBlockTopK:
+    return OnnxBlockTopK(p["page_size"], max(1, -(-p["token_budget"] // p["page_size"])), p["sink_pages"],
+                         p["local_pages"], p["share_kv_heads"], "max")
+
+
+def _quest_onnx_scores(g, p: dict) -> str:
+    """Quest's page bound in ONNX ops: ``[relu(q), min(q, 0)] . [kmax, kmin]`` (one MatMul), max over the
+    query block."""
+    kc = g.op("Concat", g.pooled(g.k, "k", "max"), g.pooled(g.k, "k", "min"), axis=-1)  # [B, Hkv, Mk, 2D]
+    qg = g.op("Reshape", g.q, g.const([0, g.hkv, -1, g.d]))  # [B, Hkv, G*Sq, D]
+    qc = g.op("Concat", g.op("Relu", qg), g.op("Min", qg, g.f32(0.0)), axis=-1)
+    s = g.op("MatMul", qc, g.transpose_last(kc, 4))  # [B, Hkv, G*Sq, Mk]
+    shape = g.op("Concat", g.const([0, 0, g.g, -1]), g.op("Shape", s, start=3, end=4), axis=0)
+    return g.block_max(g.op("Reshape", s, shape))
+
+
 QUEST = DynamicMethod(
     name="quest",
     paper="Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (ICML 2024)",
@@ -153,7 +170,9 @@ QUEST = DynamicMethod(
     crossover_why="below ~4k tokens a 2k budget keeps most pages; selection costs more than it saves",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=quest_select, attend=attend_by(quest_select), granularity="block",
-    decode_params=("token_budget", "page_size", "sink_pages"),
+    decode=DecodeSelector(("token_budget", "page_size", "sink_pages"), quest_decode,
+                          budget=lambda p: p["token_budget"]),
+    onnx=OnnxLowering(_quest_onnx_layout, _quest_onnx_scores),
 )
 
 
@@ -239,6 +258,31 @@ def seer_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
                         share=params["share_kv_heads"], reduce="mean", mask_mod=mm)
 
 
+def _seer_onnx_layout(p: dict) -> OnnxBlockTopK:
+    return OnnxBlockTopK(p["block_size"], None if p["threshold"] > 0 else p["topk"], p["sink_blocks"], 1,
+                         p["share_kv_heads"], "mean")
+
+
+def _seer_onnx_scores(g, p: dict) -> str:
+    """The training-free gate in ONNX ops: ``mean(q) . (kavg + kmax + kmin) / sqrt(3D)``, softmax over the
+    causal blocks; with a ``threshold`` the blocks below it score -inf."""
+    kc = g.op("Add", g.op("Add", g.pooled(g.k, "k", "mean"), g.pooled(g.k, "k", "max")), g.pooled(g.k, "k", "min"))
+    qa = g.op("Reshape", g.pooled(g.q, "q", "mean"), g.const([0, g.hkv, g.g, -1, g.d]))  # [B, Hkv, G, Mq, D]
+    s = g.op("MatMul", qa, g.transpose_last(g.op("Unsqueeze", kc, g.const([2])), 5))
+    s = g.op("Div", s, g.f32(math.sqrt(3 * g.d)))
+    scores = g.op("Softmax", g.op("Where", g.touched, s, g.f32(float("-inf"))), axis=-1)
+    if p["threshold"] > 0:
+        scores = g.op("Where", g.op("Less", scores, g.f32(float(p["threshold"]))), g.f32(float("-inf")), scores)
+    return scores
+
+
+def _seer_onnx_refuse(state) -> str | None:
+    if state.get("gate") is not None:
+        return ("seer with a learned gate (state['gate']) has no ONNX lowering yet (only the training-free "
+                "gate); export it with format='torch'")
+    return None
+
+
 SEER = DynamicMethod(
     name="seer",
     paper="SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs (Gao et al., 2024)",
@@ -254,6 +298,7 @@ SEER = DynamicMethod(
     crossover_why="the gate and gather cost more than the skipped blocks below ~4k tokens",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=seer_select, attend=attend_by(seer_select), granularity="block",
+    onnx=OnnxLowering(_seer_onnx_layout, _seer_onnx_scores, _seer_onnx_refuse),
 )
 
 
@@ -275,6 +320,17 @@ def landmark_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
                         mask_mod=mm)
 
 
+def _landmark_onnx_layout(p: dict) -> OnnxBlockTopK:
+    return OnnxBlockTopK(p["block_size"], p["topk"], p["sink_blocks"], 1, p["share_kv_heads"], "max")
+
+
+def _landmark_onnx_scores(g, p: dict) -> str:
+    """Landmark retrieval in ONNX ops: ``q . mean(k)`` per key block, max over the query block."""
+    kmean = g.op("Unsqueeze", g.pooled(g.k, "k", "mean"), g.const([2]))  # [B, Hkv, 1, Mk, D]
+    qg = g.op("Reshape", g.q, g.const([0, g.hkv, g.g, -1, g.d]))  # [B, Hkv, G, Sq, D]
+    return g.block_max(g.op("MatMul", qg, g.transpose_last(kmean, 5)))
+
+
 LANDMARK = DynamicMethod(
     name="landmark",
     paper="Landmark Attention: Random-Access Infinite Context Length for Transformers (NeurIPS 2023)",
@@ -289,6 +345,7 @@ LANDMARK = DynamicMethod(
     crossover_why="as Quest: below ~4k tokens selection does not pay",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=landmark_select, attend=attend_by(landmark_select), granularity="block",
+    onnx=OnnxLowering(_landmark_onnx_layout, _landmark_onnx_scores),
 )
 
 

@@ -20,6 +20,7 @@ slots) and a causal call on the local block, merged by log-sum-exp:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Union
 
 import torch
@@ -34,7 +35,10 @@ from lcpass.methods.base import Method
 
 __all__ = [
     "FORCE",
+    "DecodeSelector",
     "DynamicMethod",
+    "OnnxBlockTopK",
+    "OnnxLowering",
     "Selection",
     "TokenSelection",
     "attend_lse",
@@ -79,6 +83,64 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, 
     if q.device.type == "cpu":
         return _flash_cpu(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     return _math_lse(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+def _no_refusal(state: Mapping[str, Any]) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class OnnxBlockTopK:
+    """The shape of a block top-k selection an ONNX graph computes (:mod:`lcpass.onnx_dynamic`): blocks of
+    ``block`` queries / keys cut from position 0; ``topk`` blocks kept per query block (None: every block
+    with a finite score, e.g. above a threshold); the first ``sink`` blocks and the ``local`` blocks ending
+    at the query block's own always kept; with ``share_kv_heads`` the G query heads of a KV head share one
+    score row, reduced by ``share`` (``"max"`` or ``"mean"``)."""
+
+    block: int
+    topk: int | None
+    sink: int
+    local: int = 1
+    share_kv_heads: bool = False
+    share: str = "max"
+
+
+@dataclass(frozen=True)
+class OnnxLowering:
+    """A dynamic method's ONNX lowering, held by its record (``DynamicMethod.onnx``).
+
+    ``layout(params) -> OnnxBlockTopK``; ``scores(g, params) -> str``: the name of the block scores
+    ``[B, Hkv, G, Mq, Mk]`` (fp32, larger = more relevant) built with the graph builder ``g`` the exporter
+    passes (``g.op``, ``g.const``, ``g.f32``, ``g.q``/``g.k`` as fp32, ``g.pooled``, ``g.block_max``,
+    ``g.transpose_last``, ``g.touched``; see :class:`lcpass.onnx_dynamic.BlockGraph`); ``refuse(state) ->
+    reason | None``: a site state the graph does not reproduce (a learned gate) is refused with it.
+    """
+
+    layout: Callable[[Mapping[str, Any]], OnnxBlockTopK]
+    scores: Callable[[Any, Mapping[str, Any]], str]
+    refuse: Callable[[Mapping[str, Any]], str | None] = _no_refusal
+
+
+def _no_slots(params: Mapping[str, Any]) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class DecodeSelector:
+    """A dynamic method's decode-time KV selector, held by its record (``DynamicMethod.decode``) and run by
+    :class:`lcpass.kv.Selector` on each cache group at each generated token.
+
+    ``params``: the method parameters it reads (their defaults and ranges are the record's);
+    ``attend(q, group, params, scale, *, layer_idx, n_layers, shared) -> [B, h, G, Dv]``: one decode step
+    of one group (``q [B, h, G, D]``; see :mod:`lcpass.methods.dynamic.decode` for the group and the
+    primitives); ``budget(params)``: tokens one step attends; ``working_slots(params)``: KV slots per KV
+    head it keeps beside the cache (counted in the cache's bytes).
+    """
+
+    params: tuple[str, ...]
+    attend: Callable[..., Tensor]
+    budget: Callable[[Mapping[str, Any]], int]
+    working_slots: Callable[[Mapping[str, Any]], int] = _no_slots
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,16 +207,23 @@ class DynamicMethod(Method):
     select: Callable[..., Any] | None = None
     attend: Callable[..., Tensor] | None = None
     granularity: str = "block"
-    # the parameters its decode-time KV selector (``lcpass.kv.Selector``) reads, with the record's
-    # defaults and ranges; empty: the method has no decode selector
-    decode_params: tuple[str, ...] = ()
+    # its decode-time KV selector (``lcpass.kv.Selector``); None: the method has none
+    decode: DecodeSelector | None = None
+    # its ONNX lowering (None: ``lcpass.export(format="onnx")`` refuses it by name)
+    onnx: OnnxLowering | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         names = {p.name for p in self.params}
         bad = [n for n in self.decode_params if n not in names]
         if bad:
-            raise ValueError(f"method {self.name!r}: decode_params {bad} are not among its parameters {sorted(names)}")
+            raise ValueError(f"method {self.name!r}: decode selector params {bad} are not among its parameters "
+                             f"{sorted(names)}")
+
+    @property
+    def decode_params(self) -> tuple[str, ...]:
+        """The parameters its decode selector reads (empty: no decode selector)."""
+        return self.decode.params if self.decode is not None else ()
 
 
 def causal_envelope(params: Any, *, head: int, n_heads: int, q_len: int, kv_len: int) -> MaskMod:

@@ -26,8 +26,9 @@ from torch import Tensor
 from lcpass.layout import BlockLayout, build_layout
 from lcpass.masks import MaskMod, causal_mask
 from lcpass.methods.base import KVPolicy, Param
-from lcpass.methods.dynamic.common import (FORCE, DynamicMethod, TokenSelection, attend_by, block_mean,
-                                           causal_envelope, check_causal)
+from lcpass.methods.dynamic.common import (FORCE, DecodeSelector, DynamicMethod, TokenSelection, attend_by,
+                                           block_mean, causal_envelope, check_causal)
+from lcpass.methods.dynamic.decode import recycled_decode, tidal_decode, tokenselect_decode
 
 __all__ = ["TOKENSELECT", "HIP", "RECYCLED", "TIDAL", "TidalState", "tokenselect_select",
            "hip_select", "recycled_select", "tidal_select"]
@@ -149,7 +150,8 @@ TOKENSELECT = DynamicMethod(
     crossover_why="below ~4k tokens a 2k budget keeps most of the context",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=tokenselect_select, attend=attend_by(tokenselect_select), granularity="token",
-    decode_params=("k", "n_sink", "n_local", "cache_threshold"),
+    decode=DecodeSelector(("k", "n_sink", "n_local", "cache_threshold"), tokenselect_decode,
+                          budget=lambda p: p["k"], working_slots=lambda p: p["k"] + p["n_sink"] + p["n_local"] + 1),
 )
 
 
@@ -275,7 +277,7 @@ RECYCLED = DynamicMethod(
     crossover_why="decode only; below ~4k tokens the recycled set is most of the context",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=recycled_select, attend=attend_by(recycled_select), granularity="token",
-    decode_params=("S", "K"),
+    decode=DecodeSelector(("S", "K"), recycled_decode, budget=lambda p: p["K"]),
 )
 
 
@@ -340,5 +342,5 @@ TIDAL = DynamicMethod(
     crossover_why="decode only; below ~4k tokens the selected positions are most of the context",
     mask_mod=causal_envelope, kv_policy=lambda p, *, kv_len: KVPolicy.all(),
     select=tidal_select, attend=attend_by(tidal_select), granularity="token",
-    decode_params=("k", "selection_layer", "reselection_layer"),
+    decode=DecodeSelector(("k", "selection_layer", "reselection_layer"), tidal_decode, budget=lambda p: p["k"]),
 )
