@@ -36,11 +36,11 @@ from lcpass.methods.dynamic.common import (FORCE, DecodeSelector, DynamicMethod,
                                            causal_envelope, check_causal, local_block_ids)
 from lcpass.methods.dynamic.decode import quest_decode
 
-__all__ = ["QUEST", "SEER", "LANDMARK", "LONGHEADS", "SeerGate", "load_seer_gate", "quest_select",
-           "seer_select", "landmark_select", "longheads_select", "quest_bounds"]
+__all__ = ["QUEST", "SEER", "LANDMARK", "LONGHEADS", "SeerGate", "load_seer_gate", "topk_block_layout",
+           "quest_select", "seer_select", "landmark_select", "longheads_select", "quest_bounds"]
 
 
-def _topk_layout(scores: Tensor, k: int, *, q_len: int, kv_len: int, block: int, sink_blocks: int,
+def topk_block_layout(scores: Tensor, k: int, *, q_len: int, kv_len: int, block: int, sink_blocks: int,
                  share: bool, reduce: str, mask_mod: MaskMod, local_blocks: int = 1) -> BlockLayout:
     """scores [B, Hkv, G, Mq, Mk] -> layout keeping sinks, local blocks and the top ``k`` in total.
 
@@ -130,7 +130,7 @@ def quest_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     ps = params["page_size"]
     kk = max(1, -(-params["token_budget"] // ps))
     s = quest_bounds(q, k, ps, causal=True)
-    return _topk_layout(s, kk, q_len=sq, kv_len=sk, block=ps, sink_blocks=params["sink_pages"],
+    return topk_block_layout(s, kk, q_len=sq, kv_len=sk, block=ps, sink_blocks=params["sink_pages"],
                         share=params["share_kv_heads"], reduce="max", mask_mod=mm,
                         local_blocks=params["local_pages"])
 
@@ -254,7 +254,7 @@ def seer_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     if params["threshold"] > 0:
         p = p.masked_fill(p < params["threshold"], float("-inf"))
         kk = s.shape[-1]
-    return _topk_layout(p, kk, q_len=sq, kv_len=sk, block=bs, sink_blocks=params["sink_blocks"],
+    return topk_block_layout(p, kk, q_len=sq, kv_len=sk, block=bs, sink_blocks=params["sink_blocks"],
                         share=params["share_kv_heads"], reduce="mean", mask_mod=mm)
 
 
@@ -315,7 +315,7 @@ def landmark_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     sq, sk = _sizes(q, k, "landmark")
     bs = params["block_size"]
     s = block_query_scores(q, block_mean(k, bs), bs, "max")
-    return _topk_layout(s, params["topk"], q_len=sq, kv_len=sk, block=bs,
+    return topk_block_layout(s, params["topk"], q_len=sq, kv_len=sk, block=bs,
                         sink_blocks=params["sink_blocks"], share=params["share_kv_heads"], reduce="max",
                         mask_mod=mm)
 
@@ -359,7 +359,7 @@ def longheads_select(q: Tensor, k: Tensor, *, params: dict, state: dict | None,
     cs = params["chunk_size"]
     kk = max(1, params["trained_length"] // cs)
     s = block_query_scores(q, block_mean(k, cs), cs, "mean")
-    return _topk_layout(s, kk, q_len=sq, kv_len=sk, block=cs, sink_blocks=1,
+    return topk_block_layout(s, kk, q_len=sq, kv_len=sk, block=cs, sink_blocks=1,
                         share=params["share_kv_heads"], reduce="mean", mask_mod=mm)
 
 
