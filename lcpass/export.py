@@ -113,12 +113,16 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynami
         kwargs = {**kwargs, "use_cache": False}  # a cache object is no exportable output
     try:
         ep = export_dynamic(model, args, kwargs, seq_dim(model))
-    except Exception as exc:  # noqa: BLE001 - one line naming the model and the way out
+    except Exception as exc:  # noqa: BLE001 - the example's shapes, said in one line naming the model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CaptureError(f"lcpass.export: torch.export of {type(model).__name__} with a dynamic sequence length "
-                           f"failed ({type(exc).__name__}: {first}); try dynamic_seq=False") from exc
+        warnings.warn(f"lcpass.export: torch.export of {type(model).__name__} with a dynamic sequence length failed "
+                      f"({type(exc).__name__}: {first}); exporting with the example's shapes instead (the program "
+                      "runs at those shapes only; pass dynamic_seq=False to ask for that)", stacklevel=4)
+        cap = capture(model, args, kwargs)
+        cap.extra["dynamic"] = False
+        return cap
     flat = torch.utils._pytree.tree_leaves((tuple(args), kwargs))
-    return Captured(ep.module(), list(flat), "export", frozenset(), ep, {"kwargs": kwargs})
+    return Captured(ep.module(), list(flat), "export", frozenset(), ep, {"kwargs": kwargs, "dynamic": True})
 
 
 def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, method: Optional[str] = None,
@@ -190,6 +194,7 @@ def export(
                                                                                     isinstance(v, (bool, int, float)))}
     kwargs = {k: v for k, v in kwargs.items() if k not in fixed}
     gm = _plain_outputs(cap.gm, fixed)
+    dynamic_seq = bool(cap.extra.get("dynamic", False))  # False where the dynamic capture fell back
     if dynamic_seq:
         ep = export_dynamic(gm, args, kwargs, seq_dim(model))
     else:
