@@ -421,15 +421,15 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
     attrs: dict[str, Any] = {"scale": float(fn.scale), "is_causal": 0}
     if fn.softcap:
         attrs["softcap"] = float(fn.softcap)
-    if attn_mask is not None:  # onnxruntime's Attention broadcasts no mask over the query axis ([B, 1, 1, Sk])
-        full = body.op("Concat", body.const([1, 1]), body.op("Shape", "q", start=2, end=3),
-                       body.op("Shape", "k", start=2, end=3), axis=0)
-        attn_mask = body.op("Expand", attn_mask, full)
     qkv = _with_sink_key(body, fn) if fn.sinks else ["q", "k", "v"]
     if fn.sinks and attn_mask is not None:  # the sink key is seen by every row, and adds no bias
         pad = body.const(True, np.bool_) if attn_mask == keep and bias is None else body.op(
             "CastLike", body.const(0.0, np.float32), attn_mask)
         attn_mask = body.op("Pad", attn_mask, body.const([0, 1]), pad, body.const([-1]))
+    if attn_mask is not None:  # onnxruntime's Attention broadcasts no mask over the query axis ([B, 1, 1, Sk])
+        full = body.op("Concat", body.const([1, 1]), body.op("Shape", qkv[0], start=2, end=3),
+                       body.op("Shape", qkv[1], start=2, end=3), axis=0)
+        attn_mask = body.op("Expand", attn_mask, full)
     ins = qkv + ([attn_mask] if attn_mask is not None else [])
     y = body.op("Attention", *ins, **attrs)
     if keep is None:
