@@ -7,7 +7,7 @@ file runs any length. ``--method``:
 * ``quest``: the content-based page selection (block min/max keys, ``TopK``) in standard ops, feeding
   ``Attention`` as a bool mask;
 * ``s2``: ``onnx_ops="ort"``, the block layout lowered to ``com.microsoft.SparseAttention``, run with its
-  KV buffers bound through IOBinding (``lcpass.onnx_sparse.run_with_kv_buffers``).
+  KV buffers bound through IOBinding (``lcpass.onnx.sparse.run_with_kv_buffers``).
 
 The reference is ``lcpass.optimize`` in PyTorch: onnxruntime must agree with it at two lengths (a multiple
 of the block and not), and the speed of both is printed.
@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 import lcpass
-from lcpass.onnx_sparse import run_with_kv_buffers
+from lcpass.onnx.sparse import run_with_kv_buffers
 from lcpass.zoo import get_zoo_model
 
 warnings.filterwarnings("ignore")

@@ -9,9 +9,9 @@ with a symbolic sequence length), canonicalize, lower each planned site to
 * ``format="onnx"``: ``torch.onnx.export(dynamo=True, opset_version=23)`` with a custom translation per
   lcpass op: one ``lcpass``-domain function per site configuration (ONNX ``Attention`` with the method's
   mask built in-graph from positions, or ``com.microsoft.GroupQueryAttention`` for a pure sliding
-  window); see :mod:`lcpass.onnx_attention`. The block top-k dynamic methods (``quest``, ``landmark``,
+  window); see :mod:`lcpass.onnx.attention`. The block top-k dynamic methods (``quest``, ``landmark``,
   ``seer`` without a learned gate) compute their selection in standard ops (block min/max/mean,
-  ``MatMul``, ``TopK``, ``Gather``) and feed it to ``Attention`` as a bool mask (:mod:`lcpass.onnx_dynamic`);
+  ``MatMul``, ``TopK``, ``Gather``) and feed it to ``Attention`` as a bool mask (:mod:`lcpass.onnx.dynamic`);
   other dynamic methods are refused by name.
 
 Example::
@@ -170,9 +170,9 @@ def export(
         onnx_ops: ``"default"``: ONNX ``Attention`` functions (and ``com.microsoft.GroupQueryAttention`` for
             a pure sliding window); the model's inputs and outputs are the PyTorch model's. ``"ort"``: also
             ``com.microsoft.SparseAttention`` for sites with a block-aligned static layout (see
-            :mod:`lcpass.onnx_sparse`); each adds KV buffer inputs ``past_key.<i>``/``past_value.<i>`` and
+            :mod:`lcpass.onnx.sparse`); each adds KV buffer inputs ``past_key.<i>``/``past_value.<i>`` and
             outputs ``present_*.<i>`` that must share memory (run with
-            :func:`lcpass.onnx_sparse.run_with_kv_buffers`); other sites keep the default, with the
+            :func:`lcpass.onnx.sparse.run_with_kv_buffers`); other sites keep the default, with the
             reason in ``ExportResult.notes`` and a warning.
 
     Example::
@@ -211,10 +211,9 @@ def export(
 
 
 def _to_onnx(ep: torch.export.ExportedProgram, out: Path, lowering: dict[str, str], max_len: int = 0) -> ExportResult:
-    import onnx
+    import onnx  # the ONNX wing loads onnx only when ONNX is written (import lcpass stays light)
 
-    from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, attach_functions, precheck, \
-        translation_table
+    from lcpass.onnx import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, attach_functions, precheck, translation_table
 
     precheck(ep.graph)
     functions: dict[str, AttentionFunction] = {}

@@ -16,7 +16,7 @@ import torch
 
 import lcpass
 from lcpass.export import export
-from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, AttentionFunction, function_proto, pure_sliding_window
+from lcpass.onnx import DOMAIN, MS_DOMAIN, AttentionFunction, function_proto, pure_sliding_window
 from lcpass.lower import spec_json
 from lcpass.plan import HeadSpec, Plan, SitePlan
 from lcpass.zoo import get_zoo_model

@@ -17,8 +17,8 @@ from onnx import TensorProto, helper
 import lcpass
 from lcpass.export import export
 from lcpass.lower import planned_attention_impl, spec_json
-from lcpass.onnx_attention import DOMAIN, OPSET, AttentionFunction, ONNXExportError, function_proto
-from lcpass.onnx_dynamic import onnx_methods
+from lcpass.onnx import DOMAIN, OPSET, AttentionFunction, ONNXExportError, function_proto
+from lcpass.onnx.dynamic import onnx_methods
 from lcpass.plan import HeadSpec, Plan, SitePlan
 from lcpass.zoo import get_zoo_model
 

@@ -15,8 +15,8 @@ import torch
 import lcpass
 from lcpass.export import export
 from lcpass.lower import spec_json
-from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, AttentionFunction
-from lcpass.onnx_sparse import run_with_kv_buffers, sparse_layout
+from lcpass.onnx import DOMAIN, MS_DOMAIN, AttentionFunction
+from lcpass.onnx.sparse import run_with_kv_buffers, sparse_layout
 from lcpass.plan import HeadSpec, Plan, SitePlan
 from lcpass.zoo import get_zoo_model
 

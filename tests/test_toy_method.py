@@ -27,7 +27,7 @@ import lcpass
 from lcpass.kv.cache import KVGroup
 from lcpass.kv.select import Selector, decode_selectors, select_attend
 from lcpass.methods import KVPolicy
-from lcpass.onnx_dynamic import onnx_methods
+from lcpass.onnx.dynamic import onnx_methods
 
 warnings.simplefilter("ignore")
 torch.manual_seed(0)

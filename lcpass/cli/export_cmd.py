@@ -28,7 +28,7 @@ EXAMPLES = """examples:
   lcpass export smollm2 --format onnx --plan plan.json --out smollm2.onnx     (a plan from `lcpass optimize`)
   lcpass export llama-tiny --method s2 --dense-below 0 --onnx-ops ort --out s2.onnx
       (com.microsoft.SparseAttention where a site's block layout allows; run it with
-       lcpass.onnx_sparse.run_with_kv_buffers, which binds its shared KV buffers)
+       lcpass.onnx.sparse.run_with_kv_buffers, which binds its shared KV buffers)
 then:  onnxruntime.InferenceSession("m.onnx").run(None, {"input_ids": ids})
        import lcpass; torch.export.load("smollm2.pt2").module()(input_ids=ids)["logits"]
 """
@@ -90,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
         for site, why in res.notes.items():
             print(f"  {site}: kept the lcpass Attention function ({why})")
         if res.kv_buffers:
-            print(f"SparseAttention KV buffers to bind (lcpass.onnx_sparse.run_with_kv_buffers): "
+            print(f"SparseAttention KV buffers to bind (lcpass.onnx.sparse.run_with_kv_buffers): "
                   f"{', '.join(res.kv_buffers)}")
     return 0

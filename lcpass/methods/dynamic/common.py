@@ -91,7 +91,7 @@ def _no_refusal(state: Mapping[str, Any]) -> str | None:
 
 @dataclass(frozen=True)
 class OnnxBlockTopK:
-    """The shape of a block top-k selection an ONNX graph computes (:mod:`lcpass.onnx_dynamic`): blocks of
+    """The shape of a block top-k selection an ONNX graph computes (:mod:`lcpass.onnx.dynamic`): blocks of
     ``block`` queries / keys cut from position 0; ``topk`` blocks kept per query block (None: every block
     with a finite score, e.g. above a threshold); the first ``sink`` blocks and the ``local`` blocks ending
     at the query block's own always kept; with ``share_kv_heads`` the G query heads of a KV head share one
@@ -112,7 +112,7 @@ class OnnxLowering:
     ``layout(params) -> OnnxBlockTopK``; ``scores(g, params) -> str``: the name of the block scores
     ``[B, Hkv, G, Mq, Mk]`` (fp32, larger = more relevant) built with the graph builder ``g`` the exporter
     passes (``g.op``, ``g.const``, ``g.f32``, ``g.q``/``g.k`` as fp32, ``g.pooled``, ``g.block_max``,
-    ``g.transpose_last``, ``g.touched``; see :class:`lcpass.onnx_dynamic.BlockGraph`); ``refuse(state) ->
+    ``g.transpose_last``, ``g.touched``; see :class:`lcpass.onnx.dynamic.BlockGraph`); ``refuse(state) ->
     reason | None``: a site state the graph does not reproduce (a learned gate) is refused with it.
     """
 

@@ -36,14 +36,16 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-if TYPE_CHECKING:
-    from lcpass.onnx_attention import AttentionFunction
+from lcpass.layout import build_layout
+from lcpass.lower import crossover
+from lcpass.onnx.common import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, Body, ONNXExportError, long_mask
+from lcpass.onnx.dynamic import dynamic_method
 
 __all__ = ["BLOCK_SIZES", "SparseLayout", "sparse_layout", "sparse_function_proto", "add_kv_buffers",
            "run_with_kv_buffers", "KV_INPUTS"]
@@ -66,7 +68,6 @@ def _block_aligned(mask, n_heads: int, length: int, block: int, cross: int) -> O
     """None when ``mask`` is whole blocks + causal diagonal blocks at ``block``; else why not."""
     import torch
 
-    from lcpass.layout import build_layout
 
     part, full = (m[0] for m in build_layout(mask, n_heads, length, length, block).block_maps())  # [H, M, M]
     m = part.shape[-1]
@@ -107,11 +108,8 @@ def _csr(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, out
 
 
-def sparse_layout(fn: "AttentionFunction", max_len: int) -> tuple[Optional[SparseLayout], str]:
+def sparse_layout(fn: AttentionFunction, max_len: int) -> tuple[Optional[SparseLayout], str]:
     """The site's SparseAttention layout for ``max_len`` keys, or (None, why it does not apply)."""
-    from lcpass.lower import crossover
-    from lcpass.onnx_attention import ONNXExportError, _long_mask
-    from lcpass.onnx_dynamic import dynamic_method
 
     checks = [
         (not fn.planned, "dense site"),
@@ -130,7 +128,7 @@ def sparse_layout(fn: "AttentionFunction", max_len: int) -> tuple[Optional[Spars
         if failed:
             return None, why
     try:
-        mask = _long_mask(fn)
+        mask = long_mask(fn)
     except ONNXExportError as exc:
         return None, str(exc)
     cross = crossover(fn.spec, fn.n_heads)
@@ -147,7 +145,6 @@ def sparse_layout(fn: "AttentionFunction", max_len: int) -> tuple[Optional[Spars
 
 
 def _layout(mask, n_heads: int, length: int, block: int) -> SparseLayout:
-    from lcpass.layout import build_layout
 
     part, full = (m[0] for m in build_layout(mask, n_heads, length, length, block).block_maps())
     maps = (part | full).numpy()  # [H, M, M]
@@ -157,11 +154,10 @@ def _layout(mask, n_heads: int, length: int, block: int) -> SparseLayout:
     return SparseLayout(block, rows, cols)
 
 
-def sparse_function_proto(fn: "AttentionFunction", layout: SparseLayout, doc: str) -> onnx.FunctionProto:
+def sparse_function_proto(fn: AttentionFunction, layout: SparseLayout, doc: str) -> onnx.FunctionProto:
     """``lcpass`` function (q, k, v, past_key, past_value) -> (y, present_key, present_value)."""
-    from lcpass.onnx_attention import DOMAIN, MS_DOMAIN, OPSET, _Body
 
-    body = _Body()
+    body = Body()
 
     def to3(x: str) -> str:  # [B, H, S, D] -> [B, S, H*D]
         return body.op("Reshape", body.op("Transpose", x, perm=[0, 2, 1, 3]), body.const([0, 0, -1]))
@@ -183,9 +179,8 @@ def sparse_function_proto(fn: "AttentionFunction", layout: SparseLayout, doc: st
                                 doc_string=doc)
 
 
-def add_kv_buffers(model: onnx.ModelProto, sparse: dict[str, "AttentionFunction"]) -> list[str]:
+def add_kv_buffers(model: onnx.ModelProto, sparse: dict[str, AttentionFunction]) -> list[str]:
     """Give every call of a SparseAttention function its KV buffer inputs/outputs (graph order)."""
-    from lcpass.onnx_attention import DOMAIN
 
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
     added: list[str] = []

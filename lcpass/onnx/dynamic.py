@@ -27,7 +27,7 @@ the same thing step by step, so that onnxruntime picks the same blocks:
 5. the block map is expanded to an element mask ``[B, Hq, Sq, Sk]`` with two ``Gather`` (query block of
    each query, key block of each key) and intersected with the causal mask.
 
-The caller (:func:`lcpass.onnx_attention.function_proto`) feeds that mask to ONNX ``Attention`` and
+The caller (:func:`lcpass.onnx.attention.function_proto`) feeds that mask to ONNX ``Attention`` and
 switches to the exact causal mask below the site's crossover length, as ``planned_attention`` does.
 
 **Mask, not gather.** The selected blocks are passed as a bool mask over all keys rather than gathered:
@@ -42,7 +42,7 @@ blocks scoring exactly alike (e.g. copies of the same tokens) may resolve differ
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 from onnx import TensorProto
@@ -50,9 +50,7 @@ from onnx import TensorProto
 from lcpass.lower import lowering_kind, parse_spec, site_state
 from lcpass.methods import get_method, list_methods, resolve_params
 from lcpass.methods.dynamic.common import FORCE  # the score of blocks a method always keeps
-
-if TYPE_CHECKING:
-    from lcpass.onnx_attention import AttentionFunction, _Body
+from lcpass.onnx.common import AttentionFunction, Body, ONNXExportError
 
 __all__ = ["BlockGraph", "check_state", "dynamic_method", "emit_dynamic_mask", "onnx_methods"]
 
@@ -64,16 +62,10 @@ def onnx_methods() -> tuple[str, ...]:
     return tuple(m.name for m in list_methods() if getattr(m, "onnx", None) is not None)
 
 
-def _export_error(text: str) -> Exception:
-    from lcpass.onnx_attention import ONNXExportError  # the ONNX wing's error type (its top file)
-
-    return ONNXExportError(text)
-
-
-def dynamic_method(fn: "AttentionFunction") -> Optional[tuple[str, dict[str, Any]]]:
+def dynamic_method(fn: AttentionFunction) -> Optional[tuple[str, dict[str, Any]]]:
     """The site's dynamic method and its parameters when its plan has one, else None.
 
-    Raises :class:`lcpass.onnx_attention.ONNXExportError` when the method's record has no ONNX lowering,
+    Raises :class:`lcpass.onnx.attention.ONNXExportError` when the method's record has no ONNX lowering,
     when the heads of the site mix methods, or when the site carries a padding mask (the engine then runs
     each row alone on its real keys, which the graph does not reproduce).
     """
@@ -85,17 +77,17 @@ def dynamic_method(fn: "AttentionFunction") -> Optional[tuple[str, dict[str, Any
         return None
     bad = [n for n in dynamic if getattr(get_method(n), "onnx", None) is None]
     if bad:
-        raise _export_error(
+        raise ONNXExportError(
             f"dynamic (content-selected) methods {bad} have no ONNX lowering; dynamic methods with one: "
             f"{list(onnx_methods())}; export the others with format='torch', or plan those sites with a static method")
     if len({(n, tuple(sorted(p.items()))) for n, p in specs}) != 1:
-        raise _export_error(
+        raise ONNXExportError(
             f"the heads of this site mix methods ({sorted({n for n, _ in specs})}) and one of them is dynamic "
             f"{dynamic}; the ONNX lowering needs one dynamic method for every head of a site; plan the whole "
             f"site with it, or export with format='torch'")
     if fn.mask != "none" and lowering_kind(fn.mask_kind) == "sparse" and fn.is_causal and fn.window < 0 \
             and not fn.softcap:
-        raise _export_error(
+        raise ONNXExportError(
             f"a {dynamic[0]} site with a padding mask ({fn.mask_kind}) has no ONNX lowering (each row selects on "
             f"its own real keys); export without an attention_mask input, or with format='torch'")
     name, params = specs[0]
@@ -107,7 +99,7 @@ def check_state(name: str, site: str, spec: str = "") -> None:
     record's ``onnx.refuse``: e.g. a learned SeerAttention gate loaded into the site's state)."""
     why = get_method(name).onnx.refuse(site_state(site, spec))
     if why:
-        raise _export_error(why)
+        raise ONNXExportError(why)
 
 
 class BlockGraph:
@@ -120,7 +112,7 @@ class BlockGraph:
     query block reach. ``op(type, *inputs, **attrs)`` adds a node, ``const`` an int64 constant, ``f32`` a
     float one."""
 
-    def __init__(self, body: "_Body", fn: "AttentionFunction", p: int, sq: str, sk: str) -> None:
+    def __init__(self, body: Body, fn: AttentionFunction, p: int, sq: str, sk: str) -> None:
         self.body, self.p, self.sq, self.sk = body, p, sq, sk
         self.hq, self.hkv, self.d = fn.n_heads, fn.n_kv_heads, fn.head_dim
         self.g = self.hq // self.hkv
@@ -178,7 +170,7 @@ class BlockGraph:
         return self.body.op("Transpose", x, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
 
 
-def emit_dynamic_mask(body: "_Body", fn: "AttentionFunction", name: str, params: dict[str, Any], qpos: str,
+def emit_dynamic_mask(body: Body, fn: AttentionFunction, name: str, params: dict[str, Any], qpos: str,
                       kvpos: str, sq: str, sk: str) -> str:
     """Bool ``[B, Hq, Sq, Sk]``: the keys method ``name`` selects for each query, causal included.
 

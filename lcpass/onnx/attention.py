@@ -13,9 +13,9 @@ export). A body is either
 * ``com.microsoft.GroupQueryAttention`` with ``local_window_size`` when every head is a pure causal
   sliding window at every length (no sinks, no mask tensor), which onnxruntime runs natively; or
 * for the block top-k dynamic methods (Quest, Landmark, the training-free SeerAttention gate), ``Attention``
-  with the method's selection computed in standard ops as a bool mask (:mod:`lcpass.onnx_dynamic`); or
+  with the method's selection computed in standard ops as a bool mask (:mod:`lcpass.onnx.dynamic`); or
 * with ``onnx_ops="ort"``, ``com.microsoft.SparseAttention`` for block-aligned static layouts, the function
-  then taking and returning KV buffers (:mod:`lcpass.onnx_sparse`).
+  then taking and returning KV buffers (:mod:`lcpass.onnx.sparse`).
 
 Example::
 
@@ -26,9 +26,7 @@ Example::
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -39,120 +37,13 @@ from onnx import TensorProto, helper
 from lcpass import masks as M
 from lcpass.lower import crossover as _crossover
 from lcpass.lower import checked_claim, lowering_kind, site_mask
+from lcpass.onnx.common import (DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, Body, ONNXExportError, base_mask,
+                                long_mask, simplify_mask)
+from lcpass.onnx.dynamic import check_state, dynamic_method, emit_dynamic_mask
+from lcpass.onnx.sparse import add_kv_buffers, sparse_function_proto, sparse_layout as _sparse_layout_of
 from lcpass.patterns.maskinfo import NEG_LIMIT  # a fill at or below this masks a key out
-from lcpass.onnx_dynamic import check_state, dynamic_method, emit_dynamic_mask
-from lcpass.onnx_sparse import add_kv_buffers, sparse_function_proto
 
-__all__ = ["DOMAIN", "OPSET", "AttentionFunction", "translation_table", "attach_functions", "function_proto",
-           "pure_sliding_window", "precheck", "ONNXExportError"]
-
-DOMAIN = "lcpass"
-OPSET = 23
-MS_DOMAIN = "com.microsoft"
-_PROBE_LENS = (4099, 65537)  # lengths at which a mask is built to see whether it depends on the length
-
-
-class ONNXExportError(ValueError):
-    """A site that cannot be written as ONNX; the message names the site and what to do instead."""
-
-
-@dataclass(frozen=True)
-class AttentionFunction:
-    """Everything one ``lcpass`` function body depends on (sites that agree share one function)."""
-
-    planned: bool  # planned_attention (spec applies) or the canonical op (exact attention)
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    scale: float
-    is_causal: bool
-    window: int
-    softcap: float
-    mask: str  # "none" | "bool" | "float": the mask tensor input
-    mask_kind: str  # the detector's mask label (padding, bias ...), planned ops only
-    spec: str  # spec_json of the head specs ("" for the canonical op)
-    same_len: bool  # Sq == Sk symbolically (self-attention without cache)
-    static_len: tuple[int, ...] = ()  # (Sq, Sk) when the export has a fixed sequence length
-    ort_max_len: int = 0  # onnx_ops="ort": keys the SparseAttention layout covers (0 = default lowering)
-    sinks: bool = False  # a learned sink logit per row (input "sinks", broadcastable to [B, Hq, Sq, 1])
-    chunk: int = -1  # chunked attention: chunks of this many positions from each row's first attended key
-
-    @property
-    def name(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-        return f"attention_{digest}"
-
-
-# ------------------------------------------------------------------------------------ mask algebra
-
-
-def _simplify(mask: M.MaskMod) -> tuple:
-    """('full',), ('causal',), ('sliding', w), ('empty',) or ('other',) for a mask's key tree."""
-    key = mask._key
-    kind = key[0]
-    if kind == "full":
-        return ("full",)
-    if kind == "causal":
-        return ("causal",)
-    if kind == "sliding_window" and isinstance(key[1], int):
-        return ("sliding", key[1])
-    if kind == "sink" and key[1] == 0:
-        return ("empty",)
-    if kind == "or":
-        parts = [p for p in (_simplify(m) for m in key[1]) if p != ("empty",)]
-        if ("full",) in parts:
-            return ("full",)
-        return parts[0] if len(set(parts)) == 1 else (("empty",) if not parts else ("other",))
-    if kind == "and":
-        out: tuple = ("full",)
-        for p in (_simplify(m) for m in key[1]):
-            if p == ("empty",):
-                return p
-            if p == ("other",):
-                return p
-            if out == ("full",):
-                out = p
-            elif p == ("full",):
-                continue
-            elif out == ("causal",):
-                out = p
-            elif p == ("causal",):
-                continue
-            else:  # two windows
-                out = ("sliding", min(out[1], p[1]))
-        return out
-    if kind == "per_head":
-        parts = {_simplify(m) for m in key[1]}
-        return parts.pop() if len(parts) == 1 else ("other",)
-    return ("other",)
-
-
-def _base_mask(is_causal: bool, window: int) -> M.MaskMod:
-    parts = []
-    if is_causal:
-        parts.append(M.causal_mask())
-    if window >= 0:
-        parts.append(M.sliding_window_mask(window))
-    return M.and_masks(*parts) if parts else M.full_mask()
-
-
-def _long_mask(fn: AttentionFunction) -> M.MaskMod:
-    """The mask the planned op applies above its crossover; ONNXExportError when it depends on length or
-    on the content (dynamic methods)."""
-    from lcpass.lower import parse_spec
-    from lcpass.methods import get_method
-
-    dynamic = sorted({name for name, _ in parse_spec(fn.spec) if get_method(name).kind == "dynamic"})
-    if dynamic:  # callers check lcpass.onnx_dynamic.dynamic_method first
-        raise ONNXExportError(f"dynamic methods {dynamic} select by content: no static mask (lcpass.onnx_dynamic)")
-    if fn.static_len:
-        return site_mask(fn.spec, fn.n_heads, fn.static_len[0], fn.static_len[1], fn.is_causal, fn.window)
-    a, b = (site_mask(fn.spec, fn.n_heads, n, n, fn.is_causal, fn.window) for n in _PROBE_LENS)
-    if a != b:
-        raise ONNXExportError(
-            f"the plan {fn.spec} builds a mask that depends on the sequence length ({a!r} at {_PROBE_LENS[0]} "
-            f"tokens, {b!r} at {_PROBE_LENS[1]}); export it with dynamic_seq=False or format='torch'")
-    return a
+__all__ = ["translation_table", "attach_functions", "function_proto", "pure_sliding_window", "precheck"]
 
 
 def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
@@ -162,12 +53,12 @@ def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
         return None
     if fn.mask != "none" or not fn.same_len or fn.n_heads % fn.n_kv_heads:
         return None
-    short = _simplify(_base_mask(fn.is_causal, fn.window))
+    short = simplify_mask(base_mask(fn.is_causal, fn.window))
     if not fn.planned:
         return short[1] if short[0] == "sliding" else None
     if dynamic_method(fn) is not None:
         return None
-    long = _simplify(_long_mask(fn))
+    long = simplify_mask(long_mask(fn))
     if long[0] != "sliding":
         return None
     cross = _crossover(fn.spec, fn.n_heads)
@@ -177,39 +68,14 @@ def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
     return None
 
 
-# ------------------------------------------------------------------------------------ node builder
-
-
-class _Body:
-    """Collects the nodes of one function body; every value gets a fresh name."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self._n = 0
-
-    def op(self, op_type: str, *inputs: str, domain: str = "", n_out: int = 1, **attrs: Any):
-        outs = [self._fresh(op_type) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain, **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def const(self, value: Any, dtype=np.int64) -> str:
-        arr = np.asarray(value, dtype=dtype)
-        return self.op("Constant", value=helper.make_tensor(self._fresh("c"), helper.np_dtype_to_tensor_dtype(
-            arr.dtype), arr.shape, arr.flatten().tolist()))
-
-    def _fresh(self, stem: str) -> str:
-        self._n += 1
-        return f"{stem.lower()}_{self._n}"
-
-
-def _per_head(body: _Body, value: Any, n_heads: int) -> str:
+def _per_head(body: Body, value: Any, n_heads: int) -> str:
     """An int parameter (scalar) or a per-head tuple as a [1, H, 1, 1] int64 constant."""
     if isinstance(value, tuple):
         return body.const(np.asarray(value, dtype=np.int64).reshape(1, n_heads, 1, 1))
     return body.const(int(value))
 
 
-def _emit_mask(body: _Body, mask: M.MaskMod, h: str, q: str, kv: str, n_heads: int) -> Optional[str]:
+def _emit_mask(body: Body, mask: M.MaskMod, h: str, q: str, kv: str, n_heads: int) -> Optional[str]:
     """Bool value of ``mask`` broadcast over h [1,H,1,1], q [B|1,1,Sq,1], kv [B|1,1,1,Sk]; None = all True."""
     key = mask._key
     kind = key[0]
@@ -264,12 +130,12 @@ def _emit_mask(body: _Body, mask: M.MaskMod, h: str, q: str, kv: str, n_heads: i
     raise ONNXExportError(f"mask {mask!r} has no ONNX form (a plain callable); export with format='torch'")
 
 
-def _select(body: _Body, cond: str, a: str, b: str) -> str:
+def _select(body: Body, cond: str, a: str, b: str) -> str:
     """``cond ? a : b`` on bools (onnxruntime's CPU Where has no bool kernel)."""
     return body.op("Or", body.op("And", cond, a), body.op("And", body.op("Not", cond), b))
 
 
-def _and(body: _Body, a: Optional[str], b: Optional[str]) -> Optional[str]:
+def _and(body: Body, a: Optional[str], b: Optional[str]) -> Optional[str]:
     if a is None or b is None:
         return a if b is None else b
     return body.op("And", a, b)
@@ -280,7 +146,7 @@ def _and(body: _Body, a: Optional[str], b: Optional[str]) -> Optional[str]:
 
 def function_proto(fn: AttentionFunction) -> onnx.FunctionProto:
     """The ``lcpass`` function body for one site configuration (see the module docstring)."""
-    body = _Body()
+    body = Body()
     inputs = ["q", "k", "v"] + (["mask"] if fn.mask != "none" else []) + (["sinks"] if fn.sinks else [])
     doc = (f"lcpass {'planned' if fn.planned else 'canonical'} attention: {fn.spec or 'exact'}; scale={fn.scale}, "
            f"is_causal={fn.is_causal}, window={fn.window}, chunk={fn.chunk}, softcap={fn.softcap}, mask={fn.mask} ({fn.mask_kind})")
@@ -297,7 +163,7 @@ def function_proto(fn: AttentionFunction) -> onnx.FunctionProto:
     return helper.make_function(DOMAIN, fn.name, inputs, ["y"], body.nodes, imports, doc_string=doc)
 
 
-def _positions(body: _Body) -> tuple[str, str, str, str]:
+def _positions(body: Body) -> tuple[str, str, str, str]:
     """q positions [1,1,Sq,1] (absolute: Sk - Sq + i), kv positions [1,1,1,Sk], and Sq, Sk scalars."""
     sq = body.op("Squeeze", body.op("Shape", "q", start=2, end=3))
     sk = body.op("Squeeze", body.op("Shape", "k", start=2, end=3))
@@ -308,7 +174,7 @@ def _positions(body: _Body) -> tuple[str, str, str, str]:
             sq, sk)
 
 
-def _chunk_start(body: _Body, fn: AttentionFunction) -> str:
+def _chunk_start(body: Body, fn: AttentionFunction) -> str:
     """Each batch row's first key some query attends ([B|1, 1, 1, 1]; 0 without a mask): where the row's
     chunks begin (``lcpass.patterns.op.chunk_start``)."""
     if fn.mask == "none":
@@ -319,7 +185,7 @@ def _chunk_start(body: _Body, fn: AttentionFunction) -> str:
     return body.op("ArgMax", seen, axis=3, keepdims=1)
 
 
-def _chunk_keep(body: _Body, chunk: int, q: str, kv: str, start: str) -> Optional[str]:
+def _chunk_keep(body: Body, chunk: int, q: str, kv: str, start: str) -> Optional[str]:
     """``(kv - start) // chunk == (q - start) // chunk`` (floor division: both sides are shifted by one
     large multiple of the chunk first, as ONNX's integer Div truncates)."""
     if chunk < 1:
@@ -330,13 +196,13 @@ def _chunk_keep(body: _Body, chunk: int, q: str, kv: str, start: str) -> Optiona
     return body.op("Equal", index(q), index(kv))
 
 
-def _attention_body(body: _Body, fn: AttentionFunction) -> None:
+def _attention_body(body: Body, fn: AttentionFunction) -> None:
     q, kv, _sq, sk = _positions(body)
     h = body.const(np.arange(fn.n_heads, dtype=np.int64).reshape(1, fn.n_heads, 1, 1))
     bool_mask = "mask" if fn.mask == "bool" else None
     start = _chunk_start(body, fn) if fn.chunk >= 1 or (fn.planned and fn.mask != "none") else None
     # the exact path (canonical op; planned op below its crossover): the site's own mask + the mask tensor
-    keep = _and(body, _emit_mask(body, _base_mask(fn.is_causal, fn.window), h, q, kv, fn.n_heads), bool_mask)
+    keep = _and(body, _emit_mask(body, base_mask(fn.is_causal, fn.window), h, q, kv, fn.n_heads), bool_mask)
     keep = _and(body, _chunk_keep(body, fn.chunk, q, kv, start), keep) if fn.chunk >= 1 else keep
     bias = "mask" if fn.mask == "float" else None  # a float mask is added to the scores
     violated = None  # a checked claim that the run-time mask breaks: the exact path, as planned_attention runs
@@ -346,7 +212,7 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
         if claim is not None:
             user = bool_mask or body.op("Greater", "mask", body.op("CastLike", body.const(NEG_LIMIT, np.float32),
                                                                    "mask"))
-            form = _and(body, _emit_mask(body, _base_mask(*claim[:2]), h, q, kv, fn.n_heads),
+            form = _and(body, _emit_mask(body, base_mask(*claim[:2]), h, q, kv, fn.n_heads),
                         _chunk_keep(body, claim[2], q, kv, start))
             hidden = body.op("Not", form)
             violated = body.op("Cast", body.op("ReduceMax", body.op("Cast", body.op("And", user, hidden),
@@ -384,7 +250,7 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
             q_in_run = body.op("And", body.op("GreaterOrEqual", q, first), body.op("Less", q, end))
             q_valid = body.op("Or", q_in_run, body.op("Not", contiguous))
             q_run, kv_run = body.op("Sub", q, offset), body.op("Sub", kv, offset)
-            long = _and(body, _emit_mask(body, _long_mask(fn), h, q_run, kv_run, fn.n_heads), kv_keep)
+            long = _and(body, _emit_mask(body, long_mask(fn), h, q_run, kv_run, fn.n_heads), kv_keep)
             long = _and(body, long, q_valid)
             if fn.chunk >= 1:  # chunks count from the run's first key; other padding runs the exact path
                 long = _and(body, long, _chunk_keep(body, fn.chunk, q_run, kv_run, body.const(0)))
@@ -394,7 +260,7 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
         else:
             # no mask, or a bias / unnamed pattern: the method's mask on absolute positions, the tensor kept
             # (chunks from each row's first attended key)
-            long = _and(body, _emit_mask(body, _long_mask(fn), h, q, kv, fn.n_heads), bool_mask)
+            long = _and(body, _emit_mask(body, long_mask(fn), h, q, kv, fn.n_heads), bool_mask)
             if fn.chunk >= 1:
                 long = _and(body, long, _chunk_keep(body, fn.chunk, q, kv, start if fn.mask != "none"
                                                     else body.const(0)))
@@ -442,7 +308,7 @@ def _attention_body(body: _Body, fn: AttentionFunction) -> None:
                                        ["y"]))
 
 
-def _with_sink_key(body: _Body, fn: AttentionFunction) -> list[str]:
+def _with_sink_key(body: Body, fn: AttentionFunction) -> list[str]:
     """q, k, v with one more key whose score is each row's sink logit and whose value is zero: q gains a
     column sink / scale, k a zero column, and a last key row (0, ..., 0, 1); v a zero row. The row's
     softmax then has the sink logit in its denominator and nothing in its numerator, as gpt-oss computes."""
@@ -468,7 +334,7 @@ def _with_sink_key(body: _Body, fn: AttentionFunction) -> list[str]:
     return [q, k, v]
 
 
-def _gqa_body(body: _Body, fn: AttentionFunction, window: int) -> None:
+def _gqa_body(body: Body, fn: AttentionFunction, window: int) -> None:
     """com.microsoft.GroupQueryAttention on [B, S, H*D] with local_window_size = window."""
     def to3(x: str) -> str:  # [B, H, S, D] -> [B, S, H*D]
         return body.op("Reshape", body.op("Transpose", x, perm=[0, 2, 1, 3]), body.const([0, 0, -1]))
@@ -508,13 +374,11 @@ def _static(dim: Any, what: str, site: str) -> int:
 
 @lru_cache(maxsize=256)
 def _sparse(fn: AttentionFunction) -> tuple[Any, str]:
-    from lcpass.onnx_sparse import sparse_layout as layout_of
-
-    return layout_of(fn, fn.ort_max_len)
+    return _sparse_layout_of(fn, fn.ort_max_len)
 
 
 def sparse_layout(fn: AttentionFunction) -> Any:
-    """The site's :class:`lcpass.onnx_sparse.SparseLayout` under ``onnx_ops="ort"``, else None."""
+    """The site's :class:`lcpass.onnx.sparse.SparseLayout` under ``onnx_ops="ort"``, else None."""
     return _sparse(fn)[0] if fn.ort_max_len else None
 
 
@@ -583,7 +447,7 @@ def precheck(graph) -> None:
         try:
             dynamic = dynamic_method(fn)
             if dynamic is None:
-                _long_mask(fn)
+                long_mask(fn)
             else:
                 check_state(dynamic[0], str(node.args[9]), str(node.args[11]))
         except ONNXExportError as exc:
