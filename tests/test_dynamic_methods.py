@@ -136,7 +136,7 @@ def test_quest_bounds_and_selection_follow_the_definition(rows, monkeypatch):
     for share in (True, False):
         p = validate_params("quest", {"token_budget": 3 * ps, "page_size": ps, "share_kv_heads": share})
         lay = blk.quest_select(q, k, params=p, state=None, mask_mod=None)
-        want = blk._topk_layout(bf, 3, q_len=sq, kv_len=sk, block=ps, sink_blocks=1, share=share,
+        want = blk.topk_block_layout(bf, 3, q_len=sq, kv_len=sk, block=ps, sink_blocks=1, share=share,
                                 reduce="max", mask_mod=causal_mask())
         assert all(torch.equal(a, b) for a, b in zip(lay.block_maps(), want.block_maps()))
     check_engine(q, k, torch.randn(k.shape, generator=g), lay)
