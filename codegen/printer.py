@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["UnsupportedSpec", "PrintedFn", "Sym", "print_mask_mod", "print_score_mod", "SUPPORTED_OPS"]
+__all__ = ["UnsupportedSpec", "PrintedFn", "Step", "Sym", "print_mask_mod", "print_score_mod", "SUPPORTED_OPS"]
 
 
 class UnsupportedSpec(ValueError):
@@ -50,13 +50,31 @@ _INT32_MAX = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
+class Step:
+    """One traced operation, in structured form: ``name = op(*args)`` with result ``kind``.
+
+    ``args`` are variable names (str: ``"b"``, ``"h"``, ``"q_idx"``, ``"kv_idx"``, ``"score"`` or an
+    earlier step's name) or Python constants (bool / int / float). ``op`` is one of the names in
+    :data:`PrintedFn.ops`; ``"table"`` has args ``(values, dtype, index)``; ``"to"`` casts ``args[0]`` to
+    ``kind``. The Triton lines and any other printer (ONNX: :mod:`lcpass.onnx.maskmod`) read the same trace.
+    """
+
+    name: str
+    op: str
+    args: tuple
+    kind: str
+
+
+@dataclass(frozen=True)
 class PrintedFn:
     """A traced mask_mod / score_mod printed as Triton.
 
     ``lines``: SSA statements (``mm_3 = mm_1 < 64``) to paste before the use; ``expr``: the result
     (a variable name or literal), ``None`` when a mask is the constant True (nothing to apply);
     ``tables``: per-head parameter tables in argument order (``{prefix}tab{i}``); ``table_dtypes``:
-    ``"int32"`` or ``"float32"`` per table; ``ops``: the op names used (for reports and tests).
+    ``"int32"`` or ``"float32"`` per table; ``ops``: the op names used (for reports and tests);
+    ``steps``: the same statements as :class:`Step` records; ``result``: the output as a step operand
+    (a variable name or a constant), ``kind`` its kind.
     """
 
     lines: tuple[str, ...]
@@ -66,6 +84,9 @@ class PrintedFn:
     ops: frozenset[str]
     prefix: str
     name: str
+    steps: tuple[Step, ...] = ()
+    result: Any = None
+    kind: str = "bool"
 
     @property
     def table_names(self) -> tuple[str, ...]:
@@ -104,14 +125,16 @@ class _Builder:
     tables: list[tuple] = field(default_factory=list)
     table_dtypes: list[str] = field(default_factory=list)
     ops: set[str] = field(default_factory=set)
+    steps: list[Step] = field(default_factory=list)
 
-    def emit(self, rhs: str, kind: str, op: str) -> "Sym":
+    def emit(self, rhs: str, kind: str, op: str, args: tuple = ()) -> "Sym":
         self.ops.add(op)
         name = self.memo.get(rhs)
         if name is None:
             name = f"{self.prefix}{len(self.memo)}"
             self.memo[rhs] = name
             self.lines.append(f"{name} = {rhs}")
+            self.steps.append(Step(name, op, args, kind))
         return Sym(self, name, kind)
 
     def table(self, values: tuple, dtype: str) -> str:
@@ -157,6 +180,17 @@ def _operand(x: Any, b: _Builder) -> tuple[str, str]:
     return _lit(x, b)
 
 
+def _arg(x: Any, b: _Builder) -> Any:
+    """``x`` as a :class:`Step` operand: a variable name, or the constant (checked by :func:`_lit`)."""
+    if isinstance(x, Sym):
+        return x.name if x.value is _VAR else x.value
+    _lit(x, b)
+    return x.item() if isinstance(x, torch.Tensor) else x
+
+
+_VAR = object()  # Sym.value of a traced variable (a constant Sym holds its Python value)
+
+
 def _promote(*kinds: str) -> str:
     if "float" in kinds:
         return "float"
@@ -176,10 +210,11 @@ class Sym:
     shape = torch.Size([])
     device = torch.device("cpu")
 
-    def __init__(self, builder: _Builder, name: str, kind: str) -> None:
+    def __init__(self, builder: _Builder, name: str, kind: str, value: Any = _VAR) -> None:
         self._b = builder
         self.name = name
         self.kind = kind  # "int" | "bool" | "float"
+        self.value = value  # _VAR, or the Python constant this Sym stands for
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,9 +236,10 @@ class Sym:
     def _bin(self, other: Any, fmt: str, op: str, kind: str | None = None, swap: bool = False) -> "Sym":
         a, ka = _operand(self, self._b)
         o, ko = _operand(other, self._b)
+        args = (_arg(self, self._b), _arg(other, self._b))
         if swap:
-            a, o, ka, ko = o, a, ko, ka
-        return self._b.emit(fmt.format(a=a, b=o), kind or _promote(ka, ko), op)
+            a, o, ka, ko, args = o, a, ko, ka, args[::-1]
+        return self._b.emit(fmt.format(a=a, b=o), kind or _promote(ka, ko), op, args)
 
     def _logic(self, other: Any, sym: str, op: str, swap: bool = False) -> "Sym":
         ko = _operand(other, self._b)[1]
@@ -238,9 +274,9 @@ class Sym:
     def __rfloordiv__(self, o): return self._floor(o, "lc_floordiv", "floordiv", swap=True)
     def __mod__(self, o): return self._floor(o, "lc_floormod", "remainder")
     def __rmod__(self, o): return self._floor(o, "lc_floormod", "remainder", swap=True)
-    def __neg__(self): return self._b.emit(f"-{self.name}", self.kind, "neg")
+    def __neg__(self): return self._b.emit(f"-{self.name}", self.kind, "neg", (_arg(self, self._b),))
     def __pos__(self): return self
-    def __abs__(self): return self._b.emit(f"tl.abs({self.name})", self.kind, "abs")
+    def __abs__(self): return self._b.emit(f"tl.abs({self.name})", self.kind, "abs", (_arg(self, self._b),))
     def __and__(self, o): return self._logic(o, "&", "and")
     def __rand__(self, o): return self._logic(o, "&", "and", swap=True)
     def __or__(self, o): return self._logic(o, "|", "or")
@@ -250,9 +286,9 @@ class Sym:
 
     def __invert__(self):
         if self.kind == "bool":
-            return self._b.emit(f"{self.name} == 0", "bool", "not")
+            return self._b.emit(f"{self.name} == 0", "bool", "not", (_arg(self, self._b),))
         if self.kind == "int":
-            return self._b.emit(f"~{self.name}", "int", "invert")
+            return self._b.emit(f"~{self.name}", "int", "invert", (_arg(self, self._b),))
         raise self._b.unsupported("'~' on a float value")
 
     def _cmp(self, o, sym, op): return self._bin(o, "{a} " + sym + " {b}", op, "bool")
@@ -270,6 +306,8 @@ class Sym:
     def int(self): return _cast(self, torch.int32)
     def bool(self): return _cast(self, torch.bool)
     def float(self): return _cast(self, torch.float32)
+    def abs(self): return self.__abs__()
+    def exp(self): return _TORCH_FNS["exp"](self._b, self)
     def expand(self, *a, **k): return self
     def expand_as(self, o): return self
     def clone(self): return self
@@ -294,18 +332,19 @@ def _dtype_of(args: tuple, kwargs: dict) -> torch.dtype:
 
 
 def _cast(x: Sym, dtype: torch.dtype) -> Sym:
+    a = (_arg(x, x._b),)
     if dtype == torch.bool:
-        return x if x.kind == "bool" else x._b.emit(f"{x.name} != 0", "bool", "to")
+        return x if x.kind == "bool" else x._b.emit(f"{x.name} != 0", "bool", "to", a)
     if dtype.is_floating_point:
-        return x if x.kind == "float" else x._b.emit(f"{x.name}.to(tl.float32)", "float", "to")
-    return x if x.kind == "int" else x._b.emit(f"{x.name}.to(tl.int32)", "int", "to")
+        return x if x.kind == "float" else x._b.emit(f"{x.name}.to(tl.float32)", "float", "to", a)
+    return x if x.kind == "int" else x._b.emit(f"{x.name}.to(tl.int32)", "int", "to", a)
 
 
 def _as_sym(b: _Builder, x: Any) -> Sym:
     if isinstance(x, Sym):
         return x
     text, kind = _lit(x, b)
-    return Sym(b, text, kind)
+    return Sym(b, text, kind, x.item() if isinstance(x, torch.Tensor) else x)
 
 
 def _binary(method: str) -> Callable:
@@ -329,14 +368,14 @@ def _where(b: _Builder, cond: Any, x: Any, y: Any) -> Sym:
     c = _operand(cond, b)[0]
     xo, kx = _operand(x, b)
     yo, ky = _operand(y, b)
-    return b.emit(f"tl.where({c}, {xo}, {yo})", _promote(kx, ky), "where")
+    return b.emit(f"tl.where({c}, {xo}, {yo})", _promote(kx, ky), "where", (_arg(cond, b), _arg(x, b), _arg(y, b)))
 
 
 def _minmax(fn: str) -> Callable:
     def h(b: _Builder, x: Any, y: Any) -> Sym:
         xo, kx = _operand(x, b)
         yo, ky = _operand(y, b)
-        return b.emit(f"{fn}({xo}, {yo})", _promote(kx, ky), fn.split(".")[-1])
+        return b.emit(f"{fn}({xo}, {yo})", _promote(kx, ky), fn.split(".")[-1], (_arg(x, b), _arg(y, b)))
     return h
 
 
@@ -354,7 +393,7 @@ def _unary(fmt: str, op: str, kind: str | None = None) -> Callable:
         xs = _as_sym(b, x)
         if kind == "float" and xs.kind != "float":
             xs = _cast(xs, torch.float32)
-        return b.emit(fmt.format(x=xs.name), kind or xs.kind, op)
+        return b.emit(fmt.format(x=xs.name), kind or xs.kind, op, (_arg(xs, b),))
     return h
 
 
@@ -372,7 +411,7 @@ def _getitem(b: _Builder, table: Any, index: Any) -> Sym:
         if any(abs(v) > _INT32_MAX for v in vals):
             raise b.unsupported(f"a per-head table {vals} with values beyond int32")
     name = b.table(vals, dt)
-    out = b.emit(f"tl.load({name} + {index.name})", kind, "table")
+    out = b.emit(f"tl.load({name} + {index.name})", kind, "table", (vals, dt, _arg(index, b)))
     return _cast(out, torch.bool) if table.dtype == torch.bool else out
 
 
@@ -452,8 +491,10 @@ def _finish(b: _Builder, out: Any, name: str, want: str) -> PrintedFn:
                 expr = text
         else:
             expr = text
+    result = _arg(out, b) if isinstance(out, Sym) else (out.item() if isinstance(out, torch.Tensor) else out)
+    kind = out.kind if isinstance(out, Sym) else _lit(out, b)[1]
     return PrintedFn(tuple(b.lines), expr, tuple(b.tables), tuple(b.table_dtypes), frozenset(b.ops),
-                     b.prefix, name)
+                     b.prefix, name, tuple(b.steps), result, kind)
 
 
 def _call(fn: Callable, args: tuple, b: _Builder) -> Any:

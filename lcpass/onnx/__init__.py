@@ -2,6 +2,7 @@
 
 * :mod:`lcpass.onnx.common` — domains, opset, :class:`ONNXExportError`, the site configuration a function
   body depends on (:class:`AttentionFunction`), the body builder and the static-mask algebra;
+* :mod:`lcpass.onnx.maskmod` — a mask_mod as ONNX ops, from the same trace the Triton printer reads;
 * :mod:`lcpass.onnx.attention` — one ``lcpass``-domain function per site configuration (ONNX
   ``Attention`` with the method's mask built in-graph, or ``com.microsoft.GroupQueryAttention`` for a
   pure sliding window) and the translation table ``torch.onnx.export`` uses;
@@ -10,7 +11,7 @@
 * :mod:`lcpass.onnx.sparse` — ``com.microsoft.SparseAttention`` for block-aligned static layouts
   (``onnx_ops="ort"``) and running such a model with shared KV buffers.
 
-Import order is a line: common <- dynamic <- sparse <- attention (no circle).
+Import order: common <- maskmod, dynamic <- sparse <- attention (no circle).
 """
 from lcpass.onnx.attention import attach_functions, function_proto, precheck, pure_sliding_window, translation_table
 from lcpass.onnx.common import DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, ONNXExportError

@@ -7,8 +7,9 @@ functions' bodies to the model (the exporter inlines local functions, so they ar
 export). A body is either
 
 * ``Attention`` (opset 23) with the method's mask built in-graph from positions: ``Range`` over the
-  query/key positions, comparisons for causal, sinks, windows, strides, dilation and block diagonals,
-  ``Where`` over a head index for per-head plans (a ``[H, Sq, Sk]`` computation); the mask switches to
+  query/key positions and the mask's own ``mask_mod`` traced and emitted op by op
+  (:mod:`lcpass.onnx.maskmod`, the trace the Triton printer reads; per-head parameters gathered by a head
+  index, a ``[H, Sq, Sk]`` computation); the mask switches to
   the site's own below the method's crossover length, exactly as the planned op does; or
 * ``com.microsoft.GroupQueryAttention`` with ``local_window_size`` when every head is a pure causal
   sliding window at every length (no sinks, no mask tensor), which onnxruntime runs natively; or
@@ -34,12 +35,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lcpass import masks as M
 from lcpass.lower import crossover as _crossover
 from lcpass.lower import checked_claim, lowering_kind, site_mask
 from lcpass.onnx.common import (DOMAIN, MS_DOMAIN, OPSET, AttentionFunction, Body, ONNXExportError, base_mask,
                                 long_mask, simplify_mask)
 from lcpass.onnx.dynamic import check_state, dynamic_method, emit_dynamic_mask
+from lcpass.onnx.maskmod import emit_mask_mod
 from lcpass.onnx.sparse import add_kv_buffers, sparse_function_proto, sparse_layout as _sparse_layout_of
 from lcpass.patterns.maskinfo import NEG_LIMIT  # a fill at or below this masks a key out
 
@@ -66,68 +67,6 @@ def pure_sliding_window(fn: AttentionFunction) -> Optional[int]:
     if short == long or (short == ("causal",) and cross <= long[1] + 1):
         return long[1]
     return None
-
-
-def _per_head(body: Body, value: Any, n_heads: int) -> str:
-    """An int parameter (scalar) or a per-head tuple as a [1, H, 1, 1] int64 constant."""
-    if isinstance(value, tuple):
-        return body.const(np.asarray(value, dtype=np.int64).reshape(1, n_heads, 1, 1))
-    return body.const(int(value))
-
-
-def _emit_mask(body: Body, mask: M.MaskMod, h: str, q: str, kv: str, n_heads: int) -> Optional[str]:
-    """Bool value of ``mask`` broadcast over h [1,H,1,1], q [B|1,1,Sq,1], kv [B|1,1,1,Sk]; None = all True."""
-    key = mask._key
-    kind = key[0]
-    if kind == "full":
-        return None
-    if kind == "causal":
-        return body.op("LessOrEqual", kv, q)
-    if kind == "sliding_window":
-        d = body.op("Sub", q, kv)
-        return body.op("And", body.op("GreaterOrEqual", d, body.const(0)),
-                       body.op("Less", d, _per_head(body, key[1], n_heads)))
-    if kind == "sink":
-        return body.op("Less", kv, _per_head(body, key[1], n_heads))
-    if kind == "strided":
-        return body.op("Equal", body.op("Mod", kv, body.const(key[1])), _per_head(body, key[2], n_heads))
-    if kind == "dilated_window":
-        w, dl = key[1], key[2]
-        hi = tuple((a - 1) * b for a, b in zip(*(x if isinstance(x, tuple) else (x,) * n_heads for x in (w, dl)))) \
-            if isinstance(w, tuple) or isinstance(dl, tuple) else (w - 1) * dl
-        d = body.op("Sub", q, kv)
-        band = body.op("And", body.op("GreaterOrEqual", d, body.const(0)),
-                       body.op("LessOrEqual", d, _per_head(body, hi, n_heads)))
-        step = body.op("Equal", body.op("Mod", d, _per_head(body, dl, n_heads)), body.const(0))
-        return body.op("And", band, step)
-    if kind == "s2_block_local":  # q // bs - kv // bs < local_blocks
-        bs = body.const(key[1])
-        return body.op("Less", body.op("Sub", body.op("Div", q, bs), body.op("Div", kv, bs)), body.const(key[2]))
-    if kind == "s2_block_strided":  # (kv // bs) % stride == (-(offset + 1)) % stride
-        return body.op("Equal", body.op("Mod", body.op("Div", kv, body.const(key[1])), body.const(key[2])),
-                       body.const((-(key[3] + 1)) % key[2]))
-    if kind == "block_diagonal":
-        g, sh = body.const(key[1]), _per_head(body, key[2], n_heads)
-        return body.op("Equal", body.op("Div", body.op("Add", q, sh), g), body.op("Div", body.op("Add", kv, sh), g))
-    if kind in ("and", "or"):
-        parts = [_emit_mask(body, m, h, q, kv, n_heads) for m in key[1]]
-        if kind == "or" and any(p is None for p in parts):
-            return None
-        parts = [p for p in parts if p is not None]
-        if not parts:
-            return None
-        out = parts[0]
-        for p in parts[1:]:
-            out = body.op("And" if kind == "and" else "Or", out, p)
-        return out
-    if kind == "per_head":
-        true = body.const(True, dtype=np.bool_)
-        out = None
-        for i, m in enumerate(key[1]):
-            v = _emit_mask(body, m, h, q, kv, n_heads) or true
-            out = v if out is None else _select(body, body.op("Equal", h, body.const(i)), v, out)
-        return out
-    raise ONNXExportError(f"mask {mask!r} has no ONNX form (a plain callable); export with format='torch'")
 
 
 def _select(body: Body, cond: str, a: str, b: str) -> str:
@@ -202,7 +141,7 @@ def _attention_body(body: Body, fn: AttentionFunction) -> None:
     bool_mask = "mask" if fn.mask == "bool" else None
     start = _chunk_start(body, fn) if fn.chunk >= 1 or (fn.planned and fn.mask != "none") else None
     # the exact path (canonical op; planned op below its crossover): the site's own mask + the mask tensor
-    keep = _and(body, _emit_mask(body, base_mask(fn.is_causal, fn.window), h, q, kv, fn.n_heads), bool_mask)
+    keep = _and(body, emit_mask_mod(body, base_mask(fn.is_causal, fn.window), h, q, kv), bool_mask)
     keep = _and(body, _chunk_keep(body, fn.chunk, q, kv, start), keep) if fn.chunk >= 1 else keep
     bias = "mask" if fn.mask == "float" else None  # a float mask is added to the scores
     violated = None  # a checked claim that the run-time mask breaks: the exact path, as planned_attention runs
@@ -212,7 +151,7 @@ def _attention_body(body: Body, fn: AttentionFunction) -> None:
         if claim is not None:
             user = bool_mask or body.op("Greater", "mask", body.op("CastLike", body.const(NEG_LIMIT, np.float32),
                                                                    "mask"))
-            form = _and(body, _emit_mask(body, base_mask(*claim[:2]), h, q, kv, fn.n_heads),
+            form = _and(body, emit_mask_mod(body, base_mask(*claim[:2]), h, q, kv),
                         _chunk_keep(body, claim[2], q, kv, start))
             hidden = body.op("Not", form)
             violated = body.op("Cast", body.op("ReduceMax", body.op("Cast", body.op("And", user, hidden),
@@ -250,7 +189,7 @@ def _attention_body(body: Body, fn: AttentionFunction) -> None:
             q_in_run = body.op("And", body.op("GreaterOrEqual", q, first), body.op("Less", q, end))
             q_valid = body.op("Or", q_in_run, body.op("Not", contiguous))
             q_run, kv_run = body.op("Sub", q, offset), body.op("Sub", kv, offset)
-            long = _and(body, _emit_mask(body, long_mask(fn), h, q_run, kv_run, fn.n_heads), kv_keep)
+            long = _and(body, emit_mask_mod(body, long_mask(fn), h, q_run, kv_run), kv_keep)
             long = _and(body, long, q_valid)
             if fn.chunk >= 1:  # chunks count from the run's first key; other padding runs the exact path
                 long = _and(body, long, _chunk_keep(body, fn.chunk, q_run, kv_run, body.const(0)))
@@ -260,7 +199,7 @@ def _attention_body(body: Body, fn: AttentionFunction) -> None:
         else:
             # no mask, or a bias / unnamed pattern: the method's mask on absolute positions, the tensor kept
             # (chunks from each row's first attended key)
-            long = _and(body, _emit_mask(body, long_mask(fn), h, q, kv, fn.n_heads), bool_mask)
+            long = _and(body, emit_mask_mod(body, long_mask(fn), h, q, kv), bool_mask)
             if fn.chunk >= 1:
                 long = _and(body, long, _chunk_keep(body, fn.chunk, q, kv, start if fn.mask != "none"
                                                     else body.const(0)))
