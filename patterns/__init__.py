@@ -23,9 +23,10 @@ from torch.fx import GraphModule, Node
 from .anchors import anchor_order
 from .graphinfo import eliminate_dead_code
 from .maskinfo import MaskInfo, analyse_masks
-from .matcher import Match, Rejection, find_matches
+from .matcher import find_matches
 from .op import CANONICAL_OP, CanonicalArgs, attention, canonical_args, reference
 from .opaque import lower_opaque
+from .records import Match, Rejection
 from .rewrite import Site, rewrite_matches
 
 __all__ = [

@@ -31,8 +31,8 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from .graphinfo import constant_number, shape_of, vmap_state
-from .matcher import Match
 from .op import chunk_start, positional_keep
+from .records import Match
 
 aten = torch.ops.aten
 

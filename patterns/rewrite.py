@@ -11,8 +11,8 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .graphinfo import dtype_of, eliminate_dead_code, rank_of, shape_of, value_of
 from .maskinfo import MaskInfo
-from .matcher import Match, Operand
 from .op import CANONICAL_OP
+from .records import Match, Operand
 from .vocab import is_assert
 
 aten = torch.ops.aten
