@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from lcpass.kv import CompressedCache
 from lcpass.kv.attend import attend_layer
-from lcpass.kv.cache import LayerBinding, heads_key
+from lcpass.kv.layer import LayerBinding, heads_key
 from lcpass.lower import spec_json
 from lcpass.methods import kv_head_policies
 

@@ -35,6 +35,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lcpass.kv.attend import attend_layer
+from lcpass.kv.cache import compress_cache, plan_label
+from lcpass.kv.layer import LayerBinding, heads_key, parse_spec
 from lcpass.lower import PLANNED_OP, checked_kind
 
 __all__ = ["SiteRuntime", "SiteHits", "install", "uninstall", "is_transformers_model", "set_kv_cache", "new_cache",
@@ -153,8 +156,6 @@ def site_attention(rt: Optional[SiteRuntime], hits: Optional[SiteHits], module: 
     if handle is not None and handle.mode != "prefill":
         _check_binding(handle.layer, rt)
         if handle.mode == "compressed":
-            from lcpass.kv.attend import attend_layer
-
             if query.shape[2] == 1:
                 handle.layer.evict()  # one query: what it may not see is exactly what the policy drops now
             out = attend_layer(handle.layer, query, scale, cap)
@@ -256,9 +257,7 @@ def _kv_keep(mask: Optional[torch.Tensor], batch: int, kv_len: int) -> Optional[
 
 
 def layer_binding(rt: Optional[SiteRuntime], query: torch.Tensor, key: torch.Tensor, kv_len: int):
-    """The :class:`lcpass.kv.cache.LayerBinding` (and head specs) a site gives its cache layer."""
-    from lcpass.kv.cache import LayerBinding, heads_key, parse_spec
-
+    """The :class:`lcpass.kv.layer.LayerBinding` (and head specs) a site gives its cache layer."""
     n_heads, n_kv = query.shape[1], key.shape[1]
     if rt is None or rt.dense:
         return LayerBinding(rt.site if rt else "", rt.plan if rt else "", heads_key([("dense", {})]), "", n_heads,
@@ -324,8 +323,6 @@ def install(model: torch.nn.Module, runtimes: dict[str, list[SiteRuntime]], *, r
     if rename and impl not in ("sdpa", "eager"):
         raise ValueError(f"lcpass.optimize: attn_implementation={impl!r} is not supported; load the model with "
                          "attn_implementation='sdpa' or 'eager'")
-    from lcpass.kv.cache import parse_spec, plan_label
-
     flat = [rt for rts in runtimes.values() for rt in rts]
     label = plan_label({rt.site: parse_spec(rt.spec) for rt in flat if not rt.dense})
     site_modules = []
@@ -417,8 +414,6 @@ def new_cache(model: torch.nn.Module, own: Any = None) -> Any:
     opts = kv_options(model)
     if not opts.get("enabled"):
         return None
-    from lcpass.kv.cache import compress_cache
-
     own = own if own is not None else _own_cache(model)
     if own is None:
         return None

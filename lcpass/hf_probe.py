@@ -35,9 +35,10 @@ import torch
 
 from lcpass.capture import hf_defaults
 from lcpass.errors import UnsupportedModelError
-from lcpass.hf import (FALLBACK_OK, SiteRuntime, hits_of, install, kv_options, module_of, new_cache, reset_hits,
-                       set_kv_cache, uninstall)
+from lcpass.hf import (FALLBACK_OK, SiteRuntime, cache_kwarg, hits_of, install, kv_options, module_of, new_cache,
+                       reset_hits, set_kv_cache, uninstall)
 from lcpass.hf_inline import InlineSite, install_inline
+from lcpass.kv.cache import CompressedCache
 from lcpass.outputs import main_output
 
 __all__ = ["ProvenRoutes", "prove_routes", "probe_tolerance", "PROBE_DENSE_BELOW"]
@@ -199,9 +200,6 @@ def _probe_cache(model: torch.nn.Module, inputs: dict[str, Any], result: ProvenR
         result.kv = "own cache (the model makes a cache of its own kind; its KV is kept whole)"
         set_kv_cache(model, False, reason=result.kv)
         return
-    from lcpass.hf import cache_kwarg
-    from lcpass.kv.cache import CompressedCache
-
     kwarg = cache_kwarg(model)
     try:
         out = _forward(model, inputs, use_cache=True, **{kwarg: cache})

@@ -152,7 +152,7 @@ if __name__ == "__main__":
 def test_kv_decode_selectors_on_cuda_equal_cpu():
     """The KV cache's decode selectors on CUDA (generated gather / scoring kernels) give the CPU path's
     output: Quest, TokenSelect and Recycled Attention over one group at L = 4096, fp32."""
-    from lcpass.kv.cache import KVGroup
+    from lcpass.kv.group import KVGroup
     from lcpass.kv.select import Selector, select_attend
     from lcpass.methods import KVPolicy
 

@@ -265,7 +265,7 @@ def test_sampling_and_decode_selectors_run_and_read_less():
 
 def test_selector_decode_equals_masked_reference():
     """One Quest / TokenSelect decode step equals dense attention restricted to the slots it chose."""
-    from lcpass.kv.cache import KVGroup
+    from lcpass.kv.group import KVGroup
     from lcpass.kv.select import select_attend
     from lcpass.methods.dynamic.decode import quest_indices, tokenselect_indices
     from lcpass.methods import KVPolicy
@@ -403,7 +403,7 @@ def test_functional_tensor_cache_append_is_bounded():
 def test_tokenselect_selection_cache_is_per_kv_head():
     """A KV head whose queries stay similar reuses its selection (plus the slots added since); a head whose
     query drifted is re-selected alone. The output equals dense attention restricted to those slots."""
-    from lcpass.kv.cache import KVGroup
+    from lcpass.kv.group import KVGroup
     from lcpass.kv.select import select_attend
     from lcpass.methods.dynamic.decode import tokenselect_indices
     from lcpass.methods import KVPolicy

@@ -24,7 +24,7 @@ from lcpass.methods import register
 from toy_method import TOY
 register(TOY)  # the one registry line
 import lcpass
-from lcpass.kv.cache import KVGroup
+from lcpass.kv.group import KVGroup
 from lcpass.kv.select import Selector, decode_selectors, select_attend
 from lcpass.methods import KVPolicy
 from lcpass.onnx.dynamic import onnx_methods

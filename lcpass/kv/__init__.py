@@ -12,7 +12,9 @@ Example::
     >>> out = model.generate(ids, max_new_tokens=64, return_dict_in_generate=True)
     >>> out.cache.nbytes()
 """
-from lcpass.kv.cache import CompressedCache, CompressedLayer, KVGroup, compress_cache, plan_label, tensor_bytes
+from lcpass.kv.cache import CompressedCache, compress_cache, plan_label
+from lcpass.kv.group import KVGroup, tensor_bytes
+from lcpass.kv.layer import CompressedLayer
 from lcpass.kv.select import Selector
 
 __all__ = ["CompressedCache", "CompressedLayer", "KVGroup", "Selector", "compress_cache", "plan_label", "tensor_bytes"]

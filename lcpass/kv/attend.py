@@ -27,9 +27,15 @@ import torch
 from torch import Tensor
 
 from lcpass.kv.select import select_attend
+from lcpass.lower import site_mask
 from lcpass.methods.dynamic.decode import dense_group_attend
 
-__all__ = ["attend_layer"]
+__all__ = ["attend_layer", "lower_site_mask"]
+
+
+def lower_site_mask(spec: str, n_heads: int, q_len: int, kv_len: int, is_causal: bool, window: int):
+    """The planned op's site mask (:func:`lcpass.lower.site_mask`)."""
+    return site_mask(spec, n_heads, q_len, kv_len, is_causal, window)
 
 
 def _q_heads(heads: list[int], group: int, device) -> Tensor:
@@ -63,8 +69,6 @@ def attend_layer(layer, query: Tensor, scale: float, softcap: float = 0.0) -> Te
 
     Returns [B, Hq, Sq, Dv]. Rows that see no slot output zeros.
     """
-    from lcpass.kv.cache import lower_site_mask
-
     b = layer.binding
     B, Hq, Sq, D = query.shape
     Hkv = b.n_kv_heads

@@ -21,7 +21,7 @@ and their primitives are in :mod:`lcpass.methods.dynamic.decode`). The registry 
   fully; a selection layer picks the ``k`` most attended positions (all heads), reused by every later
   layer until the next selection layer.
 
-All work on one :class:`~lcpass.kv.cache.KVGroup` at decode (one query per row); shapes::
+All work on one :class:`~lcpass.kv.group.KVGroup` at decode (one query per row); shapes::
 
     q    : [B, h, G, D]   the G query heads of each of the group's h KV heads, as G query rows
     keys : [B, h, L, D],  pos : [B, L] (-1 = empty slot)
