@@ -95,12 +95,9 @@ def backend_options(options: Optional[dict[str, Any]] = None, **kwargs: Any) -> 
     merged.pop("mode", None)  # torch.compile(mode=...) is for Inductor's own tuning: ignored here
     method, plan = merged.get("method"), merged.get("plan")
     params = {k: v for k, v in merged.items() if k not in _OWN_KEYS}
-    if plan is not None and method is None and params:
-        raise ValueError(f"lcpass backend: options {sorted(params)} are not backend options "
-                         f"({', '.join(_OWN_KEYS)}); method parameters go with 'method', not with 'plan'")
     plan = Plan.request(method, plan, params, door="lcpass backend",
                         method_flag="options={'method': name, ...params}",
-                        plan_flag="options={'plan': Plan or 'plan.json'}").plan
+                        plan_flag="options={'plan': Plan or 'plan.json'}", own_options=_OWN_KEYS).plan
     inner = merged.get("inner", "inductor")
     if inner not in INNER:
         raise ValueError(f"lcpass backend: inner={inner!r}; use one of {INNER}")

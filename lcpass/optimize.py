@@ -118,22 +118,11 @@ class OptimizedModule(torch.nn.Module):
             self._captured = ("args", tuple(p.name for p in params[:len(example_inputs)]))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._forward(*args, **kwargs)
-        except AssertionError as exc:
-            if not str(exc).startswith("Guard failed"):
-                raise
-            # torch.export could not keep the shapes symbolic: the graph holds the example's shapes
-            raise ValueError(f"optimized {self._original_type}: this input's shapes differ from the example's "
-                             f"where the captured graph is specialised ({exc}); torch.export could not make "
-                             "that size symbolic for this model, so call it with the example's shapes or "
-                             "optimize again with example inputs of the shapes you run") from None
-
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._route == "fx":
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             return self.graph_module(*bound.arguments.values())
+        call_args, call_kwargs = args, kwargs
         if self._captured is not None:
             # an exported graph takes its inputs in the form it was captured with (positional or by
             # name): a caller may pass them either way, as to the original module
@@ -141,10 +130,52 @@ class OptimizedModule(torch.nn.Module):
             form, names = self._captured
             if set(bound.arguments) <= set(names):
                 if form == "kwargs":
-                    return self.graph_module(**bound.arguments)
-                if list(bound.arguments) == list(names)[:len(bound.arguments)]:
-                    return self.graph_module(*bound.arguments.values())
-        return self.graph_module(*args, **kwargs)
+                    call_args, call_kwargs = (), dict(bound.arguments)
+                elif list(bound.arguments) == list(names)[:len(bound.arguments)]:
+                    call_args, call_kwargs = tuple(bound.arguments.values()), {}
+        self._check_static_sizes(call_args, call_kwargs)
+        return self.graph_module(*call_args, **call_kwargs)
+
+    def _check_static_sizes(self, args: tuple, kwargs: dict) -> None:
+        """ValueError naming the input and dimension where a call's shape differs from a size the exported
+        graph holds as a constant (torch.export specialised it, e.g. a batch of 1), before the graph's own
+        guard fails with an assertion."""
+        static = self._static_sizes()
+        if not static:
+            return
+        spec = getattr(self.graph_module, "_in_spec", None)
+        order = spec.child(1).context if spec is not None and spec.num_children == 2 else sorted(kwargs)
+        if set(order) != set(kwargs):
+            return  # the graph module reports a different set of inputs itself
+        leaves = torch.utils._pytree.tree_leaves((args, {k: kwargs[k] for k in order}))
+        if len(leaves) != len(static):
+            return
+        for leaf, (name, sizes) in zip(leaves, static):
+            if not isinstance(leaf, torch.Tensor) or sizes is None:
+                continue
+            if leaf.dim() != len(sizes):
+                raise ValueError(f"optimized {self._original_type}: input {name!r} has {leaf.dim()} dims, the "
+                                 f"captured graph takes {len(sizes)}; call it as the example was called")
+            for dim, (want, got) in enumerate(zip(sizes, leaf.shape)):
+                if want is not None and want != got:
+                    raise ValueError(
+                        f"optimized {self._original_type}: input {name!r} has size {got} at dim {dim}, where "
+                        f"the captured graph is specialised to the example's {want} (torch.export could not "
+                        f"keep that size symbolic for this model); call it with size {want} there, or optimize "
+                        f"again with example inputs of the shapes you run (a size of 1 is always specialised)")
+
+    def _static_sizes(self) -> list[tuple[str, Optional[tuple]]]:
+        """Per graph input: (name, sizes with None where symbolic), None for a non-tensor input."""
+        cached = getattr(self, "_static_cache", None)
+        if cached is None:
+            cached = []
+            for node in self.graph_module.graph.find_nodes(op="placeholder"):
+                val = node.meta.get("val")
+                sizes = tuple(d if isinstance(d, int) else None for d in val.shape) \
+                    if isinstance(val, torch.Tensor) else None
+                cached.append((node.name, sizes))
+            self._static_cache = cached
+        return cached
 
     def extra_repr(self) -> str:
         return f"optimized {self._original_type} ({self.lcpass_report.rewritten} sites rewritten)"

@@ -215,11 +215,12 @@ class Plan:
     def request(cls, method: str | None, plan: "Plan | PlanRequest | str | Path | None",
                 params: Mapping[str, Any] | None = None, *, door: str,
                 method_flag: str = "method='name' (see `lcpass methods`)", plan_flag: str = "plan=...",
-                dense_first: int = 0, dense_last: int = 0) -> "PlanRequest":
+                dense_first: int = 0, dense_last: int = 0, own_options: Sequence[str] = ()) -> "PlanRequest":
         """Check a door's arguments once, before any capture: exactly one of ``method`` / ``plan``; the
         method known and its parameters valid; no parameters with a plan; a plan path loaded. Errors name
         the door and the fix (``door``, ``method_flag`` and ``plan_flag`` spell them as that door's
-        caller writes them). A :class:`PlanRequest` passed as ``plan`` was checked already: it is
+        caller writes them; ``own_options`` lists the door's own option names, for a door whose method
+        parameters share one mapping with them). A :class:`PlanRequest` passed as ``plan`` was checked already: it is
         returned as it is."""
         params = dict(params or {})
         if isinstance(plan, PlanRequest) and method is None and not params:
@@ -236,8 +237,9 @@ class Plan:
             resolve_params(get_method(method), params)  # unknown method / parameter -> ValueError
             return PlanRequest(method, None, params, dense_first, dense_last)
         if params:
-            raise ValueError(f"{door}: parameters {sorted(params)} go with {method_flag.split(' ')[0]}, "
-                             f"not with {plan_flag.split(' ')[0]}")
+            own = f" (the door's own options are {', '.join(own_options)})" if own_options else ""
+            raise ValueError(f"{door}: parameters {sorted(params)} go with {method_flag.split(' (')[0]}, "
+                             f"not with {plan_flag.split(' (')[0]}{own}")
         if isinstance(plan, (str, Path)):
             plan = cls.load(plan)
         elif not isinstance(plan, Plan):

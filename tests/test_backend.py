@@ -151,6 +151,10 @@ def test_bad_options():
         backend_options({"method": "dense", "inner": "tvm"})
     with pytest.raises(ValueError, match="window"):
         backend_options({"method": "streaming", "window": -1})
+    # method parameters with a plan: the one check of Plan.request, naming the backend's own options
+    with pytest.raises(ValueError, match=r"parameters \['dense_blow'\] go with options=\{'method'.*own options are "
+                                         r"method, plan, inner, dense_below"):
+        backend_options({"plan": Plan({}), "dense_blow": 4})
     assert model_site_name("L.args.0.model.layers.3.self_attn") == "model.layers.3.self_attn"
 
 
