@@ -22,14 +22,19 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from lcpass import masks as M
 from lcpass.capture import CaptureError
+from lcpass.found import ALREADY_SPARSE, check_all_found
 from lcpass.hf import SiteRuntime, is_transformers_model, uninstall
 from lcpass.hf_probe import prove_routes
 from lcpass.inspect import ExampleInputs, default_example_inputs, detect, split_inputs
-from lcpass.lower import BACKENDS, is_dense_spec, spec_json
+from lcpass.layout import build_layout
+from lcpass.lower import BACKENDS, is_dense_spec, site_mask, spec_json
+from lcpass.methods import kv_head_policies, spec_parts
 from lcpass.patterns import Detection, Site
 from lcpass.pipeline import compile_sites
 from lcpass.plan import ModelFingerprint, Plan, PlanRequest
+from lcpass.verify import verify_model
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "SiteReport", "BACKENDS", "CAPTURES"]
 
@@ -181,37 +186,6 @@ class OptimizedModule(torch.nn.Module):
         return f"optimized {self._original_type} ({self.lcpass_report.rewritten} sites rewritten)"
 
 
-ALREADY_SPARSE = "already sparse"
-
-
-def _check_all_found(model: torch.nn.Module, inputs: dict[str, Any], det: Detection, strict: bool) -> None:
-    """The eager forward's attention computations (the dispatcher-level count of :mod:`lcpass.oracle`)
-    against the detected sites: more attention than sites means some was not recognised."""
-    from lcpass.capture import hf_defaults
-    from lcpass.oracle import attention_calls
-
-    calls, _ = attention_calls(model, hf_defaults(model, inputs))
-    # attention the model already computes sparsely (BigBird's blocks, Longformer's bands) is accounted
-    # for: it keeps the model's own code, which is said, not hidden
-    sparse = [r for r in det.rejected if r.reason.startswith(ALREADY_SPARSE)]
-    if sparse:
-        where = ", ".join(sorted({r.site or r.node for r in sparse}))
-        warnings.warn(f"lcpass.optimize({type(model).__name__}): {where} compute attention that is "
-                      f"{sparse[0].reason}", stacklevel=3)
-    missed = len(calls) - len(det.sites) - len(sparse)
-    if missed <= 0:
-        return
-    reasons = "; ".join(f"{r.site or r.node}: {r.reason}" for r in det.rejected[:4]) or "no softmax was examined"
-    text = (f"lcpass.optimize({type(model).__name__}): the eager forward computes {len(calls)} attention(s) but "
-            f"lcpass recognised {len(det.sites)}: {missed} would silently keep the model's own attention "
-            f"(unrecognised: {reasons})")
-    if strict:
-        from lcpass.errors import UnsupportedModelError
-
-        raise UnsupportedModelError(text + "; pass strict=False to optimize the recognised sites only")
-    warnings.warn(text, stacklevel=3)
-
-
 def _kwargs_of(example_inputs: ExampleInputs) -> dict[str, Any]:
     if isinstance(example_inputs, dict):
         return dict(example_inputs)
@@ -222,17 +196,11 @@ def _kwargs_of(example_inputs: ExampleInputs) -> dict[str, Any]:
 def _methods_label(specs: Sequence[Any]) -> str:
     from collections import Counter
 
-    from lcpass.methods import spec_parts
-
     counts = Counter(spec_parts(s)[0] for s in specs)
     return ", ".join(f"{name}x{n}" if len(counts) > 1 else name for name, n in counts.items())
 
 
 def _site_report(site: Site, specs: Sequence[Any], lowering: str, n: int) -> SiteReport:
-    from lcpass.layout import build_layout
-    from lcpass.lower import site_mask
-    from lcpass.methods import kv_head_policies
-
     if is_dense_spec(specs):
         return SiteReport(site.name, _methods_label(specs), "dense", 1.0, 1.0)
     spec = spec_json(specs)
@@ -247,8 +215,6 @@ def _site_report(site: Site, specs: Sequence[Any], lowering: str, n: int) -> Sit
 
 
 def _dense_mask(site: Site):
-    from lcpass import masks as M
-
     parts = []
     if site.is_causal:
         parts.append(M.causal_mask())
@@ -355,7 +321,7 @@ def optimize(
         det = Detection(det.gm, [s for _, d in found for s in d.sites], [r for _, d in found for r in d.rejected])
     name = type(model).__name__
     if hf:
-        _check_all_found(model, _kwargs_of(example_inputs), det, strict)
+        check_all_found(model, _kwargs_of(example_inputs), det, strict)
     if not det.sites:
         what = ("only attention it already computes sparsely" if any(
             r.reason.startswith(ALREADY_SPARSE) for r in det.rejected) else "no attention")
@@ -402,8 +368,6 @@ def optimize(
         out.lcpass_plan = the_plan
         out.lcpass_kv_bounds = low.kv_bounds  # (site, sink, recent) of the tensor KV caches forward returns
     if verify:
-        from lcpass.verify import verify_model
-
         # the inputs detection ran on: the captured keyword arguments (a transformers model's default ids),
         # else the caller's example inputs as given (positional ones included)
         args = found[0][0].extra.get("kwargs") if found[0][0].route == "export" else None

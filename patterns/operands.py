@@ -22,13 +22,23 @@ __all__ = ["MATMULS", "einsum_pv", "einsum_qk", "fold_repeat_kv", "leads_to_prod
 
 MATMULS = ("matmul", "bmm", "einsum", "baddbmm")
 
+# users that read only a tensor's shape, dtype and device (aten in exported graphs, torch / Tensor methods in
+# dynamo's): a fresh tensor "like" the probabilities is not a use of their values
 _SHAPE_ONLY = {torch.ops.aten.full_like.default, torch.ops.aten.zeros_like.default,
-               torch.ops.aten.empty_like.default, torch.ops.aten.ones_like.default}
+               torch.ops.aten.empty_like.default, torch.ops.aten.ones_like.default,
+               torch.full_like, torch.zeros_like, torch.empty_like, torch.ones_like}
+_SHAPE_ONLY_METHODS = {"size", "dim", "new_zeros", "new_ones", "new_empty", "new_full"}
+
+
+def _shape_only(user: Node, node: Node) -> bool:
+    if user.op == "call_function":
+        return user.target in _SHAPE_ONLY and bool(user.args) and user.args[0] is node
+    return user.op == "call_method" and user.target in _SHAPE_ONLY_METHODS and user.args[0] is node
 
 
 def users_of(node: Node) -> list[Node]:
     """Users that read the value (not asserts, not ``full_like`` that reads only the shape)."""
-    return [u for u in node.users if not is_assert(u) and not (u.op == "call_function" and u.target in _SHAPE_ONLY)]
+    return [u for u in node.users if not is_assert(u) and not _shape_only(u, node)]
 
 
 def norm_dim(dim, rank: Optional[int]) -> Optional[int]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch.fx import GraphModule, Node
 
-from .graphinfo import constant_number, rank_of, shape_of
+from .graphinfo import constant_number, dtype_of, is_neg_inf_like, rank_of, shape_of
 from .operands import einsum_pv, leads_to_product, norm_dim, operand, peel, softmax_input, users_of
+from .maskinfo import NEG_LIMIT
 from .records import Match, Operand, Reject
 from .vocab import Op, op_of, target_name
 
@@ -75,6 +77,15 @@ def walk_values(gm: GraphModule, m: Match, node: Node) -> None:
             raise Reject(f"no value matmul follows: the probabilities flow into {target_name(u)}")
 
 
+def _keeps_truth(node: Node, op: Op) -> bool:
+    """A cast that keeps which elements are truthy: to bool, or from bool / an integer type (a float cast
+    to an integer rounds 0.5 to 0, so it is not followed)."""
+    src, dst = dtype_of(op["x"]), dtype_of(node)
+    if src is None or dst is None:
+        return False
+    return dst == torch.bool or src == torch.bool or not src.is_floating_point and not src.is_complex
+
+
 def _predicate(gm: GraphModule, node: Node) -> tuple[Node, bool]:
     """A boolean tensor as (base, same): True where ``base`` is truthy when ``same``, where it is falsy
     otherwise — through views, broadcasts, casts, negations and comparisons with 0 / False."""
@@ -83,7 +94,7 @@ def _predicate(gm: GraphModule, node: Node) -> tuple[Node, bool]:
         op = op_of(node, gm)
         if op is None:
             break
-        if op.kind in ("view", "expand", "unsqueeze", "cast", "identity"):
+        if op.kind in ("view", "expand", "unsqueeze", "identity") or (op.kind == "cast" and _keeps_truth(node, op)):
             node = op["x"]
         elif op.kind == "logical_not":
             node, same = op["x"], not same
@@ -116,6 +127,36 @@ def _masked_rows(gm: GraphModule, softmax: Node, base: Node, same: bool, zero_if
     return (op.kind == "all" and ps and zero_when) or (op.kind == "any" and not ps and not zero_when)
 
 
+def _hiding_biases(gm: GraphModule, m: Match) -> list[tuple[Node, bool]]:
+    """Conditions an additive mask hides by: ``x.masked_fill(c, -inf)`` hides where ``c`` is truthy,
+    ``where(c, -inf, y)`` where it is, ``where(c, y, -inf)`` where it is not, ``s - big * b`` (a bool ``b``
+    cast to the scores' dtype, ``big`` at least -NEG_LIMIT: exp underflows to 0) where ``b`` is (as
+    (cond, negate) pairs)."""
+    out = []
+    for term, coef in m.bias:
+        op = op_of(term, gm)
+        if op is None:
+            continue
+        if op.kind == "mul" and coef < 0:  # s - c * x, c huge: hides where x (a 0/1 mask) is truthy
+            for x, c in ((op["a"], op["b"]), (op["b"], op["a"])):
+                big = constant_number(c, gm)
+                if isinstance(x, Node) and big is not None and -coef * big >= -NEG_LIMIT and \
+                        dtype_of(_predicate(gm, x)[0]) == torch.bool:
+                    out.append((x, True))
+            continue
+        if coef <= 0:
+            continue
+        if op.kind == "masked_fill" and isinstance(op["cond"], Node) and \
+                is_neg_inf_like(constant_number(op["value"], gm)):
+            out.append((op["cond"], True))
+        elif op.kind == "where" and isinstance(op["cond"], Node):
+            if is_neg_inf_like(constant_number(op["a"], gm)):
+                out.append((op["cond"], True))
+            elif is_neg_inf_like(constant_number(op["b"], gm)):
+                out.append((op["cond"], False))
+    return out
+
+
 def _check_zeroing(gm: GraphModule, m: Match, softmax: Node, node: Node, cond: Node, zero_if: bool) -> None:
     """A ``where`` / ``masked_fill`` that sets probabilities to 0 after the softmax is dropped by the
     rewrite only when it zeroes nothing the mask lets through: its condition must be the scores' own
@@ -127,7 +168,7 @@ def _check_zeroing(gm: GraphModule, m: Match, softmax: Node, node: Node, cond: N
     zeroes_truthy = same == zero_if  # zeroes where base is truthy
     if _masked_rows(gm, softmax, base, same, zero_if):
         return
-    for keep, negate in m.keep:  # negate: the scores are hidden where keep is truthy
+    for keep, negate in [*m.keep, *_hiding_biases(gm, m)]:  # negate: the scores are hidden where keep is truthy
         kb, ks = _predicate(gm, keep)
         hides_truthy = ks == negate
         if kb is base and hides_truthy == zeroes_truthy:

@@ -91,7 +91,7 @@ _TABLE: list[tuple[str, tuple, tuple[str, ...], dict[str, Any]]] = [
     ("sum", (torch.sum, aten.sum, "method:sum"), ("x", "dim", "keepdim"), {"keepdim": False}),
     ("cast", (aten._to_copy, aten.to, torch.ops.prims.convert_element_type,
               aten.type_as, "method:to", "method:float", "method:type", "method:type_as", "method:half",
-              "method:bfloat16", "method:double"), ("x",), {}),
+              "method:bfloat16", "method:double", "method:bool", "method:int", "method:long"), ("x",), {}),
     ("dropout", (F.dropout, torch.dropout, aten.dropout, aten.native_dropout, "method:dropout"),
      ("x", "p", "train"), {"p": 0.5, "train": True}),
     ("identity", (aten.clone, aten.alias, aten.contiguous, aten.detach, aten.lift_fresh_copy,
@@ -129,7 +129,17 @@ def is_assert(node: Node) -> bool:
     return node.op == "call_function" and ("_assert" in name or "assert" == name)
 
 
+def _is_binary_max(node: Node) -> bool:
+    if not ((node.op == "call_function" and node.target is torch.max) or (node.op == "call_method"
+                                                                          and node.target == "max")):
+        return False
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return isinstance(other, (Node, torch.Tensor))
+
+
 def _lookup(node: Node, gm: Optional[torch.fx.GraphModule]):
+    if _is_binary_max(node):  # torch.max(a, b) / a.max(b) of two tensors is torch.maximum, not a reduction
+        return _BY_TARGET[torch.maximum]
     if node.op == "call_method":
         return _BY_TARGET.get(f"method:{node.target}")
     if node.op == "call_module" and gm is not None:

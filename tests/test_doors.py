@@ -7,22 +7,25 @@ qkv with permuted views, a tril buffer and eval-mode dropout; a BERT-style paddi
 input; 3-D ``bmm`` attention (no head axis); SDPA with GQA; a ``[S, S]`` mask input whose example happens
 to be causal. Every door runs on fresh inputs (a fresh mask too), not the captured example. ``dense``
 plans must equal eager (1e-5, fp32); a ``streaming`` plan must give one answer on every door, and not
-eager's (it drops keys).
+eager's (it drops keys). A site the detector must refuse (zeroing by another mask) keeps the model's own
+attention, and eager's answer, on every door. The zoo's modules run through every door but Inductor
+(covered above) with a dense plan on fresh inputs.
 """
 from __future__ import annotations
 
-import functools
+import copy
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from doors import DOORS, attention_left, call, main_tensor, run_door
+from test_zeroing import TransposedKeys, ZeroedAgain
 from torch import nn
 
 import lcpass
-from lcpass.backend import lcpass_backend
+from lcpass.zoo import TORCH_ZOO, get_zoo_model
 
 B, S, H, D = 2, 12, 2, 8
 ATOL = 1e-5
@@ -111,51 +114,14 @@ CASES = {
     "sdpa_gqa": (SdpaGQA, lambda g, ex: (torch.randn(B, S, 32, generator=g),), ("dense", "streaming")),
     "square_mask_input": (MaskInput, lambda g, ex: (torch.randn(B, S, H * D, generator=g), _square(g, ex)),
                           ("dense",)),
+    # probabilities zeroed again by the scores' own padding mask (DeBERTa's XSoftmax): the zeroing is dropped
+    "zeroed_by_own_mask": (lambda: ZeroedAgain("where-eq0", "same"),
+                           lambda g, ex: (torch.randn(B, S, H * D, generator=g), _padding(g), _padding(g)),
+                           ("dense",)),
+    # keys that come out of a conv already transposed (SqueezeBERT): no transpose in the graph
+    "keys_transposed": (TransposedKeys, lambda g, ex: (torch.randn(B, H * D, S, generator=g),), ("dense",)),
 }
 PARAMS = {"dense": {}, "streaming": {"sink": 1, "window": 3, "dense_below": 0}}
-DOORS = ("optimize", "compile_eager", "compile_inductor", "export_torch", "export_onnx")
-ATTENTION_OPS = ("softmax", "scaled_dot_product", "_safe_softmax")
-
-
-def _attention_left(names) -> list[str]:
-    return [n for n in names if any(a in n for a in ATTENTION_OPS) and "lcpass" not in n]
-
-
-def _fx_targets(gm: torch.fx.GraphModule) -> list[str]:
-    return [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-
-
-def _run_door(door: str, model: nn.Module, example: tuple, fresh: tuple, method: str, tmp_path):
-    """(output on the fresh inputs, the op names of the lowered graph)."""
-    params = PARAMS[method]
-    if door == "optimize":
-        opt = lcpass.optimize(model, method=method, example_inputs=example, **params)
-        return opt(*fresh), _fx_targets(opt.graph_module)
-    if door.startswith("compile"):
-        seen = []
-
-        def keep(gm, inputs, **kw):
-            out = lcpass_backend(gm, inputs, **kw)
-            seen.append(gm)  # lowered in place
-            return out
-
-        torch._dynamo.reset()
-        inner = "eager" if door == "compile_eager" else "inductor"
-        comp = torch.compile(model, backend=functools.partial(keep, method=method, inner=inner, **params),
-                             dynamic=False)
-        return comp(*fresh), [t for gm in seen for t in _fx_targets(gm)]
-    fmt = "torch" if door == "export_torch" else "onnx"
-    res = lcpass.export(model, example, tmp_path / f"m.{'pt2' if fmt == 'torch' else 'onnx'}", format=fmt,
-                        method=method, **params)
-    if fmt == "torch":
-        return res.program.module()(*fresh), [str(n.target) for n in res.program.graph.nodes
-                                                if n.op == "call_function"]
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(res.path))
-    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), fresh)}
-    out = torch.from_numpy(np.asarray(sess.run(None, feeds)[0]))
-    return out, [n.op_type for n in res.program.graph.node if n.domain != "lcpass"]
 
 
 @pytest.mark.parametrize("door", DOORS)
@@ -170,10 +136,8 @@ def test_every_door_gives_eager_answer(case, door, tmp_path):
         want = model(*fresh)
         outs = {}
         for method in methods:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                got, ops = _run_door(door, model, example, fresh, method, tmp_path)
-            assert not _attention_left(ops), f"{case}/{door}/{method}: lowered graph keeps {_attention_left(ops)}"
+            got, ops = run_door(door, model, example, fresh, method, PARAMS[method], tmp_path)
+            assert not attention_left(ops), f"{case}/{door}/{method}: lowered graph keeps {attention_left(ops)}"
             outs[method] = got
     err = (outs["dense"] - want).abs().max().item()
     assert err < ATOL, f"{case} through {door} (dense plan): max error {err:.2e} vs eager"
@@ -185,3 +149,55 @@ def test_every_door_gives_eager_answer(case, door, tmp_path):
         assert (ref - want).abs().max().item() > 1e-3  # streaming drops keys: not eager's answer
         err = (outs["streaming"] - ref).abs().max().item()
         assert err < ATOL, f"{case} through {door} (streaming): max error {err:.2e} vs lcpass.optimize"
+
+
+def test_a_refused_site_keeps_eager_answer_on_every_door(tmp_path):
+    """Zeroing by another mask hides keys the scores' mask keeps: every door leaves the softmax alone."""
+    torch.manual_seed(0)
+    model = ZeroedAgain("masked_fill", "other").eval()
+    gen = torch.Generator().manual_seed(2)
+    make = lambda: (torch.randn(B, S, H * D, generator=gen), _padding(gen), _padding(gen))  # noqa: E731
+    example, fresh = make(), make()
+    with torch.no_grad():
+        want = model(*fresh)
+    assert lcpass.inspect(model, example).sites == []
+    for door in DOORS:
+        got, ops = run_door(door, model, example, fresh, "dense", {}, tmp_path)
+        # optimize hands back the model itself when nothing was rewritten (no graph to read)
+        assert door == "optimize" or attention_left(ops), f"{door}: the refused site was rewritten"
+        err = (got - want).abs().max().item()
+        assert err < ATOL, f"refused site through {door}: max error {err:.2e} vs eager"
+
+
+def _fresh_like(inputs: dict, gen: torch.Generator) -> dict:
+    """New values of the example's shapes: floats redrawn, token ids redrawn, 0/1 masks with new padding."""
+    out = {}
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            out[name] = t
+        elif t.is_floating_point():
+            out[name] = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        elif set(t.unique().tolist()) <= {0, 1} and t.dim() == 2:
+            m = torch.ones_like(t)
+            m[-1, t.shape[1] - int(torch.randint(1, t.shape[1] // 2, (), generator=gen)):] = 0
+            out[name] = m
+        else:
+            out[name] = torch.randint(0, int(t.max()) + 1, t.shape, generator=gen, dtype=t.dtype)
+    return out
+
+
+ZOO_DOORS = ("optimize", "compile_eager", "export_torch", "export_onnx")
+ZOO_CASES = [*TORCH_ZOO, "llama-tiny", "gpt2-tiny", "bert-tiny", "vit-tiny"]
+
+
+@pytest.mark.parametrize("door", ZOO_DOORS)
+@pytest.mark.parametrize("name", ZOO_CASES)
+def test_zoo_keeps_eager_answer_on_every_door(name, door, tmp_path):
+    z = get_zoo_model(name)
+    fresh = _fresh_like(z.example_inputs, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = main_tensor(call(z.model, fresh))
+    got, ops = run_door(door, copy.deepcopy(z.model), z.example_inputs, fresh, "dense", {}, tmp_path)
+    assert not attention_left(ops), f"{name} through {door}: lowered graph keeps {attention_left(ops)}"
+    err = (got - want).abs().max().item()
+    assert err < ATOL, f"{name} through {door} (dense plan, fresh inputs): max error {err:.2e} vs eager"

@@ -3,7 +3,8 @@
 Each generated module is written here, independently of the detector, by choosing a product (matmul,
 bmm, einsum, baddbmm), where the scale goes (scores, q, k, split, a learned tensor), how the mask is
 applied (add, where, masked_fill, subtraction, a clamp; in place or not) and where it comes from (built
-from shapes, a caller's mask, padding on top of causality), a bias (before a reshape of the scores or
+from shapes, a caller's mask, padding on top of causality, chunks of a chunked layer), probabilities
+zeroed again by the scores' own mask after the softmax, a bias (before a reshape of the scores or
 not), a softcap (the scale before or after it), GQA (repeat_interleave, expand), transposes and permutes,
 and a float32 softmax. For every module:
 
@@ -12,6 +13,10 @@ and a float32 softmax. For every module:
 * on causal sites, StreamingLLM equals its written-out reference: the same module with the method's
   keep-mask applied to its own scores (on fresh inputs; where the caller's mask is not causal any more,
   the optimized model must equal eager instead).
+
+The same generated modules go through the other doors (``torch.compile(backend="lcpass")``, torch.export
+and ONNX programs from ``lcpass.export``): each equals eager on fresh inputs with fresh masks and keeps
+no attention of its own beside lcpass's ops.
 
 Generated negatives (softmax over heads or batch, a router, a classifier, scores without a value
 product, probabilities also returned) must not be rewritten.
@@ -25,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from doors import attention_left, run_door
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +44,7 @@ settings.load_profile("default")
 
 B, S, D = 2, 7, 4
 SINK, WINDOW = 1, 3
+CHUNK = 3
 NEG = torch.finfo(torch.float32).min
 
 
@@ -55,6 +62,7 @@ class Spelling:
     layout: str  # transpose | permute
     float_softmax: bool
     sink: bool = False  # a learned sink logit per head concatenated to the scores, dropped after the softmax
+    zeroing: bool = False  # the probabilities zeroed again where the scores' own mask hides (DeBERTa's XSoftmax)
 
 
 spellings = st.builds(
@@ -63,7 +71,7 @@ spellings = st.builds(
     scale=st.sampled_from(["scores-mul", "scores-div", "q", "k", "split", "tensor"]),
     mask=st.sampled_from(["add", "where", "where-tensor", "masked_fill", "sub", "clamp"]),
     inplace=st.booleans(),
-    mask_from=st.sampled_from(["shape", "input", "padding"]),
+    mask_from=st.sampled_from(["shape", "input", "padding", "chunked"]),
     bias=st.sampled_from(["none", "param", "param-reshaped"]),
     softcap=st.sampled_from(["none", "before", "after"]),
     heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
@@ -71,6 +79,7 @@ spellings = st.builds(
     layout=st.sampled_from(["transpose", "permute"]),
     float_softmax=st.booleans(),
     sink=st.booleans(),
+    zeroing=st.booleans(),
 )
 
 
@@ -101,6 +110,8 @@ class Generated(torch.nn.Module):
             return m  # the caller's bool [B, 1, S, S]
         if self.sp.mask_from == "padding":
             return causal[None, None] & m[:, None, None, :].bool()
+        if self.sp.mask_from == "chunked":  # Llama-4's chunked layers: causal inside chunks of CHUNK tokens
+            return causal & (i[None, :] // CHUNK == i[:, None] // CHUNK)
         return causal
 
     def _apply_mask(self, s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -174,7 +185,8 @@ class Generated(torch.nn.Module):
             s = s.view(b, hq, n, n)
         if sp.bias == "param":
             s = s + self.rel_bias
-        s = self._apply_mask(s, self._keep(x, m))
+        keep = self._keep(x, m)
+        s = self._apply_mask(s, keep)
         if self.extra_keep is not None:
             s = s.masked_fill(~self.extra_keep, float("-inf"))
         if sp.bias == "param-reshaped" and merged:
@@ -190,6 +202,8 @@ class Generated(torch.nn.Module):
         p = s.float().softmax(-1).to(v.dtype) if sp.float_softmax else s.softmax(dim=-1)
         if sp.sink:
             p = p[..., :-1]
+        if sp.zeroing:  # zeroed again where the scores' mask hides: changes nothing, must stay exact
+            p = p.masked_fill(~(keep.expand(b, hq, n, n).reshape(b * hq, n, n) if merged else keep), 0.0)
         if merged:
             out = torch.bmm(p, v.reshape(b * hq, n, D)).view(b, hq, n, D)
         elif sp.product == "einsum":
@@ -278,6 +292,22 @@ def test_generated_causal_attention_runs_streaming_exactly(sp: Spelling):
         fm, _ = _fresh_mask(sp, gen, causal=False)
         with torch.no_grad():
             torch.testing.assert_close(_quiet(opt, xx, fm), model(xx, fm), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=12)
+@given(sp=spellings, door=st.sampled_from(["compile_eager", "export_torch", "export_onnx"]))
+def test_generated_attention_gives_eager_answer_on_the_other_doors(sp: Spelling, door: str, tmp_path_factory):
+    torch.manual_seed(0)
+    model = Generated(sp).eval()
+    x, m = torch.randn(B, S, 8), _example_mask(sp)
+    gen = torch.Generator().manual_seed(5)
+    fm, _ = _fresh_mask(sp, gen, causal=False)
+    fresh = (torch.randn(B, S, 8, generator=gen), fm)
+    with torch.no_grad():
+        want = model(*fresh)
+    got, ops = run_door(door, model, (x, m), fresh, "dense", {}, tmp_path_factory.mktemp("door"))
+    assert not attention_left(ops), (sp, door, attention_left(ops))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda e: f"{sp} through {door}: {e}")
 
 
 # --------------------------------------------------------------------------- negatives
