@@ -24,10 +24,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from lcpass.codegen.cache import load_kernel
+from lcpass.codegen import launch
+from lcpass.codegen.cache import load_by_key, load_kernel
 from lcpass.codegen.printer import PrintedFn, UnsupportedSpec, print_mask_mod, print_score_mod
 from lcpass.codegen.headdim import common_head_dim
 from lcpass.codegen.spec import KernelSpec, check_head_dim, render
+from lcpass.engine import sparse_attention, with_sinks
 from lcpass.layout import DEFAULT_BLOCK_SIZE, BlockLayout, build_layout
 from lcpass.masks import MaskMod, causal_mask, full_mask
 
@@ -123,7 +125,7 @@ def _kernel_key(template: str, head_dim: int, group: int, dtype: torch.dtype,
 
 def _backend_ok(device: torch.device) -> None:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  # lazy: triton is optional (Linux x86-64 only); this probes for it
     except ImportError:
         raise UnsupportedSpec("triton is not installed; pip install triton (Linux x86-64) or use the "
                               "CPU engine") from None
@@ -278,14 +280,11 @@ class PreparedAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, kv_keep: Tensor | None = None,
                  sinks: Tensor | None = None) -> Tensor:
-        import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
+        import lcpass.codegen.ops  # noqa: F401  # lazy: triton_op loads torch._inductor and triton (~1 s)
 
         sink = _sinks_or_empty(sinks, q)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sink))
         if _eager(q, k, v, sink) and not grad:  # same kernels without the custom-op layer
-            from lcpass.codegen import launch
-            from lcpass.codegen.cache import load_by_key
-
             if self.decode:
                 return launch.decode(load_by_key(self.key), q, k, v, self.lists, self.tables,
                                      self.scale, self.n_splits, kv_keep=kv_keep, sinks=sink)
@@ -343,7 +342,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, mm: MaskMod, scale: float, score_mod
            tiles: tuple[int, int] | None, kv_keep: Tensor | None = None,
            sinks: Tensor | None = None) -> Tensor:
     """The dense generated kernel: implicit causal / full tiles, no lists to read."""
-    import lcpass.codegen.ops  # noqa: F401  (registers the custom ops)
+    import lcpass.codegen.ops  # noqa: F401  # lazy: triton_op loads torch._inductor and triton (~1 s)
 
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
@@ -413,8 +412,6 @@ def prepare_decode(layout: BlockLayout, *, head_dim: int, n_heads: int, n_kv_hea
                    n_splits: int | None = None, block_n: int | None = None) -> PreparedAttention:
     """Resolve the split-KV decode kernel of a site for ``layout`` (one query block): kernel key,
     per-KV-head block lists with per-head bits, tables and the number of splits."""
-    from lcpass.codegen import launch
-
     device = torch.device(device)
     _backend_ok(device)
     if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -459,8 +456,6 @@ def attention_or_fallback(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, 
                          kv_keep=kv_keep, sinks=sinks)
     except UnsupportedSpec as exc:
         warnings.warn(f"lcpass.codegen: falling back to the CPU engine: {exc}", stacklevel=2)
-        from lcpass.engine import sparse_attention, with_sinks
-
         if sinks is None:
             return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod,
                                     score_mod=score_mod, kv_keep=kv_keep, dense_below=0)

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lcpass.codegen import launch
+from lcpass.codegen.api import _backend_ok, _dtype_name
 from lcpass.codegen.cache import load_kernel
 from lcpass.codegen.spec import KernelSpec
 from lcpass.layout import DEFAULT_BLOCK_SIZE, BlockLayout, layout_from_topk
@@ -38,9 +40,6 @@ def block_scores(q: Tensor, k: Tensor, *, block_size: int | tuple[int, int] = DE
 
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``; ``block_size`` = (query, key) selection block.
     """
-    from lcpass.codegen import launch
-    from lcpass.codegen.api import _backend_ok, _dtype_name
-
     if kind not in SCORE_KINDS:
         raise ValueError(f"block_scores: kind={kind!r}; use one of {SCORE_KINDS}")
     _backend_ok(q.device)

@@ -32,11 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lcpass.codegen import launch
 from lcpass.codegen.api import (PreparedAttention, ScoreMod, _all_tables, _backend_ok, _check_inputs,
-                                _check_keep, _spec, attention_or_fallback, choose_tiles)
+                                _check_keep, _dtype_name, _spec, attention_or_fallback, choose_tiles)
 from lcpass.codegen.cache import load_kernel
 from lcpass.codegen.headdim import common_head_dim
 from lcpass.codegen.printer import UnsupportedSpec
+from lcpass.codegen.spec import KernelSpec
 from lcpass.layout import BlockLayout
 from lcpass.masks import MaskMod, causal_mask
 
@@ -157,8 +159,6 @@ def prepare_token_decode(indices: Tensor, *, q_len: int, head_dim: int, n_heads:
     """Resolve the split-KV token-gather decode kernel for ``indices [B, Hkv, K]`` and ``q_len``
     queries per head (``G * q_len <= 128`` rows in one tile). The mask predicate (causal by
     default) runs on gathered tiles unless every listed key is visible (causal with ``q_len == 1``)."""
-    from lcpass.codegen import launch
-
     device = torch.device(device)
     _backend_ok(device)
     if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -249,10 +249,6 @@ def token_scores(q: Tensor, k: Tensor, *, scale: float, kv_keep: Tensor | None =
         token_scores(q.reshape(B, h * G, 1, D), keys, scale=s, kv_keep=pos >= 0)
         # == lcpass.kv.select._head_probs(q, keys, (pos >= 0)[:, None, None, :], s)
     """
-    from lcpass.codegen import launch
-    from lcpass.codegen.api import _dtype_name
-    from lcpass.codegen.spec import KernelSpec
-
     _check_keep(kv_keep, q, k, "codegen.token_scores")
     _backend_ok(q.device)
     B, Hq, Sq, D = q.shape
@@ -304,6 +300,6 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, sel: Any, *, scale: flo
         return token_attention(q, k, v, ind, block_q=sel.block_q, scale=scale, score_mod=score_mod)
     except UnsupportedSpec as exc:
         warnings.warn(f"lcpass.codegen: falling back to the CPU token path: {exc}", stacklevel=2)
-        from lcpass.methods.dynamic import run_selection
+        from lcpass.methods.dynamic import run_selection  # lazy: lcpass.methods.dynamic.decode imports this module
 
         return run_selection(q, k, v, sel, scale=scale, score_mod=score_mod)

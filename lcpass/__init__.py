@@ -28,11 +28,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``lcpass.calibrate`` and ``lcpass.eval`` (the quality harness) load on first use."""
     if name == "calibrate":
-        from lcpass.calibration import calibrate
+        from lcpass.calibration import calibrate  # lazy: PEP 562 attribute; import lcpass skips calibration and rich
 
         return calibrate
     if name == "eval":
-        from lcpass.quality import evaluate
+        from lcpass.quality import evaluate  # lazy: PEP 562 attribute; import lcpass skips the quality harness
 
         return evaluate
     raise AttributeError(f"module 'lcpass' has no attribute {name!r}")

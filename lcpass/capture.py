@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
+from lcpass.patterns.graphinfo import normalise_path
+
 __all__ = ["CaptureError", "Captured", "capture", "capture_dynamo", "ROUTES"]
 
 ROUTES = ("export", "dynamo", "fx")
@@ -239,8 +241,6 @@ def _root_module_paths(gm: GraphModule, example_inputs: list[Any], model: torch.
     parameters the graph reads: a parameter used inside module ``rel`` whose full name in ``model`` is
     ``<prefix>.<rel>.<leaf>`` gives ``prefix``; every path of the graph is then rewritten to start at
     ``model``."""
-    from lcpass.patterns.graphinfo import normalise_path
-
     names: dict[int, list[str]] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
@@ -268,8 +268,6 @@ def _root_module_paths(gm: GraphModule, example_inputs: list[Any], model: torch.
 def _frame_prefix(gm: GraphModule, holders: dict[Any, list[str]]) -> Optional[str]:
     """The traced frame's path in the model: from the first parameter read inside module ``rel`` whose
     full name is ``<prefix><rel>.<leaf>``; None when no parameter tells."""
-    from lcpass.patterns.graphinfo import normalise_path
-
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if node.op != "call_function" or not stack:

@@ -23,6 +23,17 @@ from typing import Any, Optional
 
 import torch
 
+import lcpass
+from lcpass.calibration import calibrate
+from lcpass.codegen import AttentionSpec, generate_source
+from lcpass.hf import cache_kwarg
+from lcpass.kv import CompressedCache
+from lcpass.methods import site_mask_mod
+from lcpass.quality.prompts import parse_number, passkey_prompt
+from lcpass.quality.report import plot_plan
+from lcpass.quality.tasks import cache_bytes
+from lcpass.zoo.pretrained import load_smollm2
+
 __all__ = ["run_demo"]
 
 
@@ -32,10 +43,6 @@ def _measure(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, new_toke
 
     A first prefill of the same length runs before (timed as ``first_prefill_s``: it includes one-time
     work such as building the sparse layouts of this length), so ``prefill_s`` is the steady state."""
-    from lcpass.hf import cache_kwarg
-    from lcpass.quality.prompts import parse_number
-    from lcpass.quality.tasks import cache_bytes
-
     with torch.no_grad():
         t0 = time.perf_counter()
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -69,15 +76,10 @@ def _out_cache(out: Any) -> Any:
 def _cache_nbytes(cache: Any) -> Optional[int]:
     if hasattr(cache, "nbytes") and callable(cache.nbytes):
         return int(cache.nbytes())
-    from lcpass.quality.tasks import cache_bytes
-
     return cache_bytes(cache)
 
 
 def _triton_source(site: Any, plan: Any, seq_len: int) -> str:
-    from lcpass.codegen import AttentionSpec, generate_source
-    from lcpass.methods import site_mask_mod
-
     specs = plan.resolve(site.name, site.n_heads)
     mask = site_mask_mod(specs, site.n_heads, seq_len, seq_len)
     spec = AttentionSpec(head_dim=site.head_dim, mask_mod=mask, dtype=torch.float32, n_heads=site.n_heads,
@@ -98,12 +100,6 @@ def run_demo(out_dir: str | Path = "lcpass-demo", length: int = 4096, depth: flo
         raise ValueError(f"run_demo: mode={mode!r}; use 'optimize' (default) or 'score'")
     from rich.console import Console
     from rich.table import Table
-
-    import lcpass
-    from lcpass.calibration import calibrate
-    from lcpass.zoo.pretrained import load_smollm2
-    from lcpass.quality.prompts import passkey_prompt
-    from lcpass.quality.report import plot_plan
 
     console = Console(width=150)
     out = Path(out_dir)
@@ -144,8 +140,6 @@ def run_demo(out_dir: str | Path = "lcpass-demo", length: int = 4096, depth: flo
     prompt = passkey_prompt(tok, length, depth, seed=seed)
     ids = torch.as_tensor(prompt.ids).reshape(1, -1)
     from transformers import DynamicCache
-
-    from lcpass.kv import CompressedCache
 
     rows = {}
     for label, m, cache in (("dense", model, DynamicCache()), ("lcpass duo", optimized, CompressedCache(plan))):

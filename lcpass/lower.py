@@ -26,11 +26,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
+from lcpass import codegen
 from lcpass import masks as M
 from lcpass.codegen.headdim import pad_head_dims
 from lcpass.engine import element_mask, sparse_attention, with_sinks
 from lcpass.layout import build_layout
-from lcpass.methods import site_crossover, site_mask_mod, spec_parts
+from lcpass.methods import get_method, site_crossover, site_mask_mod, spec_parts
+from lcpass.methods.dynamic import TidalState, dynamic_attention, dynamic_select
 from lcpass.patterns import Site, canonical_nodes
 from lcpass.patterns.maskinfo import NEG_LIMIT, positional_label, read_positional
 from lcpass.patterns.op import chunk_start, laid_out, output_buffer, positional_keep, reference
@@ -162,8 +164,6 @@ def site_state(site: str, spec: str = "") -> dict[str, Any]:
 def seed_site_states(site_names: Sequence[str]) -> str:
     """Fresh states for a model's sites, in layer order, with one cross-layer state they share, in a new
     namespace; returns its key for :func:`spec_json` (``state=``)."""
-    from lcpass.methods.dynamic import TidalState
-
     key = f"s{next(_NAMESPACES)}"
     shared = TidalState()
     for i, name in enumerate(site_names):
@@ -194,8 +194,6 @@ def _row_ranges(kv_keep: torch.Tensor) -> Optional[list[tuple[int, int]]]:
 
 
 def _is_dynamic(specs) -> bool:
-    from lcpass.methods import get_method
-
     return any(get_method(name).kind == "dynamic" for name, _ in specs)
 
 
@@ -215,19 +213,14 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         layout = build_layout(mask_mod, hq, sq, sk)
         score_mod = _softcap_mod(softcap) if softcap else None
         if _use_triton(spec, q):  # the generated kernels start each row's softmax from its sink
-            from lcpass.codegen import attention_or_fallback
-
-            return attention_or_fallback(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
-                                         kv_keep=kv_keep, sinks=sinks)
+            return codegen.attention_or_fallback(q, k, v, layout, scale=scale, mask_mod=mask_mod,
+                                                 score_mod=score_mod, kv_keep=kv_keep, sinks=sinks)
         if sinks is not None:  # the engine knows each row's log-sum-exp
             out, lse = sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
                                         kv_keep=kv_keep, return_lse=True)
             return with_sinks(out, lse, sinks)
         return sparse_attention(q, k, v, layout, scale=scale, mask_mod=mask_mod, score_mod=score_mod,
                                 kv_keep=kv_keep)
-    from lcpass.methods import get_method
-    from lcpass.methods.dynamic import dynamic_attention
-
     if q.shape[-1] != v.shape[-1]:
         # content selection and its attention on one head dim: zero columns change no score, no norm and
         # no selection; the output drops them (Dk != Dv, MLA)
@@ -239,11 +232,8 @@ def _run_specs(q, k, v, *, spec: str, scale: float, is_causal: bool, window: int
         name, params = specs[0]
         if _use_triton(spec, q) and get_method(name).select is not None:
             # a pure selection: select, then the generated kernels (token lists or block layout)
-            from lcpass.codegen import selection_attention
-            from lcpass.methods.dynamic import dynamic_select
-
             sel = dynamic_select(name, q, k, params, state=site_state(site, spec))
-            return selection_attention(q, k, v, sel, scale=scale)
+            return codegen.selection_attention(q, k, v, sel, scale=scale)
         return dynamic_attention(name, q, k, v, params, scale=scale, state=site_state(site, spec))
     # heads with different methods: each group of heads runs its own method (kv heads expanded)
     group = hq // k.shape[1]

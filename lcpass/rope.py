@@ -39,6 +39,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from lcpass.methods import get_method, resolve_params, spec_parts
+
 __all__ = ["RotarySite", "RopeRewriteError", "rope_inv_freq", "infer_rope_base", "find_rotary",
            "set_rope_base", "plan_rope_base", "apply_plan_rope"]
 
@@ -313,8 +315,6 @@ def plan_rope_base(plan: Any, sites: Optional[Sequence[Any]] = None) -> Optional
     none of the plan's sites may still hold the model's rotary embedding). None: no head asks.
 
     The model has one rotary embedding: heads asking for different bases are refused by name."""
-    from lcpass.methods import get_method, resolve_params, spec_parts
-
     if sites is None:
         specs = [(name, h) for name, sp in plan.sites.items() for h in sp.heads]
     else:

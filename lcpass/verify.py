@@ -27,9 +27,10 @@ from typing import Any, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lcpass.engine import reference_attention
+from lcpass.engine import element_mask, reference_attention
 from lcpass.lower import (PLANNED_OP, checked_claim, claim_holds, crossover, lowering_kind, padding_keys,
                           parse_spec, site_mask)
+from lcpass.methods import get_method
 from lcpass.patterns.maskinfo import NEG_LIMIT
 from lcpass.patterns.op import chunk_start, positional_keep, reference
 
@@ -100,8 +101,6 @@ class _NotVerifiable(ValueError):
 
 
 def _dynamic(specs) -> bool:
-    from lcpass.methods import get_method
-
     return any(get_method(name).kind == "dynamic" for name, _ in specs)
 
 
@@ -117,8 +116,6 @@ def _oracle(q, k, v, mask_mod, *, scale, score_mod, softcap, kv_keep=None, sinks
     materialised mask, so the planned op's log-sum-exp route is checked against the eager formulation."""
     if sinks is None:
         return reference_attention(q, k, v, mask_mod, scale=scale, score_mod=score_mod, kv_keep=kv_keep)
-    from lcpass.engine import element_mask
-
     full = element_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], kv_keep, device=q.device)
     return reference(q.float(), k.float(), v.float(), full, scale, False, -1, softcap, 0.0, sinks).to(q.dtype)
 
@@ -152,8 +149,6 @@ def specified_output(a: dict[str, Any]) -> torch.Tensor:
     padding = mask is not None and lowering_kind(a["mask_kind"]) == "sparse" and \
         padding_keys(mask, q.shape[0], sq, sk, bool(a["is_causal"]), int(a["window"]), chunk)[0]
     if mask is not None and not padding:
-        from lcpass.engine import element_mask
-
         # chunks count from each row's first attended key (the reference's own chunks)
         keep = element_mask(site_mask(a["spec"], hq, sq, sk, bool(a["is_causal"]), int(a["window"])), 1, hq,
                             sq, sk, device=q.device)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from .graphinfo import dtype_of, rank_of
+
 __all__ = ["lower_opaque"]
 
 
@@ -131,14 +133,10 @@ def _encoder_fn(cfg: _EncoderConfig) -> Callable:
 
 
 def _is_bool(x: Any) -> bool:
-    from .graphinfo import dtype_of
-
     return isinstance(x, Node) and dtype_of(x) == torch.bool
 
 
 def _mask_facts(a: dict[str, Any]) -> dict[str, Any]:
-    from .graphinfo import rank_of
-
     absent = frozenset(name for name, key in (("in_b", "in_proj_bias"), ("out_b", "out_proj_bias"),
                                               ("attn_mask", "attn_mask"), ("key_padding_mask", "key_padding_mask"))
                        if a.get(key) is None)

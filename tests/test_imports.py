@@ -140,3 +140,56 @@ def test_patterns_is_a_leaf():
 def test_no_import_cycles():
     found = cycles(_without_package_inits(import_graph()))
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def _function_imports(tree: ast.Module):
+    """Import nodes inside a function or method body (nested functions included); ``if TYPE_CHECKING:``
+    blocks never run and are skipped."""
+    def walk(node: ast.AST, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                if in_function:
+                    yield child
+            elif isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            else:
+                yield from walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+    yield from walk(tree, False)
+
+
+def _imports_lcpass(node: ast.Import | ast.ImportFrom) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        # relative imports only occur inside the package (lcpass.patterns, lcpass.codegen, ...)
+        return node.level > 0 or node.module == "lcpass" or (node.module or "").startswith("lcpass.")
+    return any(a.name == "lcpass" or a.name.startswith("lcpass.") for a in node.names)
+
+
+def lazy_imports_without_reason() -> list[str]:
+    """``file:line`` of every package import inside a function that does not say why with ``# lazy:``."""
+    offenders = []
+    for f in _modules().values():
+        lines = f.read_text().splitlines()
+        for node in _function_imports(ast.parse("\n".join(lines), str(f))):
+            text = "\n".join(lines[node.lineno - 1: node.end_lineno])
+            if _imports_lcpass(node) and "# lazy:" not in text:
+                offenders.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    return offenders
+
+
+def test_the_function_import_walk():
+    tree = ast.parse("from typing import TYPE_CHECKING\nimport lcpass.a\nif TYPE_CHECKING:\n    from lcpass import b\n"
+                     "def f():\n    from lcpass import c\n    def g():\n        from .d import e\n    import os\n"
+                     "class C:\n    def m(self):\n        import lcpass.f\n")
+    found = list(_function_imports(tree))
+    assert [n.lineno for n in found] == [6, 8, 9, 12]
+    assert [_imports_lcpass(n) for n in found] == [True, True, False, True]
+
+
+def test_imports_inside_functions_say_why():
+    """House rule: no imports inside functions where a top-level import works. An lcpass import that must
+    stay inside a function (a real import cycle, an optional dependency, CLI start-up) says so on its line."""
+    offenders = lazy_imports_without_reason()
+    assert not offenders, ("lcpass imports inside functions without a reason: " + ", ".join(offenders)
+                           + " -- move it to the top of the module, or say why it must stay with "
+                           "'# lazy: <reason>'")

@@ -31,6 +31,7 @@ from lcpass.calibration.probe import AttentionCall, attention_probe
 from lcpass.calibration.retrieval import (
     RANDOM_PROMPTS_WARNING,
     RetrievalScores,
+    _data_ids,
     calibration_prompts,
     duo_plan_from_scores,
     razor_plan_from_scores,
@@ -38,7 +39,9 @@ from lcpass.calibration.retrieval import (
     score_retrieval_heads,
     select_heads,
 )
+from lcpass.inspect import detect
 from lcpass.plan import HeadSpec, ModelFingerprint, Plan, SiteInfo, SitePlan
+from lcpass.quality.prompts import passkey_prompt
 
 __all__ = [
     "AttentionCall",
@@ -69,8 +72,6 @@ METHODS = ("duo", "razor", "moa")
 
 def model_sites(model: nn.Module, example_inputs: dict[str, Any] | None = None) -> list[SiteInfo]:
     """The model's attention sites as the detector finds them (a short random prompt by default)."""
-    from lcpass.inspect import detect
-
     if example_inputs is None:
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
         if not vocab:
@@ -277,9 +278,6 @@ def _calibrate_moa(
     seed: int,
     progress: bool,
 ) -> Plan:
-    from lcpass.calibration.retrieval import _data_ids
-    from lcpass.quality.prompts import passkey_prompt
-
     length = max(lengths)
     if data is not None:
         inputs = [ids[:length][None] for ids in _data_ids(data, tokenizer)]

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lcpass.calibration import calibrate
+from lcpass.quality.report import plot_plan
+from lcpass.zoo.pretrained import resolve_model
+
 __all__ = ["add_parser", "run", "parse_floats", "parse_ints"]
 
 EXAMPLES = """examples:
@@ -73,9 +77,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate, write the plan (and heat map); raise ValueError / FileNotFoundError on bad input."""
-    from lcpass.calibration import calibrate
-    from lcpass.zoo.pretrained import resolve_model
-
     lengths = parse_ints(args.lengths, "--lengths")
     depths = parse_floats(args.depths, "--depths")
     if not 0.0 <= args.ratio <= 1.0:
@@ -101,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
         summary = f"MoA windows {int(min(spans))}..{int(max(spans))} tokens (target density {args.density})"
     print(f"wrote {out}: {summary}; fingerprint {fp.architecture if fp else '?'} weights {fp.weights if fp else '?'}")
     if args.plot:
-        from lcpass.quality.report import plot_plan
-
         plot_plan(plan, args.plot, length=max(lengths))
         print(f"wrote {args.plot}")
     sys.stdout.flush()

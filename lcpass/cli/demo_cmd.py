@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lcpass.demo import run_demo
+
 __all__ = ["add_parser", "run"]
 
 
@@ -27,8 +29,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lcpass.demo import run_demo
-
     if args.length < 256:
         raise ValueError(f"lcpass demo: --length {args.length} is too short; use >= 256 tokens")
     if args.calibration not in ("score", "optimize"):

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from lcpass.cli.calibrate_cmd import parse_floats, parse_ints
+from lcpass.plan import Plan
+from lcpass.quality import DEFAULT_TEXT, evaluate, load_text_ids, parse_method
+from lcpass.zoo.pretrained import resolve_model
 
 __all__ = ["add_parser", "run", "split_methods"]
 
@@ -70,10 +73,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the harness and write its files; raise ValueError / FileNotFoundError on bad input."""
-    from lcpass.zoo.pretrained import resolve_model
-    from lcpass.plan import Plan
-    from lcpass.quality import DEFAULT_TEXT, evaluate, load_text_ids, parse_method
-
     methods = split_methods(args.methods)
     specs = [parse_method(m) for m in methods]  # bad specs fail before the model loads
     for s in specs:

@@ -19,6 +19,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lcpass.cli.optimize_cmd import parse_params
+from lcpass.export import FORMATS, ONNX_OPS, check_output_path, export
+from lcpass.plan import Plan
+from lcpass.zoo.pretrained import resolve_model
+
 __all__ = ["add_parser", "run"]
 
 EXAMPLES = """examples:
@@ -64,11 +69,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Validate (one-line ValueError), export, print what was written."""
-    from lcpass.cli.optimize_cmd import parse_params
-    from lcpass.export import FORMATS, ONNX_OPS, check_output_path, export
-    from lcpass.plan import Plan
-    from lcpass.zoo.pretrained import resolve_model
-
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}")
     if args.onnx_ops not in ONNX_OPS:

@@ -5,6 +5,10 @@ import argparse
 import sys
 from typing import Any
 
+from lcpass.inspect import inspect
+from lcpass.methods.dynamic import retrieval_head_scores
+from lcpass.zoo.pretrained import resolve_model
+
 __all__ = ["add_parser", "run", "render"]
 
 EXAMPLES = """examples:
@@ -64,9 +68,7 @@ def render(report, file=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lcpass.cli import UserError
-    from lcpass.inspect import inspect
-    from lcpass.zoo.pretrained import resolve_model
+    from lcpass.cli import UserError  # lazy: lcpass.cli imports this module before it defines UserError
 
     resolved = resolve_model(args.model)
     report = inspect(resolved.model, resolved.example_inputs, route=args.route, decompose=args.core_aten,
@@ -76,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no attention found in {args.model!r}" + (f" (softmaxes left alone: {reasons})" if reasons else ""))
     scores = None
     if args.heads:
-        from lcpass.methods.dynamic import retrieval_head_scores
-
         if not hasattr(getattr(resolved.model, "config", None), "vocab_size"):
             raise UserError(f"--heads needs a transformers causal LM; {args.model!r} is "
                             f"{type(resolved.model).__name__}")

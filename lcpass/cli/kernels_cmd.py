@@ -21,6 +21,11 @@ import json
 import sys
 from typing import Any
 
+from lcpass.codegen import AttentionSpec, UnsupportedSpec, generate_source
+from lcpass.inspect import detect
+from lcpass.methods import site_mask_mod, validate_params
+from lcpass.zoo.pretrained import resolve_model
+
 __all__ = ["add_parser", "run", "parse_params"]
 
 EXAMPLES = """examples:
@@ -75,11 +80,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the generated source (or the site list with ``--list``); 0 on success."""
     import torch
 
-    from lcpass.cli import UserError
-    from lcpass.codegen import AttentionSpec, UnsupportedSpec, generate_source
-    from lcpass.inspect import detect
-    from lcpass.methods import site_mask_mod, validate_params
-    from lcpass.zoo.pretrained import resolve_model
+    from lcpass.cli import UserError  # lazy: lcpass.cli imports this module before it defines UserError
 
     resolved = resolve_model(args.model)
     sites = [s for _cap, det in detect(resolved.model, resolved.example_inputs) for s in det.sites]

@@ -23,6 +23,12 @@ import json
 from dataclasses import replace
 from typing import Any, Sequence
 
+from lcpass.export import check_output_path
+from lcpass.optimize import optimize
+from lcpass.plan import Plan
+from lcpass.verify import verify_model
+from lcpass.zoo.pretrained import resolve_model
+
 __all__ = ["add_parser", "run", "parse_params"]
 
 EXAMPLES = """examples:
@@ -88,11 +94,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, write, report; ValueError (one line) on bad input, before any model is loaded where possible."""
-    from lcpass.export import check_output_path
-    from lcpass.zoo.pretrained import resolve_model
-    from lcpass.optimize import optimize
-    from lcpass.plan import Plan
-
     params = parse_params(args.param)
     # unknown method / parameter: fail before loading
     request = Plan.request(args.method, None, params, door="lcpass optimize", method_flag="--method NAME",
@@ -113,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
         report.print()
         print(f"plan written to {out}")
     if args.verify:
-        from lcpass.verify import verify_model
-
         rep = verify_model(model, resolved.example_inputs)
         for site, err in rep.items():
             flag = "  OVER BOUND" if site in rep.failed else ""

@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
+from lcpass.lower import PLANNED_OP
 from lcpass.methods import kv_head_policies
 
 __all__ = ["kv_bound", "bound_cache_appends"]
@@ -90,8 +91,6 @@ def bound_cache_appends(gm: GraphModule, sites: Sequence[Any], resolve) -> list[
     ``resolve(site_name, n_heads) -> head specs`` (a Plan's ``resolve``). Sites keeping everything are left
     alone; mixed-policy sites are left alone with a warning.
     """
-    from lcpass.lower import PLANNED_OP
-
     by_node = {s.node: s for s in sites}
     done = []
     for node in list(gm.graph.nodes):

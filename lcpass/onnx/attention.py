@@ -329,7 +329,7 @@ def translation_table(functions: dict[str, AttentionFunction], ort_max_len: int 
     keys lower to ``com.microsoft.SparseAttention``; ``notes`` receives, per other planned site, why not.
     """
     import torch
-    from onnxscript import values
+    from onnxscript import values  # lazy: onnxscript is optional (export extra) and slow to import; only this needs it
 
     opset = values.Opset(DOMAIN, 1)
 

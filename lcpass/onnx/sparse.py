@@ -208,7 +208,7 @@ def run_with_kv_buffers(session: Any, feeds: dict[str, np.ndarray], kv_len: Opti
 
     Returns the model's other outputs, in order, as numpy arrays (like ``session.run(None, feeds)``).
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: onnxruntime is optional (export extra); only running a model needs it
 
     batch = next(iter(feeds.values())).shape[0]
     n = kv_len or max(a.shape[1] for a in feeds.values() if a.ndim > 1)

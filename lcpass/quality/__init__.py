@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lcpass.methods import kv_head_policies
 from lcpass.plan import Plan, SiteInfo
 from lcpass.quality.apply import MethodSpec, apply_method, build_plan, parse_method
 from lcpass.quality.prompts import Prompt, copy_prompt, multi_needle_prompt, parse_number, passkey_prompt
@@ -151,8 +152,6 @@ def kv_ratio(plan: Plan | None, sites: Sequence[SiteInfo], length: int) -> float
         >>> kv_ratio(Plan.duo(sites, {"l0": [0]}, sink=4, recent=60, by_kv_head=True), sites, 1024)
         0.53125
     """
-    from lcpass.methods import kv_head_policies
-
     if plan is None:
         return 1.0
     kept = total = 0
@@ -208,8 +207,8 @@ def evaluate(
         FileNotFoundError: `text` or a plan file does not exist.
         ValueError: a bad method spec, a corrupt plan file, or a plan made for another model.
     """
-    from lcpass.calibration import model_sites
-    from lcpass.calibration.progress import progress_bar
+    from lcpass.calibration import model_sites  # lazy: lcpass.calibration imports lcpass.quality.prompts (this package)
+    from lcpass.calibration.progress import progress_bar  # lazy: as above, lcpass.calibration loads first
 
     specs = [parse_method(m) for m in methods]
     if not any(s.method == "dense" for s in specs):

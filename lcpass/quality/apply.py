@@ -29,6 +29,8 @@ from typing import Any
 
 from torch import nn
 
+import lcpass
+from lcpass.methods import get_method, resolve_params
 from lcpass.plan import Plan, SiteInfo
 
 __all__ = ["MethodSpec", "parse_method", "build_plan", "apply_method", "CALIBRATED"]
@@ -75,8 +77,6 @@ def parse_method(text: str) -> MethodSpec:
             raise ValueError(f"method spec {label!r}: parameter {part!r} is not key=value")
         params[key.strip()] = _value(val.strip())
     if name not in CALIBRATED:
-        from lcpass.methods import get_method, resolve_params
-
         resolve_params(get_method(name), params)  # unknown method or bad params -> ValueError
     return MethodSpec(label, name, params)
 
@@ -91,7 +91,8 @@ def build_plan(
 ) -> Plan | None:
     """The plan `spec` stands for on `model` (None for dense). Calibrated methods run `lcpass.calibrate`
     (settings from `calibration`, e.g. lengths/depths); plan files are loaded and checked against the model."""
-    from lcpass.calibration import calibrate, check_plan, model_fingerprint, random_duo_plan
+    from lcpass.calibration import (  # lazy: lcpass.calibration imports lcpass.quality.prompts (this package)
+        calibrate, check_plan, model_fingerprint, random_duo_plan)
 
     if spec.method == "dense":
         return None
@@ -149,8 +150,6 @@ def apply_method(
     """
     if plan is None:
         return model
-    import lcpass
-
     optimize = getattr(lcpass, "optimize", None)
     if optimize is None:
         raise RuntimeError(

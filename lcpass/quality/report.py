@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lcpass.methods import site_mask_mod
 from lcpass.plan import Plan
 
 __all__ = ["to_markdown", "write_results", "plot_accuracy", "plot_passkey_heatmaps", "plot_plan", "plan_density"]
@@ -71,10 +72,10 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is optional (dev extra); only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     return plt
 
@@ -136,8 +137,6 @@ def plot_passkey_heatmaps(results: dict[str, Any], path: str | Path) -> Path:
 def plan_density(plan: Plan, length: int = 1024, rows: int = 128) -> tuple[list[str], torch.Tensor]:
     """(site names, [sites, heads] fraction of causal keys each head attends at `length`), sampled on
     `rows` query rows; dense / causal heads give 1.0. Needs a plan with a fingerprint (head counts)."""
-    from lcpass.methods import site_mask_mod
-
     if plan.fingerprint is None:
         raise ValueError("plot_plan: the plan has no fingerprint, so its head counts are unknown; "
                          "make it with Plan.uniform/Plan.duo or lcpass.calibrate")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lcpass.hf import cache_kwarg, new_cache
 from lcpass.quality.prompts import multi_needle_prompt, parse_number, passkey_prompt
 
 __all__ = [
@@ -184,8 +185,6 @@ def prefill_measure(
 
 
 def _cache_kwargs(model: nn.Module) -> dict[str, Any]:
-    from lcpass.hf import cache_kwarg, new_cache
-
     cache = new_cache(model)
     return {} if cache is None else {cache_kwarg(model): cache}
 

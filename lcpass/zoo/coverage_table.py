@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from lcpass.zoo.auto import Arch
+from lcpass.zoo.sweep import STATUSES
 
 __all__ = ["impls_for", "markdown", "totals"]
 
@@ -24,8 +25,6 @@ def totals(rows: Sequence[Any]) -> Counter:
 
 def markdown(rows: Sequence[Any], meta: dict[str, Any]) -> str:
     """docs/COVERAGE.md: totals, then one line per architecture x implementation."""
-    from lcpass.zoo.sweep import STATUSES
-
     count = totals(rows)
     lines = [
         "# Architecture coverage",

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lcpass import zoo
+
 __all__ = [
     "ModelSpecError",
     "ResolvedModel",
@@ -311,8 +313,6 @@ def resolve_model(spec: str) -> ResolvedModel:
         >>> resolve_model("smollm2").example_inputs["input_ids"].shape
         torch.Size([1, 32])
     """
-    from lcpass import zoo
-
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"model spec {spec!r} is empty; pass a zoo name, 'smollm2', a folder or 'mod:fn'")
     spec = spec.strip()

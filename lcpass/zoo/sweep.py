@@ -39,8 +39,12 @@ from typing import Any, Optional
 
 import torch
 
-from lcpass.zoo.auto import Arch, BuildError, TinyModel, build
+import lcpass
+from lcpass.capture import capture_dynamo
+from lcpass.inspect import detect
 from lcpass.oracle import AttentionCall, attention_calls, first_tensor, masked_forward
+from lcpass.plan import HeadSpec, Plan, SitePlan
+from lcpass.zoo.auto import Arch, BuildError, TinyModel, build
 
 __all__ = ["Coverage", "check", "streaming_keep", "groups_keep", "STATUSES", "SINK", "WINDOW", "GROUP",
            "TOL_EXACT", "TOL_SPARSE"]
@@ -160,8 +164,6 @@ def _without(calls: list[AttentionCall], shapes: list[Optional[tuple]]) -> list[
 
 def _plan_for(sites: list[Any], calls: list[AttentionCall]):
     """The sparse plan of the sweep and the keep-mask of each attention call."""
-    from lcpass.plan import HeadSpec, Plan, SitePlan
-
     plan_sites, keeps, heads = {}, {}, {}
     for i, (site, call) in enumerate(zip(sites, calls)):
         sq, sk = call.shape[-2], call.shape[-1]
@@ -182,8 +184,6 @@ def _graph_error(model, inputs, found, ref) -> float:
     with torch.no_grad():
         if cap.route == "export":
             return _max_err(first_tensor(cap.gm(**cap.extra["kwargs"])), ref)
-        from lcpass.capture import capture_dynamo
-
         raw = capture_dynamo(model, (), {**inputs, "use_cache": False})
         errs = [0.0]
         for (c, _), r in zip(found, raw):
@@ -216,9 +216,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check(arch: Arch, impl: Optional[str], row: Coverage, generate: bool) -> None:
-    import lcpass
-    from lcpass.inspect import detect
-
     try:
         tiny = _fresh(arch, impl)
     except BuildError as exc:

@@ -38,6 +38,7 @@ from typing import Any
 from torch import Tensor
 
 from lcpass.masks import MaskMod
+from lcpass.methods.base import resolve_params
 from lcpass.methods.dynamic.block import (LANDMARK, LONGHEADS, QUEST, SEER, SeerGate, landmark_select,
                                           load_seer_gate, longheads_select, quest_bounds, quest_select,
                                           seer_select)
@@ -74,7 +75,7 @@ DYNAMIC_METHODS: tuple[DynamicMethod, ...] = (
 
 
 def _method(name: str) -> DynamicMethod:
-    from lcpass.methods import get_method
+    from lcpass.methods import get_method  # lazy: lcpass.methods imports this package before it defines get_method
 
     m = get_method(name)
     if not isinstance(m, DynamicMethod):
@@ -86,8 +87,6 @@ def _method(name: str) -> DynamicMethod:
 def dynamic_select(name: str, q: Tensor, k: Tensor, params: Mapping[str, Any] | None = None, *,
                    state: dict | None = None, mask_mod: MaskMod | None = None) -> Selection:
     """Validate ``params`` and run method ``name``'s selector (ValueError if it has none)."""
-    from lcpass.methods import resolve_params
-
     m = _method(name)
     if m.select is None:
         raise ValueError(f"{name}: has no pure selection (granularity {m.granularity!r}); call "
@@ -98,7 +97,5 @@ def dynamic_select(name: str, q: Tensor, k: Tensor, params: Mapping[str, Any] | 
 def dynamic_attention(name: str, q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Any] | None = None,
                       *, scale: float, state: dict | None = None, mask_mod: MaskMod | None = None) -> Tensor:
     """Validate ``params`` and run method ``name``: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> like q."""
-    from lcpass.methods import resolve_params
-
     m = _method(name)
     return m.attend(q, k, v, params=resolve_params(m, params), state=state, mask_mod=mask_mod, scale=scale)

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lcpass.codegen.api import AttentionSpec, available
+from lcpass.codegen.token import gather_decode, token_scores
+
 __all__ = ["dense_group_attend", "decode_kernels", "gather_attend", "scratch", "valid_slots", "tail_indices",
            "topk_slots", "head_probs", "quest_pages", "page_attend", "quest_indices", "tokenselect_indices",
            "tokenselect_attend", "recycled_indices", "tidal_indices", "indices_decode", "quest_decode",
@@ -67,11 +70,9 @@ def decode_kernels(q: Tensor, k: Tensor) -> bool:
     key = (q.shape[-1], q.shape[2], q.dtype, str(q.device))
     if key not in _KERNEL_OK:
         try:
-            from lcpass.codegen.api import AttentionSpec, available
-
             _KERNEL_OK[key] = available(AttentionSpec(head_dim=q.shape[-1], dtype=q.dtype, n_heads=q.shape[2],
                                                       n_kv_heads=1, kind="decode", device=str(q.device)))
-        except ImportError as exc:  # codegen not importable (no triton / jinja2)
+        except ImportError as exc:  # a kernel dependency that will not import
             _KERNEL_OK[key] = (False, str(exc))
         if not _KERNEL_OK[key][0]:
             warnings.warn(f"lcpass.kv decode selection: generated kernels refused ({_KERNEL_OK[key][1]}); "
@@ -85,8 +86,6 @@ def gather_attend(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, idx: Tensor, sca
     indexing is ~100x slower on CPU). Returns [B, h, G, D]. On CUDA the generated split-KV decode kernel
     gathers the slots itself (``lcpass.codegen.gather_decode``)."""
     if decode_kernels(q, k):
-        from lcpass.codegen.token import gather_decode
-
         return gather_decode(q, k, v, pos, idx, scale)
     B, h, L, D = k.shape
     K = idx.shape[-1]
@@ -224,8 +223,6 @@ def head_probs(q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
     """Softmax of q.k per query head, summed over the G heads: q [B, h, G, D] -> [B, h, L] (fp32).
     ``valid`` [B, 1, 1, L]. On CUDA the generated two-pass scoring kernel computes it."""
     if decode_kernels(q, k) and valid.dim() == 4 and valid.shape[1] == 1 and valid.shape[2] == 1:
-        from lcpass.codegen.token import token_scores
-
         B, h, G, D = q.shape
         return token_scores(q.reshape(B, h * G, 1, D), k, scale=scale, kv_keep=valid[:, 0, 0, :])
     s = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, h, G, L]
