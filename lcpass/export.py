@@ -35,7 +35,7 @@ import torch
 
 from lcpass.capture import CaptureError, Captured, capture, export_dynamic, export_program
 from lcpass.capture import sequence_dim as seq_dim
-from lcpass.found import check_all_found, coverage
+from lcpass.found import Coverage, check_all_found, coverage
 from lcpass.inspect import ExampleInputs, split_inputs
 from lcpass.patterns import canonicalize
 from lcpass.pipeline import compile_sites
@@ -126,19 +126,6 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynami
     return Captured(ep.module(), list(flat), "export", frozenset(), ep, {"kwargs": kwargs, "dynamic": True})
 
 
-def _named(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The example as keyword arguments (what the oracle's eager forward is called with)."""
-    try:
-        sig = _inspect.signature(model.forward)
-        bound = sig.bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    var = [p.name for p in sig.parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    out = {k: v for k, v in bound.arguments.items() if k not in var}
-    return {**out, **bound.arguments.get(next((p for p in var if sig.parameters[p].kind == sig.parameters[p].VAR_KEYWORD),
-                                               ""), {})}
-
-
 def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, method: Optional[str] = None,
                      plan: Union[Plan, str, Path, None] = None, dynamic_seq: bool = True,
                      dense_below: Optional[int] = None, **params: Any):
@@ -147,7 +134,7 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
     args, kwargs = split_inputs(example_inputs, model)
     cap = _capture(model, args, kwargs, dynamic_seq)
     det = canonicalize(cap.gm, cap.flat_inputs, cap.param_placeholders)
-    cov = coverage(model, _named(model, args, kwargs), det)
+    cov = coverage(model, kwargs, det, args)
     if cov.missed and cap.extra.get("dynamic"):
         # a symbolic length can hide what a softmax's terms are (a bias before a reshape of unknown shape):
         # where the example's own shapes show more attention, export that graph instead, as optimize does
@@ -159,8 +146,8 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
                           "example's shapes instead (the program runs at those shapes only)", stacklevel=3)
             static.extra["dynamic"] = False
             cap, det = static, static_det
-            cov = coverage(model, _named(model, args, kwargs), det)
-    check_all_found(model, _named(model, args, kwargs), det, strict=False, door="lcpass.export", cov=cov)
+            cov = Coverage.of(cov.calls, det)
+    check_all_found(model, kwargs, det, strict=False, door="lcpass.export", cov=cov)
     if not det.sites:
         warnings.warn(f"lcpass.export: no attention found in {type(model).__name__}; exporting it unchanged",
                       stacklevel=3)

@@ -42,13 +42,19 @@ class Coverage:
     def missed(self) -> int:
         return max(0, self.calls - self.found - len(self.sparse))
 
+    @classmethod
+    def of(cls, calls: int, det: Detection) -> "Coverage":
+        """``calls`` eager attention computations against ``det`` (another capture's detection of the same
+        forward needs no second eager run)."""
+        sparse = tuple(r for r in det.rejected if r.reason.startswith(ALREADY_SPARSE))
+        reasons = "; ".join(f"{r.site or r.node}: {r.reason}" for r in det.rejected[:4]) or "no softmax was examined"
+        return cls(calls, len(det.sites), sparse, reasons)
 
-def coverage(model: torch.nn.Module, inputs: dict[str, Any], det: Detection) -> Coverage:
-    """Count the eager forward's attention on ``inputs`` (keyword arguments) and compare with ``det``."""
-    calls, _ = attention_calls(model, hf_defaults(model, inputs))
-    sparse = tuple(r for r in det.rejected if r.reason.startswith(ALREADY_SPARSE))
-    reasons = "; ".join(f"{r.site or r.node}: {r.reason}" for r in det.rejected[:4]) or "no softmax was examined"
-    return Coverage(len(calls), len(det.sites), sparse, reasons)
+
+def coverage(model: torch.nn.Module, inputs: dict[str, Any], det: Detection, args: tuple = ()) -> Coverage:
+    """Count the attention of the eager forward ``model(*args, **inputs)`` and compare with ``det``."""
+    calls, _ = attention_calls(model, hf_defaults(model, inputs), args)
+    return Coverage.of(len(calls), det)
 
 
 def check_all_found(model: torch.nn.Module, inputs: dict[str, Any], det: Detection, strict: bool, *,

@@ -121,6 +121,11 @@ class OptimizedModule(torch.nn.Module):
             self._captured = ("kwargs", tuple(example_inputs))
         elif isinstance(example_inputs, (tuple, list)) and len(example_inputs) <= len(params):
             self._captured = ("args", tuple(p.name for p in params[:len(example_inputs)]))
+        # per graph input: (name, sizes with None where symbolic), None for a non-tensor input
+        self._static: list[tuple[str, Optional[tuple]]] = [
+            (n.name, tuple(d if isinstance(d, int) else None for d in n.meta["val"].shape)
+             if isinstance(n.meta.get("val"), torch.Tensor) else None)
+            for n in gm.graph.find_nodes(op="placeholder")]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._route == "fx":
@@ -145,7 +150,7 @@ class OptimizedModule(torch.nn.Module):
         """ValueError naming the input and dimension where a call's shape differs from a size the exported
         graph holds as a constant (torch.export specialised it, e.g. a batch of 1), before the graph's own
         guard fails with an assertion."""
-        static = self._static_sizes()
+        static = self._static
         if not static:
             return
         spec = getattr(self.graph_module, "_in_spec", None)
@@ -168,19 +173,6 @@ class OptimizedModule(torch.nn.Module):
                         f"the captured graph is specialised to the example's {want} (torch.export could not "
                         f"keep that size symbolic for this model); call it with size {want} there, or optimize "
                         f"again with example inputs of the shapes you run (a size of 1 is always specialised)")
-
-    def _static_sizes(self) -> list[tuple[str, Optional[tuple]]]:
-        """Per graph input: (name, sizes with None where symbolic), None for a non-tensor input."""
-        cached = getattr(self, "_static_cache", None)
-        if cached is None:
-            cached = []
-            for node in self.graph_module.graph.find_nodes(op="placeholder"):
-                val = node.meta.get("val")
-                sizes = tuple(d if isinstance(d, int) else None for d in val.shape) \
-                    if isinstance(val, torch.Tensor) else None
-                cached.append((node.name, sizes))
-            self._static_cache = cached
-        return cached
 
     def extra_repr(self) -> str:
         return f"optimized {self._original_type} ({self.lcpass_report.rewritten} sites rewritten)"

@@ -254,16 +254,17 @@ class _Mode(TorchDispatchMode):
 first_tensor = main_output  # the main output of a forward (logits, else the last hidden state)
 
 
-def _forward(model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
+def _forward(model: torch.nn.Module, inputs: dict[str, Any], args: tuple = ()) -> Any:
     with torch.no_grad():
-        return model(**inputs)
+        return model(*args, **inputs)
 
 
-def attention_calls(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[list[AttentionCall], torch.Tensor]:
-    """The attention computations of ``model(**inputs)`` in execution order, and its main output."""
+def attention_calls(model: torch.nn.Module, inputs: dict[str, Any],
+                    args: tuple = ()) -> tuple[list[AttentionCall], torch.Tensor]:
+    """The attention computations of ``model(*args, **inputs)`` in execution order, and its main output."""
     mode = _Mode()
     with mode:
-        out = _forward(model, inputs)
+        out = _forward(model, inputs, args)
     return mode.calls, first_tensor(out)
 
 
