@@ -35,7 +35,7 @@ import torch
 
 from lcpass.capture import CaptureError, Captured, capture, export_dynamic, export_program
 from lcpass.capture import sequence_dim as seq_dim
-from lcpass.found import Coverage, check_all_found, coverage
+from lcpass.found import Coverage, check_all_found, coverage, prefer_static
 from lcpass.inspect import ExampleInputs, split_inputs
 from lcpass.patterns import canonicalize
 from lcpass.pipeline import compile_sites
@@ -135,17 +135,15 @@ def lower_for_export(model: torch.nn.Module, example_inputs: ExampleInputs, *, m
     cap = _capture(model, args, kwargs, dynamic_seq)
     det = canonicalize(cap.gm, cap.flat_inputs, cap.param_placeholders)
     cov = coverage(model, kwargs, det, args)
-    if cov.missed and cap.extra.get("dynamic"):
-        # a symbolic length can hide what a softmax's terms are (a bias before a reshape of unknown shape):
-        # where the example's own shapes show more attention, export that graph instead, as optimize does
-        static = capture(model, args, kwargs)
-        static_det = canonicalize(static.gm, static.flat_inputs, static.param_placeholders)
-        if len(static_det.sites) > len(det.sites):
-            warnings.warn(f"lcpass.export: {type(model).__name__}: with a symbolic sequence length {len(det.sites)} "
-                          f"of {len(static_det.sites)} attention sites are found ({cov.reasons}); exporting with the "
-                          "example's shapes instead (the program runs at those shapes only)", stacklevel=3)
-            static.extra["dynamic"] = False
-            cap, det = static, static_det
+    if cap.extra.get("dynamic"):
+        def static():
+            s_cap = capture(model, args, kwargs)
+            s_cap.extra["dynamic"] = False
+            return s_cap, canonicalize(s_cap.gm, s_cap.flat_inputs, s_cap.param_placeholders)
+        cap, det, specialised = prefer_static("lcpass.export", model, (cap, det), cov, static,
+                                              "exporting with the example's shapes instead (the program runs "
+                                              "at those shapes only)")
+        if specialised:
             cov = Coverage.of(cov.calls, det)
     check_all_found(model, kwargs, det, strict=False, door="lcpass.export", cov=cov)
     if not det.sites:

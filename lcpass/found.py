@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -24,9 +24,10 @@ from lcpass.errors import UnsupportedModelError
 from lcpass.oracle import attention_calls
 from lcpass.patterns import Detection
 
-__all__ = ["ALREADY_SPARSE", "Coverage", "coverage", "check_all_found"]
+__all__ = ["ALREADY_SPARSE", "Coverage", "coverage", "check_all_found", "prefer_static"]
 
 ALREADY_SPARSE = "already sparse"
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,24 @@ def check_all_found(model: torch.nn.Module, inputs: dict[str, Any], det: Detecti
             raise UnsupportedModelError(f"{text}; {fix}")
         warnings.warn(text, stacklevel=3)
     return cov
+
+
+def prefer_static(door: str, model: torch.nn.Module, dynamic: tuple[C, Detection], cov: Coverage,
+                  static: Callable[[], tuple[C, Detection]], consequence: str) -> tuple[C, Detection, bool]:
+    """The graph captured with a symbolic sequence length, or the example's static one where that shows
+    more attention; returns ``(captured, detection, specialised)``.
+
+    A symbolic length can hide what a softmax's terms are (a bias added before a reshape of unknown
+    shape). Where the eager forward has attention that the dynamic graph's detection missed, ``static()``
+    captures the example's shapes; if its detection finds more sites, that graph is used and the door warns,
+    saying ``consequence`` (what the specialisation means for the caller). Every door decides this here.
+    """
+    cap, det = dynamic
+    if not cov.missed:
+        return cap, det, False
+    s_cap, s_det = static()
+    if len(s_det.sites) <= len(det.sites):
+        return cap, det, False
+    warnings.warn(f"{door}: {type(model).__name__}: with a symbolic sequence length {len(det.sites)} of "
+                  f"{len(s_det.sites)} attention sites are found ({cov.reasons}); {consequence}", stacklevel=3)
+    return s_cap, s_det, True

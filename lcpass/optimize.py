@@ -24,7 +24,7 @@ import torch
 
 from lcpass import masks as M
 from lcpass.capture import CaptureError
-from lcpass.found import ALREADY_SPARSE, check_all_found
+from lcpass.found import ALREADY_SPARSE, Coverage, check_all_found, coverage, prefer_static
 from lcpass.hf import SiteRuntime, is_transformers_model, uninstall
 from lcpass.hf_probe import prove_routes
 from lcpass.inspect import ExampleInputs, default_example_inputs, detect, split_inputs
@@ -252,7 +252,7 @@ def optimize(
             are reported by name (a warning).
         report: print the report (it is always available as ``result.lcpass_report``).
         report_len: sequence length at which the report's expected work and KV bytes are computed.
-        strict: (transformers models) refuse a model in which the eager forward computes more attention
+        strict: refuse a model in which the eager forward computes more attention
             than detection found (:class:`lcpass.UnsupportedModelError` with each unrecognised softmax's
             reason): the plan would silently not apply there. ``strict=False`` optimizes the sites found
             and leaves the others running the model's own attention (a warning names them).
@@ -290,30 +290,31 @@ def optimize(
         axes = range(1, first.dim()) if first is not None and first.dim() > 1 else [1]
         tries = ({"route": "fx"},) if capture == "fx" else \
             (*({"dynamic_seq": True, "seq_dim": d} for d in axes), {}, {"route": "fx"})
-        for kwargs in tries:
+        for how in tries:
             try:
-                found = detect(model, example_inputs, fallback=False, **kwargs)
+                found = detect(model, example_inputs, fallback=False, **how)
                 break
             except CaptureError as exc:
                 error = exc
         if found is None:
             raise error
-        if kwargs.get("dynamic_seq") and found[0][1].rejected:
-            # a symbolic length can hide what a softmax's terms are (a bias before a reshape of unknown
-            # shape): where the example's own shapes show more attention, lower that graph instead
-            static = detect(model, example_inputs, fallback=False)
-            if len(static[0][1].sites) > len(found[0][1].sites):
-                warnings.warn(f"lcpass.optimize: {type(model).__name__}: with a symbolic sequence length "
-                              f"{len(found[0][1].sites)} of {len(static[0][1].sites)} attention sites are found "
-                              f"({found[0][1].rejected[0].reason}); the optimized module is specialised to the "
-                              "example's shapes", stacklevel=2)
-                found = static
+        cov = coverage(model, ex_kwargs, found[0][1], ex_args)
+        if how.get("dynamic_seq"):
+            def static():
+                return detect(model, example_inputs, fallback=False)[0]
+            cap, det, specialised = prefer_static("lcpass.optimize", model, found[0], cov, static,
+                                                  "the optimized module is specialised to the example's shapes")
+            found = [(cap, det)]
+            if specialised:
+                cov = Coverage.of(cov.calls, det)
     cap, det = found[0]
     if hf and len(found) > 1:  # dynamo's graphs (export failed): the sites of all of them
         det = Detection(det.gm, [s for _, d in found for s in d.sites], [r for _, d in found for r in d.rejected])
     name = type(model).__name__
     if hf:
         check_all_found(model, _kwargs_of(example_inputs), det, strict)
+    else:
+        check_all_found(model, ex_kwargs, det, strict, cov=cov)
     if not det.sites:
         what = ("only attention it already computes sparsely" if any(
             r.reason.startswith(ALREADY_SPARSE) for r in det.rejected) else "no attention")

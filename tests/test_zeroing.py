@@ -74,7 +74,11 @@ def test_zeroing_by_another_mask_is_refused_with_a_reason(how):
     report = lcpass.inspect(model, (x, m, other))
     assert report.sites == []
     assert any("zeroed after the softmax" in r.reason for r in report.rejected), report.rejected
-    opt = lcpass.optimize(model, method="dense", example_inputs=(x, m, other))
+    # optimize refuses the model by default (strict); strict=False keeps the model's own attention there
+    with pytest.raises(lcpass.UnsupportedModelError, match="recognised 0"):
+        lcpass.optimize(model, method="dense", example_inputs=(x, m, other))
+    with pytest.warns(UserWarning, match="would silently keep the model's own attention"):
+        opt = lcpass.optimize(model, method="dense", example_inputs=(x, m, other), strict=False)
     with torch.no_grad():
         torch.testing.assert_close(opt(x, m, other), model(x, m, other), rtol=0, atol=1e-5)
 
